@@ -1,0 +1,70 @@
+"""The fast-kernel table: device type -> kernel name -> function on raw arrays.
+
+Ops look kernels up with ``kernel(device, name)`` and fall back to their xp-generic
+reference code when it returns None (no compiled kernel, or kernels switched off with
+``use_kernels(False)``, which the tests use to compare kernel against reference).
+
+Kernels take and return raw arrays of the device (numpy on 'cpu' and on the emulated
+'cuda' device, cupy on a real GPU). Floating inputs are float32 or float64; a kernel that
+cannot handle a dtype or layout returns None and the op falls back to its reference.
+
+The contract (same names and signatures on every device that has them):
+
+  softmax(x, dim) -> y                       log_softmax(x, dim) -> y
+  softmax_backward(y, gy, dim) -> gx         # gx = y * (gy - sum(gy * y, dim))
+  log_softmax_backward(y, gy, dim) -> gx     # gx = gy - exp(y) * sum(gy, dim)
+  relu(x) -> y          relu_backward(y, gy) -> gx           # gy * (y > 0)
+  leaky_relu(x, negative_slope) -> y
+  leaky_relu_backward(x, gy, negative_slope) -> gx
+  sigmoid(x) -> y       sigmoid_backward(y, gy) -> gx        # fused gy * y * (1 - y)
+  tanh(x) -> y          tanh_backward(y, gy) -> gx           # gy * (1 - y * y)
+  cross_entropy(logits (N, C), target (N,) int64, weight (C,) | None, ignore_index,
+                label_smoothing) -> (losses (N,), dlogits (N, C))
+      one pass per row: losses[i] is row i's weighted (smoothed) loss, 0 where ignored;
+      dlogits[i] = d losses[i] / d logits[i] (0 rows where ignored). Reduction is done by
+      the op in Python: mean divides by sum(weight[target[i]]) over rows not ignored.
+  im2col(x (N, C, H, W), kh, kw, sh, sw, ph, pw, dh, dw) -> cols (N, C*kh*kw, OH*OW)
+  col2im(cols (N, C*kh*kw, OH*OW), C, H, W, kh, kw, sh, sw, ph, pw, dh, dw) -> x (N, C, H, W)
+  max_pool2d(x, kh, kw, sh, sw, ph, pw, dh, dw, ceil_mode) -> (y, indices)
+      indices: int64, flat index into H*W of each output's max (ties: first), as PyTorch
+  max_pool2d_backward(gy, indices, H, W) -> gx
+  avg_pool2d(x, kh, kw, sh, sw, ph, pw, ceil_mode, count_include_pad, divisor_override) -> y
+  avg_pool2d_backward(gy, H, W, kh, kw, sh, sw, ph, pw, ceil_mode, count_include_pad,
+                      divisor_override) -> gx
+
+Further kernels (conv, batch norm, optimizers) add their names here when they land.
+"""
+import contextlib
+
+KERNELS: dict[str, dict] = {"cpu": {}, "cuda": {}}
+_enabled = [True]
+
+
+def register_kernel(device_type, name):
+    """Decorator: make ``fn`` the fast kernel ``name`` on ``device_type``."""
+    def deco(fn):
+        KERNELS[device_type][name] = fn
+        return fn
+    return deco
+
+
+def kernel(device, name):
+    """The fast kernel ``name`` for ``device`` (a Device), or None to use the reference."""
+    if not _enabled[0]:
+        return None
+    return KERNELS[device.type].get(name)
+
+
+@contextlib.contextmanager
+def use_kernels(flag=True):
+    """Switch the fast kernels on or off (tests compare kernel vs reference with this)."""
+    old, _enabled[0] = _enabled[0], bool(flag)
+    try:
+        yield
+    finally:
+        _enabled[0] = old
+
+
+def active_kernels():
+    """{device type: sorted kernel names} of the kernels registered now."""
+    return {d: sorted(k) for d, k in KERNELS.items()}
