@@ -1,0 +1,74 @@
+"""gpudiff: a GPU-accelerated, tape-based autodiff engine for training CNNs.
+
+Speaks PyTorch's dialect: ``import gpudiff as torch`` ports a typical training script.
+"""
+import numpy as _np
+
+from . import backend
+from .backend import Device, Generator, device, manual_seed
+from .tensor import Tensor, get_default_dtype, set_default_dtype
+from .creation import (tensor, as_tensor, from_numpy, from_dlpack, zeros, ones, empty, full,  # noqa
+                       zeros_like, ones_like, empty_like, full_like, arange, linspace, eye,
+                       rand, randn, randint, randperm, rand_like, randn_like, randint_like)
+from .functions import *  # noqa: F401,F403
+from .functions import METHODS as _METHODS
+from . import functions as _functions
+from . import autograd
+from .autograd import no_grad, enable_grad, set_grad_enabled, inference_mode, is_grad_enabled
+from . import cuda  # noqa: E402
+
+float32 = _np.dtype("float32")
+float64 = _np.dtype("float64")
+float16 = _np.dtype("float16")
+int64 = _np.dtype("int64")
+int32 = _np.dtype("int32")
+int16 = _np.dtype("int16")
+int8 = _np.dtype("int8")
+uint8 = _np.dtype("uint8")
+bool = _np.dtype("bool")  # noqa: A001 (PyTorch's name)
+float = float32  # noqa: A001
+double = float64
+half = float16
+long = int64
+int = int32  # noqa: A001
+dtype = _np.dtype
+
+for _name in _METHODS + ["cat", "concat", "concatenate", "stack", "var_mean", "isnan", "isinf",
+                         "isfinite", "nonzero", "ger"]:
+    globals()[_name] = getattr(_functions, _name)
+
+
+def is_tensor(obj):
+    return isinstance(obj, Tensor)
+
+
+def numel(t):
+    return t.numel()
+
+
+def clone(t):
+    return t.clone()
+
+
+def detach(t):
+    return t.detach()
+
+
+def seed():
+    return backend.default_generator.initial_seed()
+
+
+def initial_seed():
+    return backend.default_generator.initial_seed()
+
+
+def get_rng_state():
+    """The default generator's state (a plain dict: JSON-safe for checkpoints)."""
+    return backend.default_generator.get_state()
+
+
+def set_rng_state(state):
+    backend.default_generator.set_state(state)
+
+
+__version__ = "0.1.0"

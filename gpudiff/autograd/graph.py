@@ -1,0 +1,224 @@
+"""The tape: nodes, saved tensors and the backward pass. No device code in here.
+
+Each op run with grad enabled, on an input that requires grad, records a Node with a rising
+sequence number. A Node points to where its inputs' gradients go (``next``: the producing
+node and output number, or the leaf tensor itself) and keeps what its backward needs in
+``ctx`` (SavedTensors). ``backward`` pops reachable nodes in descending sequence order from
+a heap (a node's seq is larger than that of every node it consumed, so when it pops, all of
+its output gradients have arrived), calls the node's backward on Tensors, and frees the
+saved arrays unless ``retain_graph``. Backward rules are written in gpudiff ops, so with
+``create_graph=True`` they are themselves recorded: double backward.
+"""
+import heapq
+import itertools
+
+import numpy as np
+
+from .grad_mode import enable_grad, is_anomaly_enabled, no_grad
+
+_seq = itertools.count()
+
+
+class SavedTensor:
+    """An array saved for backward, with what is needed to check and rebuild it.
+
+    Unpacking checks the version counter (an in-place change after saving raises) and gives
+    back a Tensor connected to the graph (the leaf itself, or a Tensor whose grad_fn is the
+    producer), so backward formulas that use it are differentiable.
+    """
+
+    __slots__ = ("array", "version", "saved_version", "leaf", "grad_fn", "output_nr",
+                 "requires_grad", "device")
+
+    def __init__(self, array, device, tensor=None, grad_fn=None, output_nr=0):
+        self.array = array
+        self.device = device
+        self.leaf = None
+        self.grad_fn = grad_fn
+        self.output_nr = output_nr
+        self.requires_grad = grad_fn is not None
+        self.version = self.saved_version = None
+        if tensor is not None:
+            self.version = tensor._version
+            self.saved_version = tensor._version[0]
+            self.requires_grad = tensor.requires_grad
+            if tensor.grad_fn is None and tensor.requires_grad:
+                self.leaf = tensor
+            elif grad_fn is None:
+                self.grad_fn, self.output_nr = tensor.grad_fn, tensor._output_nr
+            self.requires_grad = self.grad_fn is not None or self.leaf is not None
+
+    def unpack(self, op_name):
+        from ..tensor import Tensor
+        if self.version is not None and self.version[0] != self.saved_version:
+            a = self.array
+            raise RuntimeError(
+                f"one of the variables needed for gradient computation has been modified by an "
+                f"inplace operation: [{a.dtype}{list(a.shape)}] is at version {self.version[0]}; "
+                f"expected version {self.saved_version} instead (saved by '{op_name}'). "
+                f"Use an out-of-place op (or .clone()) before modifying it.")
+        if self.leaf is not None:
+            return self.leaf
+        t = Tensor._make(self.array, self.device, self.grad_fn, self.output_nr)
+        t._requires_grad = self.requires_grad and self.grad_fn is not None
+        if self.version is not None:
+            t._version = self.version
+        return t
+
+
+class Node:
+    """One recorded op: where to send its input gradients, and its backward."""
+
+    __slots__ = ("name", "seq", "next", "ctx", "backward_fn", "n_outputs", "out_meta",
+                 "pre_hooks", "freed", "__weakref__")
+
+    def __init__(self, name, backward_fn, ctx, inputs, outputs):
+        self.name = name
+        self.seq = next(_seq)
+        self.backward_fn = backward_fn  # (ctx, *gys: Tensor) -> tuple of Tensor | None
+        self.ctx = ctx
+        # where each input's gradient goes: (node, output_nr), the leaf Tensor, or None
+        self.next = [None if (t is None or not t.requires_grad)
+                     else (t if t.grad_fn is None else (t.grad_fn, t._output_nr))
+                     for t in inputs]
+        self.n_outputs = len(outputs)
+        # (shape, dtype, device) per output: to make zeros for an output that got no gradient
+        self.out_meta = [(o.shape, o.dtype, o.device) for o in outputs]
+        self.pre_hooks = None
+        self.freed = False
+
+    def add_pre_hook(self, output_nr, fn):
+        if self.pre_hooks is None:
+            self.pre_hooks = {}
+        self.pre_hooks.setdefault(output_nr, []).append(fn)
+
+    def release(self):
+        """Free what backward saved (after a backward without retain_graph)."""
+        self.ctx.release()
+        self.freed = True
+
+    def __repr__(self):
+        return f"<{self.name}Backward seq={self.seq}>"
+
+    def __lt__(self, other):  # heap order ties never happen (seq is unique); keep heapq happy
+        return self.seq > other.seq
+
+
+def _accumulate(a, b):
+    return b if a is None else (a + b)
+
+
+def _check_finite(name, grads, what):
+    for i, g in enumerate(grads):
+        if g is not None and g.dtype.kind == "f":
+            xp = g.device.xp
+            if not bool(xp.isfinite(g.array).all()):
+                raise RuntimeError(f"Function '{name}Backward' returned nan/inf values in its "
+                                   f"{i}th output ({what}); the forward of '{name}' or its "
+                                   f"inputs are where to look")
+
+
+def run_backward(roots, grad_roots, retain_graph=False, create_graph=False, inputs=None):
+    """Apply the chain rule from ``roots`` (Tensors) seeded with ``grad_roots`` (Tensors).
+
+    With ``inputs`` (autograd.grad): returns their gradients and leaves every ``.grad`` alone.
+    Otherwise accumulates into the ``.grad`` of the leaves (and of retain_grad tensors).
+    """
+    capture = None
+    if inputs is not None:
+        capture = {}
+        leaf_ids = {id(t): k for k, t in enumerate(inputs) if t.grad_fn is None}
+        node_ids = {(id(t.grad_fn), t._output_nr): k for k, t in enumerate(inputs)
+                    if t.grad_fn is not None}
+        results = [None] * len(inputs)
+
+    heap, buffers = [], {}
+
+    def send(dest, g):
+        if isinstance(dest, tuple):  # (node, output_nr): accumulate in that node's buffer
+            node, nr = dest
+            buf = buffers.get(node)
+            if buf is None:
+                buf = buffers[node] = [None] * node.n_outputs
+                heapq.heappush(heap, node)
+            buf[nr] = _accumulate(buf[nr], g)
+            return
+        leaf = dest
+        for h in leaf._hooks or ():
+            r = h(g)
+            if r is not None:
+                g = r
+        if capture is not None:
+            k = leaf_ids.get(id(leaf))
+            if k is not None:
+                results[k] = _accumulate(results[k], g)
+            return
+        if leaf.grad is None:
+            # own the buffer: the grad must not alias an array the graph still uses
+            leaf.grad = g if create_graph else g.detach()._own()
+        elif create_graph:
+            leaf.grad = leaf.grad + g
+        else:
+            leaf.grad.array += g.array  # in place: no new allocation per step
+
+    for t, g in zip(roots, grad_roots):
+        if not t.requires_grad:
+            raise RuntimeError("element 0 of tensors does not require grad and does not have a "
+                               "grad_fn: call requires_grad_() on the inputs, or do not call "
+                               "backward() inside no_grad()")
+        send(t if t.grad_fn is None else (t.grad_fn, t._output_nr), g)
+
+    grad_ctx = enable_grad() if create_graph else no_grad()
+    anomaly = is_anomaly_enabled()
+    with grad_ctx:
+        while heap:
+            node = heapq.heappop(heap)
+            gys = buffers.pop(node)
+            if node.pre_hooks:
+                for nr, hooks in node.pre_hooks.items():
+                    for h in hooks:
+                        if gys[nr] is not None:
+                            r = h(gys[nr])
+                            if r is not None:
+                                gys[nr] = r
+            if capture is not None:
+                for nr, g in enumerate(gys):
+                    k = node_ids.get((id(node), nr))
+                    if k is not None and g is not None:
+                        results[k] = _accumulate(results[k], g)
+            if node.freed:
+                raise RuntimeError(
+                    f"Trying to backward through the graph a second time (through "
+                    f"'{node.name}'), or to use saved tensors after they were freed. Saved "
+                    f"arrays are freed after backward(); specify retain_graph=True on the first "
+                    f"backward() call if you need to backward through the graph again.")
+            gys = [g if g is not None else _zeros(*node.out_meta[i]) for i, g in enumerate(gys)]
+            grads = node.backward_fn(node.ctx, *gys)
+            if not isinstance(grads, (tuple, list)):
+                grads = (grads,)
+            if len(grads) < len(node.next):
+                grads = tuple(grads) + (None,) * (len(node.next) - len(grads))
+            if anomaly:
+                _check_finite(node.name, grads, "backward")
+            if not retain_graph:
+                node.release()
+            for dest, g, meta in zip(node.next, grads, node.ctx.input_meta):
+                if dest is None or g is None:
+                    continue
+                if g.shape != meta[0]:
+                    raise RuntimeError(
+                        f"{node.name}: backward returned a gradient of shape {tuple(g.shape)} "
+                        f"for an input of shape {tuple(meta[0])}")
+                if g.dtype != meta[1]:
+                    g = g.to(meta[1])
+                send(dest, g)
+    return results if capture is not None else None
+
+
+def _zeros(shape, dtype, device):
+    from ..tensor import Tensor
+    return Tensor._make(device.xp.zeros(shape, dtype=dtype), device)
+
+
+def float_dtype_ok(dtype):
+    return np.dtype(dtype).kind == "f"

@@ -1,0 +1,91 @@
+"""gpudiff.cuda: is_available(), device_count(), synchronize(), memory stats.
+
+With GPUDIFF_CUDA=emulate the 'cuda' device is the CPU emulator of our CUDA kernels: it says
+"emulated" wherever it reports itself and never counts as a GPU result.
+"""
+from .. import backend
+
+
+def is_available():
+    return backend.cuda_mode() is not None
+
+
+def is_emulated():
+    return backend.cuda_mode() == "emulate"
+
+
+def device_count():
+    return backend.cuda_device_count()
+
+
+def current_device():
+    return 0
+
+
+def get_device_name(device=None):
+    mode = backend.cuda_mode()
+    if mode is None:
+        raise RuntimeError("get_device_name: CUDA is not available")
+    if mode == "emulate":
+        return "gpudiff CUDA emulator (emulated, CPU)"
+    idx = 0 if device is None else backend.device(device if not isinstance(device, int)
+                                                  else f"cuda:{device}").index
+    import cupy
+    props = cupy.cuda.runtime.getDeviceProperties(idx)
+    name = props["name"]
+    return name.decode() if isinstance(name, bytes) else name
+
+
+def synchronize(device=None):
+    if backend.cuda_mode() == "gpu":
+        import cupy
+        cupy.cuda.Device().synchronize()
+
+
+def _pool():
+    if backend.cuda_mode() == "gpu":
+        import cupy
+        return cupy.get_default_memory_pool()
+    return None
+
+
+_peak = [0]
+
+
+def memory_allocated(device=None):
+    p = _pool()
+    if p is None:
+        return 0
+    used = p.used_bytes()
+    _peak[0] = max(_peak[0], used)
+    return used
+
+
+def max_memory_allocated(device=None):
+    p = _pool()
+    if p is None:
+        return 0
+    return max(_peak[0], p.used_bytes(), p.total_bytes() and p.used_bytes())
+
+
+def reset_peak_memory_stats(device=None):
+    _peak[0] = memory_allocated()
+
+
+def memory_reserved(device=None):
+    p = _pool()
+    return 0 if p is None else p.total_bytes()
+
+
+def empty_cache():
+    p = _pool()
+    if p is not None:
+        p.free_all_blocks()
+
+
+def manual_seed(seed):
+    backend.manual_seed(seed)
+
+
+def manual_seed_all(seed):
+    backend.manual_seed(seed)

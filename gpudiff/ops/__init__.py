@@ -1,0 +1,170 @@
+"""The registry of primitive ops. An op and its gradient are one short block:
+
+    class exp(Op):
+        def forward(ctx, x):              # raw arrays of ctx.xp (numpy or cupy) in and out
+            y = ctx.xp.exp(x)
+            ctx.save_for_backward(y)      # save inputs/outputs themselves (not copies):
+            return y                      #   they come back as graph-connected Tensors
+        def backward(ctx, gy):            # Tensors in, Tensors out, written in gpudiff ops,
+            y, = ctx.saved_tensors        #   so double backward works (create_graph=True)
+            return gy * y
+
+Tensor arguments are positional (None allowed, e.g. a missing bias); everything else is a
+keyword-only parameter. ``exp.apply(t)`` runs it: it checks devices, runs ``forward`` on the
+inputs' arrays, wraps the outputs and, if grad mode is on and an input requires grad,
+records a Node on the tape. A forward may use a fast kernel: ``k = ctx.kernel('softmax')``
+returns the device's compiled kernel or None (use the reference then).
+
+Rules: a forward returns fresh arrays or views of its inputs (views only for shape ops that
+declare ``view = True``); arrays saved with save_for_backward should be inputs or outputs
+(anything else is treated as a constant in double backward); integer outputs are never
+differentiable.
+"""
+import inspect
+
+import numpy as np
+
+from .. import backend
+from ..autograd.graph import Node, SavedTensor
+from ..autograd.grad_mode import is_anomaly_enabled, is_grad_enabled
+
+REGISTRY: dict[str, type] = {}
+
+
+class Context:
+    """What a forward hands its backward: saved tensors and any attributes it sets."""
+
+    def __init__(self, device, needs_input_grad):
+        self.device = device
+        self.xp = device.xp
+        self.needs_input_grad = needs_input_grad
+        self._saved_arrays = ()
+        self._saved = None
+        self._non_diff = ()
+        self.input_meta = ()
+        self.op_name = ""
+
+    def kernel(self, name):
+        """This device's fast kernel ``name``, or None (use the reference code)."""
+        return backend.kernel(self.device, name)
+
+    def save_for_backward(self, *arrays):
+        self._saved_arrays = arrays
+
+    def mark_non_differentiable(self, *arrays):
+        self._non_diff = arrays
+
+    @property
+    def saved_tensors(self):
+        if self._saved is None:
+            raise RuntimeError(
+                f"Trying to backward through '{self.op_name}' a second time, or to use its saved "
+                f"tensors after they were freed: specify retain_graph=True on the first "
+                f"backward() call if you need to backward through the graph again.")
+        return tuple(None if s is None else s.unpack(self.op_name) for s in self._saved)
+
+    def release(self):
+        self._saved = None
+
+
+class Op:
+    """Base of every primitive op; subclasses register themselves by class name."""
+
+    name = None
+    differentiable = True
+    view = False  # outputs share memory (and the version counter) with input 0
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        cls.name = cls.name or cls.__name__
+        if cls.name in REGISTRY:
+            raise RuntimeError(f"op {cls.name!r} registered twice")
+        REGISTRY[cls.name] = cls
+        params = list(inspect.signature(cls.forward).parameters.values())[1:]
+        cls.arg_names = tuple(p.name for p in params
+                              if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD))
+
+    @staticmethod
+    def forward(ctx, *args, **params):
+        raise NotImplementedError
+
+    @staticmethod
+    def backward(ctx, *gys):
+        raise NotImplementedError
+
+    @classmethod
+    def apply(cls, *tensors, **params):
+        return apply(cls, tensors, params)
+
+
+def _device_of(op, tensors):
+    dev, first = None, None
+    for name, t in zip(op.arg_names or ("input",) * len(tensors), tensors):
+        if t is None:
+            continue
+        if dev is None:
+            dev, first = t.device, name
+        elif t.device != dev:
+            raise RuntimeError(
+                f"{op.name}: expected all tensors to be on the same device, but found at least "
+                f"two devices, {dev} (argument '{first}') and {t.device} (argument '{name}')")
+    return dev
+
+
+def apply(op, tensors, params):
+    from ..tensor import Tensor
+    dev = _device_of(op, tensors)
+    if dev is None:
+        raise TypeError(f"{op.name}: expected at least one tensor argument")
+    record = (op.differentiable and is_grad_enabled()
+              and any(t is not None and t.requires_grad for t in tensors))
+    ctx = Context(dev, tuple(t is not None and t.requires_grad for t in tensors))
+    ctx.op_name, ctx.op = op.name, op
+    arrays = [None if t is None else t.array for t in tensors]
+    with backend.on_device(dev):
+        out = op.forward(ctx, *arrays, **params)
+    multi = isinstance(out, tuple)
+    outs = out if multi else (out,)
+    if is_anomaly_enabled():
+        for i, o in enumerate(outs):
+            if o.dtype.kind == "f" and not bool(dev.xp.isfinite(o).all()):
+                raise RuntimeError(f"Function '{op.name}' returned nan/inf values in its "
+                                   f"{i}th output (forward)")
+    out_dev = getattr(ctx, "out_device", dev)
+    results = [Tensor._make(o, out_dev) for o in outs]
+    if op.view:  # views share their base's version counter: in-place changes show through
+        for r in results:
+            r._version = tensors[0]._version
+    if record:
+        non_diff = {id(a) for a in ctx._non_diff}
+        diff_outs = [r for r in results if id(r.array) not in non_diff
+                     and r.dtype.kind == "f"]
+        ctx.input_meta = [(None, None) if t is None else (t.shape, t.dtype) for t in tensors]
+        node = Node(op.name, op.backward, ctx, tensors, results)
+        for i, r in enumerate(results):
+            if any(r is d for d in diff_outs):
+                r.grad_fn, r._output_nr, r._requires_grad = node, i, True
+        ctx._saved = tuple(_save(a, tensors, results, node) for a in ctx._saved_arrays)
+    ctx._saved_arrays = ()
+    return tuple(results) if multi else results[0]
+
+
+def _save(a, inputs, outputs, node):
+    """Wrap a saved array: an input or output keeps its graph link and version check."""
+    if a is None:
+        return None
+    for t in inputs:
+        if t is not None and t.array is a:
+            return SavedTensor(a, t.device, tensor=t)
+    for i, t in enumerate(outputs):
+        if t.array is a:
+            return SavedTensor(a, t.device, tensor=t, grad_fn=t.grad_fn, output_nr=i)
+    return SavedTensor(a, outputs[0].device)
+
+
+def result_type(*arrays_or_dtypes):
+    return np.result_type(*arrays_or_dtypes)
+
+
+# the op modules register themselves on import
+from . import elementwise, reduce, shape, index, linalg, nn, device  # noqa: E402,F401

@@ -1,0 +1,503 @@
+"""Tensor: an array (numpy or cupy) plus the autograd fields. Operators call ops.
+
+Methods that mirror functions (``x.exp()`` == ``gpudiff.exp(x)``) are attached at the end
+from gpudiff.functions, so each is written once.
+"""
+import numpy as np
+
+from . import backend
+from .autograd.grad_mode import is_grad_enabled
+
+_DEFAULT_DTYPE = [np.dtype("float32")]
+
+
+def get_default_dtype():
+    return _DEFAULT_DTYPE[0]
+
+
+def set_default_dtype(d):
+    _DEFAULT_DTYPE[0] = np.dtype(d)
+
+
+class Tensor:
+    """A multi-dimensional array on a device that can record the ops applied to it.
+
+    >>> x = gpudiff.tensor([1.0, 2.0], requires_grad=True)
+    >>> (x * x).sum().backward(); x.grad
+    tensor([2., 4.])
+    """
+
+    __slots__ = ("array", "device", "_requires_grad", "grad", "grad_fn", "_output_nr",
+                 "_version", "_hooks", "_retains_grad", "__weakref__")
+    __array_ufunc__ = None  # numpy defers to our reflected operators (ndarray + Tensor)
+
+    def __init__(self, data=None, *, dtype=None, device=None, requires_grad=False):
+        from .creation import _to_array
+        if data is None:
+            data = []
+        dev = backend.device(device) if device is not None else backend.CPU
+        arr = _to_array(data, dtype or get_default_dtype(), dev)
+        self._init(arr, dev)
+        self.requires_grad = requires_grad
+
+    def _init(self, array, device, grad_fn=None, output_nr=0):
+        self.array = array
+        self.device = device
+        self._requires_grad = grad_fn is not None
+        self.grad = None
+        self.grad_fn = grad_fn
+        self._output_nr = output_nr
+        self._version = [0]  # shared with views: in-place changes are seen by saved tensors
+        self._hooks = None
+        self._retains_grad = False
+
+    @classmethod
+    def _make(cls, array, device, grad_fn=None, output_nr=0):
+        t = object.__new__(cls)
+        t._init(array, device, grad_fn, output_nr)
+        return t
+
+    # ---- attributes -------------------------------------------------------------------
+    @property
+    def requires_grad(self):
+        return self._requires_grad
+
+    @requires_grad.setter
+    def requires_grad(self, flag):
+        if flag and self.array.dtype.kind not in "fc":
+            raise RuntimeError(f"only Tensors of floating point dtype can require gradients "
+                               f"(this one is {self.array.dtype})")
+        if not flag and self.grad_fn is not None:
+            raise RuntimeError("you can only change requires_grad flags of leaf variables; "
+                               "use .detach() to get a tensor without a graph")
+        self._requires_grad = bool(flag)
+
+    def requires_grad_(self, requires_grad=True):
+        self.requires_grad = requires_grad
+        return self
+
+    @property
+    def shape(self):
+        return self.array.shape
+
+    @property
+    def dtype(self):
+        return self.array.dtype
+
+    @property
+    def ndim(self):
+        return self.array.ndim
+
+    def dim(self):
+        return self.array.ndim
+
+    def size(self, dim=None):
+        return self.array.shape if dim is None else self.array.shape[dim]
+
+    def numel(self):
+        return int(self.array.size)
+
+    def nelement(self):
+        return int(self.array.size)
+
+    def element_size(self):
+        return self.array.itemsize
+
+    @property
+    def is_leaf(self):
+        return self.grad_fn is None
+
+    @property
+    def is_cuda(self):
+        return self.device.type == "cuda"
+
+    @property
+    def data(self):
+        """A tensor sharing this one's memory, outside the graph (as torch's ``.data``)."""
+        return Tensor._make(self.array, self.device)
+
+    @data.setter
+    def data(self, other):
+        self.array = other.array if isinstance(other, Tensor) else other
+        self.device = other.device if isinstance(other, Tensor) else self.device
+
+    @property
+    def T(self):
+        return self.permute(*reversed(range(self.ndim)))
+
+    @property
+    def mT(self):
+        return self.transpose(-2, -1)
+
+    def __len__(self):
+        if self.ndim == 0:
+            raise TypeError("len() of a 0-d tensor")
+        return self.shape[0]
+
+    def __iter__(self):
+        if self.ndim == 0:
+            raise TypeError("iteration over a 0-d tensor")
+        return (self[i] for i in range(self.shape[0]))
+
+    __hash__ = object.__hash__
+
+    # ---- conversion -------------------------------------------------------------------
+    def numpy(self, *, force=False):
+        if self.requires_grad and not force:
+            raise RuntimeError("Can't call numpy() on Tensor that requires grad. "
+                               "Use tensor.detach().numpy() instead.")
+        if self.device.type != "cpu" and not force:
+            raise TypeError(f"can't convert {self.device} tensor to numpy. Use Tensor.cpu() "
+                            f"to copy the tensor to host memory first.")
+        return backend.to_numpy(self.array)
+
+    def __array__(self, dtype=None, copy=None):
+        a = backend.to_numpy(self.array)
+        return a.astype(dtype) if dtype is not None else a
+
+    def __dlpack__(self, *args, **kwargs):
+        return self.array.__dlpack__(*args, **kwargs)
+
+    def __dlpack_device__(self):
+        return self.array.__dlpack_device__()
+
+    def item(self):
+        if self.array.size != 1:
+            raise RuntimeError(f"a Tensor with {self.array.size} elements cannot be converted "
+                               f"to Scalar")
+        return backend.to_numpy(self.array).reshape(()).item()
+
+    def tolist(self):
+        return backend.to_numpy(self.array).tolist()
+
+    def __float__(self):
+        return float(self.item())
+
+    def __int__(self):
+        return int(self.item())
+
+    def __index__(self):
+        if self.dtype.kind not in "iub":
+            raise TypeError("only integer tensors of a single element can be converted to an "
+                            "index")
+        return int(self.item())
+
+    def __bool__(self):
+        if self.array.size != 1:
+            raise RuntimeError("Boolean value of Tensor with more than one value is ambiguous")
+        return bool(self.item())
+
+    def to(self, *args, **kwargs):
+        """``to(device)``, ``to(dtype)``, ``to(device, dtype)``, ``to(other)``."""
+        dev, dtype = kwargs.get("device"), kwargs.get("dtype")
+        for a in args:
+            if isinstance(a, Tensor):
+                dev, dtype = a.device, a.dtype
+            elif isinstance(a, (backend.Device,)) or (isinstance(a, str) and
+                                                        a.split(":")[0] in ("cpu", "cuda")):
+                dev = a
+            else:
+                dtype = a
+        out = self
+        if dtype is not None and np.dtype(dtype) != self.dtype:
+            from .ops.elementwise import to_dtype
+            out = to_dtype.apply(out, dtype=np.dtype(dtype))
+        if dev is not None:
+            dev = backend.device(dev)
+            if dev != out.device:
+                from .ops.device import to_device
+                out = to_device.apply(out, device=dev)
+        return out
+
+    def cpu(self):
+        return self.to("cpu")
+
+    def cuda(self, device=None):
+        return self.to(backend.device("cuda" if device is None else
+                                      (f"cuda:{device}" if isinstance(device, int) else device)))
+
+    def type(self, dtype=None):
+        return str(self.dtype) if dtype is None else self.to(dtype)
+
+    def float(self):
+        return self.to(np.float32)
+
+    def double(self):
+        return self.to(np.float64)
+
+    def half(self):
+        return self.to(np.float16)
+
+    def long(self):
+        return self.to(np.int64)
+
+    def int(self):
+        return self.to(np.int32)
+
+    def bool(self):
+        return self.to(np.bool_)
+
+    def is_floating_point(self):
+        return self.dtype.kind == "f"
+
+    def detach(self):
+        """A tensor sharing memory (and the version counter) with no graph."""
+        t = Tensor._make(self.array, self.device)
+        t._version = self._version
+        return t
+
+    def detach_(self):
+        self.grad_fn, self._requires_grad = None, False
+        return self
+
+    def _own(self):
+        """A copy that owns its memory (used for .grad accumulation buffers)."""
+        return Tensor._make(self.array.copy(), self.device)
+
+    def clone(self, memory_format=None):
+        from .ops.elementwise import clone
+        return clone.apply(self)
+
+    def contiguous(self, memory_format=None):
+        a = self.array
+        if a.flags.c_contiguous:
+            return self
+        from .ops.shape import contiguous
+        return contiguous.apply(self)
+
+    def is_contiguous(self):
+        return bool(self.array.flags.c_contiguous)
+
+    def new_zeros(self, size, dtype=None, device=None):
+        return Tensor._make(self.device.xp.zeros(size, dtype=dtype or self.dtype), self.device)
+
+    def new_ones(self, size, dtype=None, device=None):
+        return Tensor._make(self.device.xp.ones(size, dtype=dtype or self.dtype), self.device)
+
+    def new_full(self, size, fill_value, dtype=None, device=None):
+        return Tensor._make(self.device.xp.full(size, fill_value, dtype=dtype or self.dtype),
+                            self.device)
+
+    def new_empty(self, size, dtype=None, device=None):
+        return Tensor._make(self.device.xp.empty(size, dtype=dtype or self.dtype), self.device)
+
+    def new_tensor(self, data, dtype=None, device=None, requires_grad=False):
+        from .creation import tensor
+        return tensor(data, dtype=dtype or self.dtype, device=device or self.device,
+                      requires_grad=requires_grad)
+
+    # ---- autograd ---------------------------------------------------------------------
+    def backward(self, gradient=None, retain_graph=None, create_graph=False, inputs=None):
+        """Accumulate d self / d leaf into every leaf's ``.grad`` (chain rule on the tape)."""
+        from .autograd import backward
+        backward([self], None if gradient is None else [gradient], retain_graph, create_graph,
+                 inputs=inputs)
+
+    def register_hook(self, hook):
+        """``hook(grad) -> grad or None`` runs when this tensor's gradient is computed."""
+        if not self.requires_grad:
+            raise RuntimeError("cannot register a hook on a tensor that doesn't require "
+                               "gradient")
+        if self.grad_fn is not None:
+            self.grad_fn.add_pre_hook(self._output_nr, hook)
+            hooks = self.grad_fn.pre_hooks[self._output_nr]
+        else:
+            if self._hooks is None:
+                self._hooks = []
+            self._hooks.append(hook)
+            hooks = self._hooks
+        return _RemovableHandle(hooks, hook)
+
+    def retain_grad(self):
+        """Keep ``.grad`` for this non-leaf tensor after backward."""
+        if self.grad_fn is None:
+            return
+        if self._retains_grad:
+            return
+        import weakref
+        ref = weakref.ref(self)
+
+        def keep(g):
+            t = ref()
+            if t is not None:
+                t.grad = g.detach()._own() if t.grad is None else t.grad + g.detach()
+        self.grad_fn.add_pre_hook(self._output_nr, keep)
+        self._retains_grad = True
+
+    @property
+    def retains_grad(self):
+        return self._retains_grad
+
+    # ---- in-place ---------------------------------------------------------------------
+    def _inplace(self, out):
+        """Make ``self`` hold ``out`` (an out-of-place result computed from self)."""
+        recording = is_grad_enabled() and out.requires_grad
+        if recording and self.grad_fn is None and self.requires_grad:
+            raise RuntimeError("a leaf Variable that requires grad is being used in an "
+                               "in-place operation (wrap it in gpudiff.no_grad(), or clone it)")
+        a = out.array
+        if a.dtype != self.dtype:
+            a = a.astype(self.dtype)
+        if a.shape != self.shape:
+            raise RuntimeError(f"in-place op: output shape {tuple(a.shape)} doesn't match the "
+                               f"broadcast shape {tuple(self.shape)}")
+        self.array[...] = a
+        self._version[0] += 1
+        if recording:
+            # self now stands for the op's output (what it saved stays in `out`'s own buffer)
+            self.grad_fn, self._output_nr, self._requires_grad = out.grad_fn, out._output_nr, True
+        return self
+
+    def _fast_inplace(self, ufunc, other):
+        """No graph to record: apply the ufunc straight into our memory."""
+        o = other.array if isinstance(other, Tensor) else other
+        if isinstance(other, Tensor) and other.device != self.device:
+            raise RuntimeError(f"{ufunc.__name__}_: expected all tensors to be on the same "
+                               f"device, but found {self.device} and {other.device}")
+        ufunc(self.array, o, out=self.array, casting="unsafe")
+        self._version[0] += 1
+        return self
+
+    def _needs_graph(self, *others):
+        return is_grad_enabled() and (self.requires_grad or any(
+            isinstance(o, Tensor) and o.requires_grad for o in others))
+
+    def add_(self, other, alpha=1):
+        if self._needs_graph(other):
+            return self._inplace(self + (other if alpha == 1 else other * alpha))
+        if alpha != 1:
+            other = other * alpha
+        return self._fast_inplace(self.device.xp.add, other)
+
+    def sub_(self, other, alpha=1):
+        if self._needs_graph(other):
+            return self._inplace(self - (other if alpha == 1 else other * alpha))
+        if alpha != 1:
+            other = other * alpha
+        return self._fast_inplace(self.device.xp.subtract, other)
+
+    def mul_(self, other):
+        if self._needs_graph(other):
+            return self._inplace(self * other)
+        return self._fast_inplace(self.device.xp.multiply, other)
+
+    def div_(self, other):
+        if self._needs_graph(other):
+            return self._inplace(self / other)
+        return self._fast_inplace(self.device.xp.true_divide, other)
+
+    def pow_(self, e):
+        return self._inplace(self ** e)
+
+    def addcmul_(self, t1, t2, value=1):
+        return self.add_(t1 * t2 * value)
+
+    def addcdiv_(self, t1, t2, value=1):
+        return self.add_(t1 / t2 * value)
+
+    def lerp_(self, end, weight):
+        return self.add_((end - self) * weight)
+
+    def clamp_(self, min=None, max=None):
+        return self._inplace(self.clamp(min, max))
+
+    clip_ = clamp_
+
+    def masked_fill_(self, mask, value):
+        return self._inplace(self.masked_fill(mask, value))
+
+    def zero_(self):
+        return self.fill_(0)
+
+    def fill_(self, value):
+        if self._needs_graph(value):
+            return self._inplace(self * 0 + value)
+        self.array[...] = value.array if isinstance(value, Tensor) else value
+        self._version[0] += 1
+        return self
+
+    def copy_(self, src, non_blocking=False):
+        if not isinstance(src, Tensor):
+            from .creation import tensor
+            src = tensor(src)
+        if self._needs_graph(src):
+            return self._inplace(self * 0 + src.to(self.device))
+        a = backend.to_device(src.array, self.device)
+        self.array[...] = a
+        self._version[0] += 1
+        return self
+
+    def uniform_(self, a=0.0, b=1.0, generator=None):
+        r = backend.rng(generator).uniform(a, b, size=self.shape)
+        return self._set_random(r)
+
+    def normal_(self, mean=0.0, std=1.0, generator=None):
+        r = backend.rng(generator).normal(mean, std, size=self.shape)
+        return self._set_random(r)
+
+    def bernoulli_(self, p=0.5, generator=None):
+        r = backend.rng(generator).random(size=self.shape) < p
+        return self._set_random(r)
+
+    def exponential_(self, lambd=1.0, generator=None):
+        r = backend.rng(generator).exponential(1.0 / lambd, size=self.shape)
+        return self._set_random(r)
+
+    def random_(self, low=0, high=None, generator=None):
+        r = backend.rng(generator).integers(low, high, size=self.shape)
+        return self._set_random(r)
+
+    def _set_random(self, r):
+        if self._needs_graph():
+            raise RuntimeError("a leaf Variable that requires grad is being used in an in-place "
+                               "operation (initialise it inside gpudiff.no_grad())")
+        self.array[...] = backend.to_device(r.astype(self.dtype), self.device)
+        self._version[0] += 1
+        return self
+
+    def __setitem__(self, key, value):
+        from .functions import _index_key, _setitem
+        if self._needs_graph(value):
+            self._inplace(_setitem(self, key, value))
+            return
+        v = value.array if isinstance(value, Tensor) else value
+        self.array[_index_key(self, key)] = v
+        self._version[0] += 1
+
+    # ---- printing ---------------------------------------------------------------------
+    def __repr__(self):
+        a = backend.to_numpy(self.array)
+        body = np.array2string(a, separator=", ", prefix="tensor(",
+                               precision=4, floatmode="maxprec_equal")
+        extras = []
+        if self.device.type != "cpu":
+            extras.append(f"device='{self.device}'")
+        if a.dtype not in (get_default_dtype(), np.dtype("int64"), np.dtype("bool")) \
+                or a.size == 0:
+            extras.append(f"dtype=gpudiff.{a.dtype}")
+        if self.grad_fn is not None:
+            extras.append(f"grad_fn=<{self.grad_fn.name}Backward>")
+        elif self.requires_grad:
+            extras.append("requires_grad=True")
+        return "tensor(" + body + "".join(", " + e for e in extras) + ")"
+
+    def __reduce__(self):  # pickling (DataLoader workers): the host array only
+        return (_rebuild, (backend.to_numpy(self.array), str(self.device).split(" ")[0],
+                           self.requires_grad))
+
+
+def _rebuild(array, device, requires_grad):
+    dev = backend.device(device)
+    t = Tensor._make(backend.to_device(array, dev), dev)
+    if requires_grad:
+        t.requires_grad = True
+    return t
+
+
+class _RemovableHandle:
+    def __init__(self, hooks, hook):
+        self.hooks, self.hook = hooks, hook
+
+    def remove(self):
+        if self.hook in self.hooks:
+            self.hooks.remove(self.hook)
