@@ -32,7 +32,25 @@ The contract (same names and signatures on every device that has them):
   avg_pool2d_backward(gy, H, W, kh, kw, sh, sw, ph, pw, ceil_mode, count_include_pad,
                       divisor_override) -> gx
 
-Further kernels (conv, batch norm, optimizers) add their names here when they land.
+Whole-op kernels (a device that has them skips the im2col/xp reference path); stride,
+padding, dilation are (h, w) pairs:
+  conv2d(x (N, C, H, W), w (K, C/groups, kh, kw), b (K,) | None, stride, padding, dilation,
+         groups) -> y (N, K, OH, OW)
+  conv2d_backward_input(gy, w, x_shape, stride, padding, dilation, groups) -> gx
+  conv2d_backward_weight(gy, x, w_shape, stride, padding, dilation, groups) -> gw
+  adaptive_avg_pool2d(x, oh, ow) -> y          adaptive_avg_pool2d_backward(gy, H, W) -> gx
+  adaptive_max_pool2d(x, oh, ow) -> (y, indices)   (backward: max_pool2d_backward)
+  batch_norm_forward(x, weight | None, bias | None, running_mean | None, running_var | None,
+                     training, momentum, eps) -> (y, save_mean (C,), save_invstd (C,))
+      training: batch statistics, and running stats updated in place (unbiased var);
+      eval: running stats used. x is (N, C) or (N, C, H, W).
+  batch_norm_backward(gy, x, weight | None, save_mean, save_invstd) -> (gx, gw, gb)
+  sgd_step(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
+           maximize) -> None      (multi-tensor, lists of same-dtype arrays, in place)
+  adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs | None, steps, lr, beta1,
+            beta2, eps, weight_decay, amsgrad, decoupled_weight_decay, maximize) -> None
+
+Further kernels add their names here when they land.
 """
 import contextlib
 
