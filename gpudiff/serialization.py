@@ -40,7 +40,7 @@ __all__ = ["save", "load"]
 FORMAT = "gpudiff"
 VERSION = 1
 _META_KEY = "gpudiff"
-_MAX_DEPTH = 1000        # nesting a hostile file may ask for before we refuse it
+_MAX_DEPTH = 200         # nesting a hostile file may ask for before we refuse it
 
 # the dtypes a checkpoint may hold (safetensors' own list, less bfloat16 which numpy lacks)
 _DTYPES = {np.dtype(n).name: np.dtype(n) for n in (
@@ -56,6 +56,7 @@ class _Encoder:
         self.arrays = {}       # safetensors name -> contiguous little-endian ndarray
         self._by_id = {}       # id(tensor or array) -> name: a shared tensor is stored once
         self._keep = []        # keeps encoded objects alive, so ids stay unique
+        self._open = set()     # ids of the containers on the current path (cycle check)
 
     def _name(self, where):
         name = where or "tensor"
@@ -91,6 +92,18 @@ class _Encoder:
                         f"{type(k).__name__}; keys must be str, int, float, bool or None")
 
     def node(self, obj, where=""):
+        if isinstance(obj, (dict, list, tuple)):
+            if id(obj) in self._open:
+                raise ValueError(f"gpudiff.save: the object refers to itself at "
+                                 f"{where or 'the top'} (a cycle cannot be saved)")
+            if len(self._open) >= _MAX_DEPTH:
+                raise ValueError(f"gpudiff.save: nested deeper than {_MAX_DEPTH} levels at "
+                                 f"{where[:200]}")
+            self._open.add(id(obj))
+            try:
+                return self._container(obj, where)
+            finally:
+                self._open.discard(id(obj))
         if obj is None or isinstance(obj, (bool, str)):
             return obj
         if isinstance(obj, np.bool_):
@@ -111,6 +124,12 @@ class _Encoder:
             if obj.name not in _DTYPES:
                 raise TypeError(f"gpudiff.save: unsupported dtype {obj} at {where or 'the top'}")
             return {"$dtype": obj.name}
+        raise TypeError(
+            f"gpudiff.save: cannot save a {type(obj).__module__}.{type(obj).__qualname__} at "
+            f"{where or 'the top'}: only tensors, numpy arrays, dicts, lists, tuples, int, float, "
+            f"str, bool and None can be saved (gpudiff never pickles)")
+
+    def _container(self, obj, where):
         if isinstance(obj, dict):
             tag = "$odict" if isinstance(obj, collections.OrderedDict) else "$dict"
             items = []
@@ -121,12 +140,7 @@ class _Encoder:
         if isinstance(obj, tuple):
             return {"$tuple": [self.node(v, f"{where}.{i}" if where else str(i))
                                for i, v in enumerate(obj)]}
-        if isinstance(obj, list):
-            return [self.node(v, f"{where}.{i}" if where else str(i)) for i, v in enumerate(obj)]
-        raise TypeError(
-            f"gpudiff.save: cannot save a {type(obj).__module__}.{type(obj).__qualname__} at "
-            f"{where or 'the top'}: only tensors, numpy arrays, dicts, lists, tuples, int, float, "
-            f"str, bool and None can be saved (gpudiff never pickles)")
+        return [self.node(v, f"{where}.{i}" if where else str(i)) for i, v in enumerate(obj)]
 
 
 def _default_mode():
@@ -241,9 +255,9 @@ class _Decoder:
         return self.arrays[tname]
 
     def _tensor(self, tname, saved_device, where):
+        arr = self._get_array(tname, where)          # checks tname first (hashable, present)
         key = ("t", tname)
         if key not in self._made:
-            arr = self._get_array(tname, where)
             self._made[key] = _place(from_numpy(arr), saved_device, self.map_location)
         return self._made[key]
 
@@ -277,10 +291,8 @@ class _Decoder:
                 self.fail(f"device must be a string, got {device!r}", where)
             return self._tensor(val, device, where)
         if tag == "$ndarray":
-            key = ("a", val)
-            if key not in self._made:
-                self._made[key] = self._get_array(val, where)
-            return self._made[key]
+            arr = self._get_array(val, where)
+            return self._made.setdefault(("a", val), arr)
         if tag == "$tuple":
             if not isinstance(val, list):
                 self.fail("$tuple must hold a list", where)
@@ -361,4 +373,7 @@ def load(f, map_location=None, *, weights_only=True, mmap=None):
     if version > VERSION:
         raise ValueError(f"{name}: checkpoint format version {version} is newer than this "
                          f"gpudiff reads ({VERSION}); upgrade gpudiff")
-    return _Decoder(arrays, name, map_location).node(doc["root"], "", 0)
+    try:
+        return _Decoder(arrays, name, map_location).node(doc["root"], "", 0)
+    except RecursionError:       # a safety net: _MAX_DEPTH should always trigger first
+        raise ValueError(f"{name}: invalid checkpoint structure: nested too deeply") from None
