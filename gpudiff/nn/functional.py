@@ -385,3 +385,72 @@ try:
     from ..ops.norm import batch_norm, dropout, dropout2d, interpolate  # noqa: F401
 except ImportError:
     pass
+
+
+# ---- embedding (added by the nn engineer; see gpudiff/nn/modules/sparse.py) -------------
+class _ScaleGrad:
+    """Identity forward; backward multiplies the gradient by a constant ``scale`` array
+    (0 on Embedding's padding row lookups, 1 / count with scale_grad_by_freq)."""
+
+    _fn = None
+
+    @classmethod
+    def apply(cls, x, scale):
+        if cls._fn is None:
+            from ..autograd import Function
+
+            class ScaleGrad(Function):
+                @staticmethod
+                def forward(ctx, x, scale):
+                    ctx.scale = scale
+                    return x
+
+                @staticmethod
+                def backward(ctx, gy):
+                    return gy * ctx.scale, None
+            cls._fn = ScaleGrad
+        return cls._fn.apply(x, scale)
+
+
+def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
+              scale_grad_by_freq=False, sparse=False):
+    """Rows of ``weight`` (V, D) at integer ids ``input`` (*): output (*, D).
+
+    The gradient scatter-adds into the looked-up rows (repeated ids accumulate); the
+    ``padding_idx`` row gets none. ``max_norm`` renormalises the looked-up rows in place
+    (outside the graph), as PyTorch does.
+    """
+    if input.dtype.kind not in "iu":
+        raise RuntimeError(f"Expected tensor for argument #1 'indices' to have one of the "
+                           f"following scalar types: Long, Int; but got {input.dtype} instead")
+    if weight.ndim != 2:
+        raise RuntimeError(f"embedding: 'weight' must be 2-D, got shape {tuple(weight.shape)}")
+    v = weight.shape[0]
+    if padding_idx is not None:
+        if padding_idx > 0 and padding_idx >= v or padding_idx < -v:
+            raise AssertionError("Padding_idx must be within num_embeddings")
+        padding_idx = padding_idx % v
+    a = input.array
+    if a.size and (int(a.min()) < 0 or int(a.max()) >= v):
+        raise IndexError(f"embedding: index out of range in self (ids must be in [0, {v}), "
+                         f"got min {int(a.min())}, max {int(a.max())})")
+    xp = weight.device.xp
+    if max_norm is not None:
+        rows = xp.unique(a)
+        w = weight.array
+        norms = (xp.abs(w[rows]) ** norm_type).sum(axis=1) ** (1.0 / norm_type)
+        big = norms > max_norm
+        if bool(big.any()):
+            scale = (max_norm / (norms[big] + 1e-7)).astype(w.dtype)
+            w[rows[big]] *= scale[:, None]
+            weight._version[0] += 1
+    out = weight[input]
+    if weight.requires_grad and (padding_idx is not None or scale_grad_by_freq):
+        s = xp.ones(a.shape, dtype=weight.dtype)
+        if scale_grad_by_freq:
+            ids, inverse, counts = xp.unique(a, return_inverse=True, return_counts=True)
+            s = s / counts[inverse.reshape(a.shape)].astype(weight.dtype)
+        if padding_idx is not None:
+            s = xp.where(a == padding_idx, xp.zeros((), dtype=weight.dtype), s)
+        out = _ScaleGrad.apply(out, Tensor._make(s[..., None], weight.device))
+    return out
