@@ -13,8 +13,6 @@ needs a branch in :func:`numpy_rng`.
 - :func:`seed_all` re-seeds every RNG a worker process may use (gpudiff, numpy, random).
 """
 import random as _pyrandom
-import weakref
-
 import numpy as np
 
 _SEED_HIGH = 2 ** 63 - 1
@@ -52,11 +50,10 @@ def global_seed():
     return randint(0, _SEED_HIGH)
 
 
-# Generator-like objects that are not numpy Generators (a torch.Generator, a future
-# gpudiff.Generator without a numpy handle) are followed by a numpy Generator keyed on the
-# object and its current seed: re-seeding the object restarts the stream, using it again
-# continues it (so each epoch of a DataLoader differs, as with PyTorch).
-_followers = weakref.WeakKeyDictionary()
+# Generator-like objects without a numpy Generator inside (a torch.Generator, say) are used
+# through their seed: one use seeds a numpy stream with ``initial_seed()`` and then re-seeds
+# the object from that stream, so the object advances like a generator (the next epoch
+# differs) and ``g.manual_seed(s)`` restarts it.
 
 
 def numpy_rng(generator=None):
@@ -87,13 +84,12 @@ def numpy_rng(generator=None):
         if isinstance(inner, np.random.Generator):
             return inner
     seed_fn = getattr(generator, "initial_seed", None)
-    if callable(seed_fn):
-        seed = int(seed_fn())
-        entry = _followers.get(generator)
-        if entry is None or entry[0] != seed:
-            entry = (seed, np.random.default_rng(seed))
-            _followers[generator] = entry
-        return entry[1]
+    if callable(seed_fn) and seed_fn() is not None:
+        rng = np.random.default_rng(int(seed_fn()))
+        reseed = getattr(generator, "manual_seed", None)
+        if callable(reseed):
+            reseed(int(rng.integers(0, _SEED_HIGH)))
+        return rng
     raise TypeError(
         f"generator must be None, an int seed, a numpy.random.Generator or an object with "
         f"initial_seed(); got {type(generator).__name__}")

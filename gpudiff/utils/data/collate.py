@@ -83,12 +83,12 @@ def default_collate(batch):
         except TypeError:                       # a mapping type that cannot be built this way
             return out
     if _is_namedtuple(elem):
-        return type(elem)(*(default_collate(list(s)) for s in zip(*batch)))
+        return type(elem)(*(default_collate(s) for s in zip(*batch)))
     if isinstance(elem, collections.abc.Sequence):
         size = len(elem)
         if any(len(x) != size for x in batch):
             raise RuntimeError("each element in list of batch should be of equal size")
-        transposed = [default_collate(list(s)) for s in zip(*batch)]
+        transposed = [default_collate(s) for s in zip(*batch)]   # s: a tuple, as PyTorch
         if isinstance(elem, tuple):
             return transposed                   # PyTorch returns a list for tuples too
         try:

@@ -233,7 +233,8 @@ class _WorkerPool:
         if a worker died or ``timeout`` seconds passed without a result."""
         deadline = time.monotonic() + self.timeout if self.timeout else None
         while True:
-            wait = 1.0 if deadline is None else max(0.0, min(1.0, deadline - time.monotonic()))
+            # wake up 4 times a second to notice a dead worker
+            wait = 0.25 if deadline is None else max(0.0, min(0.25, deadline - time.monotonic()))
             try:
                 epoch, task_id, data = self.result_queue.get(timeout=wait)
                 return epoch, task_id, pickle.loads(data)
@@ -241,12 +242,13 @@ class _WorkerPool:
                 dead = [w for w in self.workers if not w.is_alive()]
                 if dead:
                     pids = ", ".join(f"{w.pid} (exit code {w.exitcode})" for w in dead)
-                    self.shutdown()
+                    self.shutdown(wait=0.1)
                     raise RuntimeError(f"DataLoader worker(s) exited unexpectedly: pid {pids}")
                 if deadline is not None and time.monotonic() >= deadline:
                     raise RuntimeError(f"DataLoader timed out after {self.timeout} seconds")
 
-    def shutdown(self):
+    def shutdown(self, wait=5.0):
+        """Tell the workers to stop, give each ``wait`` seconds to finish, then terminate."""
         if not self.alive:
             return
         self.alive = False
@@ -256,7 +258,7 @@ class _WorkerPool:
             except (OSError, ValueError):
                 pass
         for w in self.workers:
-            w.join(timeout=5.0)
+            w.join(timeout=wait)
             if w.is_alive():                 # stuck in a long __getitem__: stop it
                 w.terminate()
                 w.join(timeout=1.0)
@@ -348,7 +350,8 @@ class _MultiProcessIter:
         except StopIteration:
             raise
         except BaseException:
-            self._finish()
+            # timeout, dead worker, Ctrl-C: do not wait for batches nobody will read
+            self._finish(wait=0.1)
             raise
 
     def _process(self, payload):
@@ -356,10 +359,10 @@ class _MultiProcessIter:
             payload.reraise()
         return _worker._unpack(payload)
 
-    def _finish(self):
+    def _finish(self, wait=5.0):
         self._done = True
         if self._owns_pool:
-            self._pool.shutdown()
+            self._pool.shutdown(wait)
 
     def __del__(self):
         if getattr(self, "_owns_pool", False):
