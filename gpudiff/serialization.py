@@ -35,7 +35,7 @@ import safetensors.numpy
 
 from .utils._tensor import from_numpy, is_tensor, to_numpy
 
-__all__ = ["save", "load"]
+__all__ = ["load", "save"]
 
 FORMAT = "gpudiff"
 VERSION = 1
@@ -233,7 +233,7 @@ def _parse_header(data, name):
         raise ValueError(f"{name}: corrupt checkpoint: the safetensors header is not valid "
                          f"JSON ({e})") from None
     if not isinstance(header, dict):
-        raise ValueError(f"{name}: corrupt checkpoint: the safetensors header is not a JSON "
+        raise ValueError(f"{name}: corrupt checkpoint: the safetensors header is not a JSON "  # noqa: TRY004
                          f"object")
     return header
 
@@ -352,7 +352,7 @@ def load(f, map_location=None, *, weights_only=True, mmap=None):
     header = _parse_header(data, name)
     try:
         arrays = safetensors.numpy.load(bytes(data))
-    except Exception as e:      # SafetensorError: offsets, sizes, dtypes
+    except Exception as e:  # noqa: BLE001 (SafetensorError: offsets, sizes, dtypes)
         raise ValueError(f"{name}: corrupt or truncated checkpoint: {e}") from None
     meta = header.get("__metadata__") or {}
     if not isinstance(meta, dict) or _META_KEY not in meta:

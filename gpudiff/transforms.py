@@ -1,4 +1,4 @@
 """``gpudiff.transforms``: the image transforms of gpudiff.datasets.transforms, under the
 short name (``import gpudiff.transforms as T``)."""
-from .datasets.transforms import *  # noqa: F401,F403
+from .datasets.transforms import *
 from .datasets.transforms import __all__  # noqa: F401

@@ -6,4 +6,4 @@ from .digits import Digits
 from .mnist import MNIST, FashionMNIST
 from .vision import VisionDataset
 
-__all__ = ["CIFAR10", "Digits", "FashionMNIST", "MNIST", "VisionDataset", "transforms"]
+__all__ = ["CIFAR10", "MNIST", "Digits", "FashionMNIST", "VisionDataset", "transforms"]

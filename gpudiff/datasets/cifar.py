@@ -12,6 +12,7 @@ import io
 import os
 import pickle
 import re
+from typing import ClassVar
 
 import numpy as np
 
@@ -50,7 +51,7 @@ class _DtypeSpec(_Frozen):
     """What numpy's ``dtype('u1', False, True)`` + BUILD(state) asks for, held as plain
     data: numpy never sees the file's dtype state (its flags could make numpy read raw
     bytes as object pointers)."""
-    __slots__ = ("spec", "byteorder")
+    __slots__ = ("byteorder", "spec")
 
     def __init__(self, spec):
         object.__setattr__(self, "spec", spec)
@@ -200,7 +201,7 @@ def load_batch(path):
         raise ValueError(f"{path}: corrupt or truncated CIFAR batch "
                          f"({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{path}: corrupt CIFAR batch: expected a dict, got "
+        raise ValueError(f"{path}: corrupt CIFAR batch: expected a dict, got "  # noqa: TRY004
                          f"{type(obj).__name__}")
     return {(k.decode("latin-1") if isinstance(k, bytes) else k): v for k, v in obj.items()}
 
@@ -216,10 +217,10 @@ class CIFAR10(VisionDataset):
     """
 
     base_folder = "cifar-10-batches-py"
-    train_list = [f"data_batch_{i}" for i in range(1, 6)]
-    test_list = ["test_batch"]
+    train_list: ClassVar[list[str]] = [f"data_batch_{i}" for i in range(1, 6)]
+    test_list: ClassVar[list[str]] = ["test_batch"]
     labels_key = "labels"
-    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+    classes: ClassVar[list[str]] = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
                "truck"]
 
     def __init__(self, root, train=True, transform=None, target_transform=None,

@@ -1,5 +1,6 @@
 """Digits: the 1,797 8x8 UCI optical handwritten digits, shipped inside the package."""
 import os
+from typing import ClassVar
 
 import numpy as np
 
@@ -40,7 +41,7 @@ class Digits(VisionDataset):
     (360, (1, 8, 8))
     """
 
-    classes = [str(d) for d in range(10)]
+    classes: ClassVar[list[str]] = [str(d) for d in range(10)]
 
     def __init__(self, train=True, transform=None, target_transform=None):
         super().__init__(None, train, transform, target_transform)

@@ -7,6 +7,7 @@ dimension, then the values in row-major order. Files may be gzipped (``.gz``).
 import gzip
 import os
 import zlib
+from typing import ClassVar
 
 import numpy as np
 
@@ -69,9 +70,9 @@ class MNIST(VisionDataset):
     ``download=True`` is accepted when the files are present; gpudiff never downloads.
     """
 
-    files = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    files: ClassVar[dict] = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
-    classes = ["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four", "5 - five",
+    classes: ClassVar[list[str]] = ["0 - zero", "1 - one", "2 - two", "3 - three", "4 - four", "5 - five",
                "6 - six", "7 - seven", "8 - eight", "9 - nine"]
 
     def __init__(self, root, train=True, transform=None, target_transform=None,
@@ -123,5 +124,5 @@ class MNIST(VisionDataset):
 class FashionMNIST(MNIST):
     """Fashion-MNIST (Zalando): same files and layout as MNIST, under ``root/FashionMNIST``."""
 
-    classes = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+    classes: ClassVar[list[str]] = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                "Sneaker", "Bag", "Ankle boot"]

@@ -18,8 +18,17 @@ import numpy as np
 from ..utils import _random
 from ..utils._tensor import from_numpy, is_tensor, to_numpy
 
-__all__ = ["Compose", "Lambda", "Normalize", "RandomCrop", "RandomHorizontalFlip",
-           "RandomVerticalFlip", "ToTensor", "Pad", "CenterCrop"]
+__all__ = [
+    "CenterCrop",
+    "Compose",
+    "Lambda",
+    "Normalize",
+    "Pad",
+    "RandomCrop",
+    "RandomHorizontalFlip",
+    "RandomVerticalFlip",
+    "ToTensor",
+]
 
 
 def _unwrap(img):
@@ -256,8 +265,8 @@ class CenterCrop:
             ph, pw = max(th - h, 0), max(tw - w, 0)
             a = _pad(a, pw // 2, ph // 2, (pw + 1) // 2, (ph + 1) // 2, 0, "constant")
             h, w = a.shape[-2:]
-        i = int(round((h - th) / 2.0))
-        j = int(round((w - tw) / 2.0))
+        i = round((h - th) / 2.0)             # torchvision's rounding (half to even)
+        j = round((w - tw) / 2.0)
         return rewrap(np.ascontiguousarray(a[..., i:i + th, j:j + tw]))
 
     def __repr__(self):

@@ -13,6 +13,7 @@ needs a branch in :func:`numpy_rng`.
 - :func:`seed_all` re-seeds every RNG a worker process may use (gpudiff, numpy, random).
 """
 import random as _pyrandom
+
 import numpy as np
 
 _SEED_HIGH = 2 ** 63 - 1

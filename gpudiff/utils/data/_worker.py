@@ -105,8 +105,7 @@ class _WorkerError:
             raise KeyError(_KeyErrorMessage(msg))
         try:
             err = self.exc_type(msg)
-        except Exception:
-            # the exception type cannot be built from one message string
+        except Exception:  # noqa: BLE001 (the type cannot be built from one message string)
             raise RuntimeError(msg) from None
         raise err
 
@@ -119,11 +118,11 @@ class _KeyErrorMessage(str):
 def _dumps(worker_id, payload):
     try:
         return pickle.dumps(payload, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (any failure to pickle goes to the main process)
         err = _WorkerError(worker_id, e, where="while sending a batch from DataLoader worker")
         try:
             return pickle.dumps(err, protocol=pickle.HIGHEST_PROTOCOL)
-        except Exception:   # the exception class itself does not pickle
+        except Exception:  # noqa: BLE001 (the exception class itself does not pickle)
             err.exc_type = RuntimeError
             return pickle.dumps(err, protocol=pickle.HIGHEST_PROTOCOL)
 
@@ -167,7 +166,7 @@ def worker_loop(dataset, index_queue, result_queue, collate_fn, auto_collation, 
     try:
         if worker_init_fn is not None:
             worker_init_fn(worker_id)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 (user code: report it, do not die)
         init_error = _WorkerError(worker_id, e)
     it = None
     exhausted = False
@@ -198,12 +197,12 @@ def worker_loop(dataset, index_queue, result_queue, collate_fn, auto_collation, 
                 except StopIteration:
                     exhausted = True
                     payload = _Exhausted()
-                except Exception as e:
+                except Exception as e:  # noqa: BLE001 (user code: re-raised in the main process)
                     payload = _WorkerError(worker_id, e)
         else:
             try:
                 payload = _pack(_fetch(dataset, indices, auto_collation, collate_fn))
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 (user code: re-raised in the main process)
                 payload = _WorkerError(worker_id, e)
         result_queue.put((epoch, task_id, _dumps(worker_id, payload)))
         del payload

@@ -155,7 +155,7 @@ def random_split(dataset, lengths, generator=None):
         for i, frac in enumerate(lengths):
             if frac < 0 or frac > 1:
                 raise ValueError(f"Fraction at index {i} is not between 0 and 1")
-            sizes.append(int(math.floor(n * frac)))
+            sizes.append(math.floor(n * frac))
         remainder = n - sum(sizes)
         for i in range(remainder):
             sizes[i % len(sizes)] += 1
