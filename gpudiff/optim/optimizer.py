@@ -1,0 +1,369 @@
+"""The Optimizer base: param_groups, per-parameter state, zero_grad, state_dict.
+
+An optimizer updates parameters in place, under ``no_grad``, on the raw arrays
+(``p.array``) with the device's array module (``p.device.xp``): no graph, few temporaries.
+Each subclass writes its update rule once, for one parameter, in ``_update`` (PyTorch's
+"single tensor" formulas, same order of float32 operations). ``_step_group`` is the one
+place that loops over a group's parameters; a fused multi-tensor kernel
+(``backend.kernel(device, 'sgd_step')``, see gpudiff/backend/kernels.py) replaces that loop
+for a (device, dtype) bucket when a device provides one.
+"""
+import functools
+import warnings
+from collections import OrderedDict, defaultdict
+
+import numpy as np
+
+from .. import backend
+from ..autograd.grad_mode import enable_grad, no_grad
+from ..tensor import Tensor
+
+
+class _RequiredParameter:
+    """Marks a hyperparameter without a default (PyTorch's ``optim.optimizer.required``)."""
+
+    def __repr__(self):
+        return "<required parameter>"
+
+
+required = _RequiredParameter()
+
+
+class _Handle:
+    def __init__(self, hooks, key):
+        self.hooks, self.key = hooks, key
+
+    def remove(self):
+        self.hooks.pop(self.key, None)
+
+
+def _wrap_step(step):
+    """Run the step hooks around ``step`` and note that it was called (schedulers check
+    that ``optimizer.step()`` comes before ``scheduler.step()``)."""
+    @functools.wraps(step)
+    def wrapper(self, *args, **kwargs):
+        if self.__dict__.get("_in_step"):  # a subclass's step calling super().step()
+            return step(self, *args, **kwargs)
+        for hook in list(self._optimizer_step_pre_hooks.values()):
+            res = hook(self, args, kwargs)
+            if res is not None:
+                args, kwargs = res
+        self._in_step = True
+        try:
+            out = step(self, *args, **kwargs)
+        finally:
+            self._in_step = False
+        self._opt_called = True
+        self._step_count = getattr(self, "_step_count", 0) + 1
+        for hook in list(self._optimizer_step_post_hooks.values()):
+            hook(self, args, kwargs)
+        return out
+    wrapper._wrapped_step = True
+    return wrapper
+
+
+def _typename(obj):
+    if isinstance(obj, Tensor):
+        return f"gpudiff.{type(obj).__name__}"
+    return type(obj).__name__
+
+
+class Optimizer:
+    """Base class of all optimizers.
+
+    params: an iterable of tensors, of (name, tensor) pairs, or of dicts (parameter groups,
+    each with its own options; options not given take ``defaults``).
+    """
+
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        step = cls.__dict__.get("step")
+        if step is not None and not getattr(step, "_wrapped_step", False):
+            cls.step = _wrap_step(step)
+
+    def __init__(self, params, defaults):
+        self.defaults = defaults
+        self._optimizer_step_pre_hooks = OrderedDict()
+        self._optimizer_step_post_hooks = OrderedDict()
+        self._hook_id = 0
+        if isinstance(params, Tensor):
+            raise TypeError("params argument given to the optimizer should be an iterable of "
+                            "Tensors or dicts, but got " + _typename(params))
+        self.state = defaultdict(dict)
+        self.param_groups = []
+        param_groups = list(params)
+        if len(param_groups) == 0:
+            raise ValueError("optimizer got an empty parameter list")
+        if not isinstance(param_groups[0], dict):
+            param_groups = [{"params": param_groups}]
+        for group in param_groups:
+            self.add_param_group(dict(group))
+
+    def __getstate__(self):
+        return {"defaults": self.defaults, "state": self.state,
+                "param_groups": self.param_groups}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_optimizer_step_pre_hooks", OrderedDict())
+        self.__dict__.setdefault("_optimizer_step_post_hooks", OrderedDict())
+        self.__dict__.setdefault("_hook_id", 0)
+
+    def __repr__(self):
+        s = type(self).__name__ + " ("
+        for i, group in enumerate(self.param_groups):
+            s += f"\nParameter Group {i}\n"
+            for key in sorted(group):
+                if key != "params":
+                    s += f"    {key}: {group[key]}\n"
+        return s + ")"
+
+    # ---- groups -------------------------------------------------------------------------
+    def add_param_group(self, param_group):
+        """Add a group of parameters with its own options (e.g. a layer to fine-tune)."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group)}")
+        params = param_group["params"]
+        if isinstance(params, Tensor):
+            params = [params]
+        elif isinstance(params, set):
+            raise TypeError("optimizer parameters need to be organized in ordered collections, "
+                            "but the ordering of tensors in sets will change between runs. "
+                            "Please use a list instead.")
+        else:
+            params = list(params)
+        tensors, names = [], []
+        for p in params:
+            if isinstance(p, tuple):
+                names.append(p[0])
+                tensors.append(p[1])
+            else:
+                tensors.append(p)
+        param_group["params"] = tensors
+        if names:
+            if len(names) != len(tensors):
+                raise ValueError("all optimizer params should be with/without names. Some "
+                                 "param names are missing")
+            param_group["param_names"] = names
+        for p in tensors:
+            if not isinstance(p, Tensor):
+                raise TypeError("optimizer can only optimize Tensors, but one of the params is "
+                                + _typename(p))
+            if not (p.is_leaf or p.retains_grad):
+                raise ValueError("can't optimize a non-leaf Tensor")
+        for name, default in self.defaults.items():
+            if default is required and name not in param_group:
+                raise ValueError(f"parameter group didn't specify a value of required "
+                                 f"optimization parameter {name}")
+            param_group.setdefault(name, default)
+        ids = [id(p) for p in tensors]
+        if len(ids) != len(set(ids)):
+            warnings.warn("optimizer contains a parameter group with duplicate parameters; in "
+                          "future, this will cause an error; see "
+                          "github.com/pytorch/pytorch/issues/40967 for more information",
+                          stacklevel=3)
+        seen = set()
+        for group in self.param_groups:
+            seen.update(id(p) for p in group["params"])
+            if ("param_names" in param_group) != ("param_names" in group):
+                txt = "with names" if "param_names" in param_group else "without names"
+                raise ValueError(f"all optimizer param groups should be with/without names. "
+                                 f"cannot add param group {txt} to the optimizer")
+        if not seen.isdisjoint(ids):
+            raise ValueError("some parameters appear in more than one parameter group")
+        self.param_groups.append(param_group)
+
+    # ---- gradients ----------------------------------------------------------------------
+    def zero_grad(self, set_to_none=True):
+        """Reset the gradients: to None (default), or to zeros in place."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    g = p.grad
+                    if g.grad_fn is not None:
+                        g.detach_()
+                    else:
+                        g.requires_grad_(False)
+                    g.zero_()
+
+    # ---- the step -----------------------------------------------------------------------
+    def step(self, closure=None):
+        """One update of every parameter that has a gradient.
+
+        ``closure`` (optional) re-evaluates the model and returns the loss; it runs with
+        grad enabled and its loss is returned.
+        """
+        loss = None
+        if closure is not None:
+            with enable_grad():
+                loss = closure()
+        with no_grad():
+            for group in self.param_groups:
+                params = [p for p in group["params"] if p.grad is not None]
+                if params:
+                    self._step_group(group, params)
+        return loss
+
+    def _step_group(self, group, params):
+        """Update ``params`` (those of ``group`` that have a .grad).
+
+        Buckets by (device, dtype); a bucket goes to ``self._fused_step`` (a device's
+        multi-tensor kernel, when one is registered and accepts it) or else through
+        ``_update`` one parameter at a time.
+        """
+        buckets = {}
+        for p in params:
+            buckets.setdefault((p.device, p.dtype), []).append(p)
+        for (dev, _), ps in buckets.items():
+            states = [self._state_for(p, group) for p in ps]
+            if self._fused_step(dev, group, ps, states) is not NotImplemented:
+                for p in ps:
+                    p._version[0] += 1
+                continue
+            for p, st in zip(ps, states):
+                g = p.grad.array
+                if g.shape != p.shape:
+                    raise RuntimeError(f"{type(self).__name__}: gradient shape "
+                                       f"{tuple(g.shape)} does not match parameter shape "
+                                       f"{tuple(p.shape)}")
+                if group.get("maximize", False):
+                    g = -g
+                self._update(p, g, st, group)
+                p._version[0] += 1  # saved-for-backward checks see the in-place update
+
+    def _state_for(self, p, group):
+        """This parameter's state dict, initialised on first use."""
+        st = self.state[p]
+        if not st:
+            self._init_state(p, st, group)
+        return st
+
+    def _init_state(self, p, state, group):
+        """Fill a new parameter's state (exp_avg, step, ...); override in subclasses."""
+
+    def _update(self, param, g, state, group):
+        """Update ``param.array`` in place with the raw gradient array ``g`` (already
+        negated for maximize); override in subclasses."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement _update; "
+                                  f"override step() or _update()")
+
+    def _fused_step(self, device, group, params, states):
+        """Hook for a device's multi-tensor kernel; NotImplemented means 'use _update'."""
+        return NotImplemented
+
+    # ---- hooks --------------------------------------------------------------------------
+    def register_step_pre_hook(self, hook):
+        """``hook(optimizer, args, kwargs) -> None or (args, kwargs)`` before each step."""
+        self._hook_id += 1
+        self._optimizer_step_pre_hooks[self._hook_id] = hook
+        return _Handle(self._optimizer_step_pre_hooks, self._hook_id)
+
+    def register_step_post_hook(self, hook):
+        """``hook(optimizer, args, kwargs)`` after each step."""
+        self._hook_id += 1
+        self._optimizer_step_post_hooks[self._hook_id] = hook
+        return _Handle(self._optimizer_step_post_hooks, self._hook_id)
+
+    # ---- state dict ---------------------------------------------------------------------
+    def state_dict(self):
+        """{'state': {index: {name: tensor or number}}, 'param_groups': [options +
+        'params': [indices]]}, with parameters numbered in group order, as PyTorch."""
+        index = {}
+        start = 0
+
+        def pack(group):
+            nonlocal start
+            packed = {k: v for k, v in group.items() if k != "params"}
+            for i, p in enumerate(group["params"], start):
+                index.setdefault(id(p), i)
+            packed["params"] = [index[id(p)] for p in group["params"]]
+            start += len(packed["params"])
+            return packed
+
+        groups = [pack(g) for g in self.param_groups]
+        state = {(index[id(k)] if isinstance(k, Tensor) else k): v
+                 for k, v in self.state.items() if not isinstance(k, Tensor) or id(k) in index}
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict):
+        """Restore state and options saved by ``state_dict`` (tensors are copied to each
+        parameter's device; floating state to the parameter's dtype, 'step' as is)."""
+        import copy
+        groups = self.param_groups
+        saved_groups = copy.deepcopy(state_dict["param_groups"])
+        if len(groups) != len(saved_groups):
+            raise ValueError("loaded state dict has a different number of parameter groups")
+        if any(len(g["params"]) != len(s["params"]) for g, s in zip(groups, saved_groups)):
+            raise ValueError("loaded state dict contains a parameter group that doesn't match "
+                             "the size of optimizer's group")
+        id_map = {}
+        for g, s in zip(groups, saved_groups):
+            for pid, p in zip(s["params"], g["params"]):
+                id_map[pid] = p
+
+        def cast(param, value, key=None):
+            if isinstance(value, Tensor):
+                if key == "step":
+                    return value.clone() if value.grad_fn is None else value.detach().clone()
+                out = value.detach()
+                if param.is_floating_point() and out.is_floating_point():
+                    out = out.to(param.dtype)
+                out = out.to(param.device)
+                if out.array is value.array:  # a private copy: the caller's dict is not aliased
+                    out = Tensor._make(out.array.copy(), out.device)
+                return out
+            if isinstance(value, dict):
+                return {k: cast(param, v, k) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return type(value)(cast(param, v) for v in value)
+            if isinstance(value, np.ndarray):
+                return cast(param, Tensor._make(value, backend.CPU), key)
+            return value
+
+        state = defaultdict(dict)
+        for k, v in state_dict["state"].items():
+            key = k
+            if not isinstance(key, int) and isinstance(key, str) and key.isdigit():
+                key = int(key)  # JSON-style checkpoints turn integer keys into strings
+            if key in id_map:
+                state[id_map[key]] = cast(id_map[key], v)
+            else:
+                state[k] = v
+        new_groups = []
+        for g, s in zip(groups, saved_groups):
+            s["params"] = g["params"]
+            if "param_names" in g and "param_names" not in s:
+                s["param_names"] = g["param_names"]
+            new_groups.append(s)
+        self.__setstate__({"state": state, "param_groups": new_groups})
+
+
+Optimizer.step = _wrap_step(Optimizer.step)
+
+
+def _step_value(state):
+    """The 'step' count stored as a 0-d float32 CPU tensor (as PyTorch) -> Python float."""
+    return float(state["step"].array)
+
+
+def _new_step():
+    return Tensor._make(np.zeros((), np.float32), backend.CPU)
+
+
+def _zeros_like(p):
+    return Tensor._make(p.device.xp.zeros_like(p.array), p.device)
+
+
+def _lerp_(a, end, weight, xp):
+    """a.lerp_(end, weight) with PyTorch's two formulas (weight < 0.5 or not), in place."""
+    w = a.dtype.type(weight)
+    if abs(weight) < 0.5:
+        a += w * (end - a)
+    else:
+        d = end - a
+        d *= a.dtype.type(1) - w
+        xp.subtract(end, d, out=a)

@@ -1,0 +1,63 @@
+"""SGD with momentum, dampening, Nesterov and weight decay (PyTorch's update rule)."""
+from .. import backend
+from ..tensor import Tensor
+from .optimizer import Optimizer, required
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent.
+
+    g = grad + weight_decay * p;  with momentum: b = g (first step), then
+    b = momentum * b + (1 - dampening) * g;  g = g + momentum * b (nesterov) or b;
+    p = p - lr * g.  State: ``momentum_buffer`` (None while momentum is 0).
+    """
+
+    def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0,
+                 nesterov=False, *, maximize=False, foreach=None, differentiable=False,
+                 fused=None):
+        if lr is not required and lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if momentum < 0.0:
+            raise ValueError(f"Invalid momentum value: {momentum}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        defaults = {"lr": lr, "momentum": momentum, "dampening": dampening,
+                    "weight_decay": weight_decay, "nesterov": nesterov, "maximize": maximize,
+                    "foreach": foreach, "differentiable": differentiable, "fused": fused}
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+        super().__init__(params, defaults)
+
+    def _state_for(self, p, group):
+        # plain SGD keeps no state at all (PyTorch's state_dict is then empty too)
+        return self.state[p] if group["momentum"] != 0 else {}
+
+    def _fused_step(self, device, group, params, states):
+        k = backend.kernel(device, "sgd_step")
+        if k is None or (group["momentum"] != 0 and
+                         any(s.get("momentum_buffer") is None for s in states)):
+            return NotImplemented  # the first momentum step (b = g) goes the reference way
+        bufs = [s["momentum_buffer"].array if "momentum_buffer" in s else None for s in states]
+        return k([p.array for p in params], [p.grad.array for p in params], bufs, group["lr"],
+                 group["momentum"], group["dampening"], group["weight_decay"],
+                 group["nesterov"], group["maximize"])
+
+    def _update(self, param, g, state, group):
+        p = param.array
+        wd, momentum, lr = group["weight_decay"], group["momentum"], group["lr"]
+        if wd != 0:
+            g = g + wd * p
+        if momentum != 0:
+            buf = state.get("momentum_buffer")
+            if buf is None:
+                buf = Tensor._make(g.copy(), param.device)
+                state["momentum_buffer"] = buf
+            else:
+                b = buf.array
+                b *= momentum
+                if group["dampening"] == 0:
+                    b += g
+                else:
+                    b += (1 - group["dampening"]) * g
+            g = (g + momentum * buf.array) if group["nesterov"] else buf.array
+        p -= lr * g
