@@ -11,19 +11,20 @@ def _numerical_jacobian(fn, inputs, i, eps):
     from ..tensor import Tensor
     x = inputs[i]
     a = x.array
-    flat = a.reshape(-1)
     jac = None
-    for k in range(flat.size):
-        orig = flat[k].item()
-        flat[k] = orig + eps
+    for k in range(a.size):
+        # index the array itself: a.reshape(-1) would be a copy for non-contiguous inputs
+        at = np.unravel_index(k, a.shape)
+        orig = a[at].item()
+        a[at] = orig + eps
         plus = [o.array.astype(np.float64).reshape(-1).copy() for o in _as_tuple(fn(*inputs))
                 if isinstance(o, Tensor)]
-        flat[k] = orig - eps
+        a[at] = orig - eps
         minus = [o.array.astype(np.float64).reshape(-1).copy() for o in _as_tuple(fn(*inputs))
                  if isinstance(o, Tensor)]
-        flat[k] = orig
+        a[at] = orig
         if jac is None:
-            jac = [np.zeros((p.size, flat.size)) for p in plus]
+            jac = [np.zeros((p.size, a.size)) for p in plus]
         for j, (p, m) in enumerate(zip(plus, minus)):
             jac[j][:, k] = (p - m) / (2 * eps)
     return jac
