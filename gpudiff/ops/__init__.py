@@ -125,6 +125,8 @@ def apply(op, tensors, params):
         out = op.forward(ctx, *arrays, **params)
     multi = isinstance(out, tuple)
     outs = out if multi else (out,)
+    if dev.xp is np and any(type(o) is not np.ndarray for o in outs):
+        outs = _as_ndarrays(ctx, outs)
     if is_anomaly_enabled():
         for i, o in enumerate(outs):
             if o.dtype.kind == "f" and not bool(dev.xp.isfinite(o).all()):
@@ -147,6 +149,16 @@ def apply(op, tensors, params):
         ctx._saved = tuple(_save(a, tensors, results, node) for a in ctx._saved_arrays)
     ctx._saved_arrays = ()
     return tuple(results) if multi else results[0]
+
+
+def _as_ndarrays(ctx, outs):
+    """NumPy ufuncs on 0-d arrays return scalars (np.float32, ...): make them 0-d arrays, and
+    point what the forward saved or marked at the new arrays (identity links saved outputs)."""
+    new = tuple(o if type(o) is np.ndarray else np.asarray(o) for o in outs)
+    swap = {id(o): n for o, n in zip(outs, new) if o is not n}
+    ctx._saved_arrays = tuple(swap.get(id(a), a) for a in ctx._saved_arrays)
+    ctx._non_diff = tuple(swap.get(id(a), a) for a in ctx._non_diff)
+    return new
 
 
 def _save(a, inputs, outputs, node):
