@@ -117,7 +117,7 @@ class _Encoder:
             return {"$float": "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")}
         if is_tensor(obj):
             name = self._array(obj, to_numpy(obj), where)
-            return {"$tensor": name, "device": str(obj.device)}
+            return {"$tensor": name, "device": _device_str(obj.device)}
         if isinstance(obj, np.ndarray):
             return {"$ndarray": self._array(obj, obj, where)}
         if isinstance(obj, np.dtype):
@@ -141,6 +141,15 @@ class _Encoder:
             return {"$tuple": [self.node(v, f"{where}.{i}" if where else str(i))
                                for i, v in enumerate(obj)]}
         return [self.node(v, f"{where}.{i}" if where else str(i)) for i, v in enumerate(obj)]
+
+
+def _device_str(dev):
+    """'cpu' or 'cuda:N': the key map_location dicts use (PyTorch's location strings)."""
+    index = getattr(dev, "index", None)
+    kind = getattr(dev, "type", str(dev))
+    if kind == "cuda" and index is None:
+        index = 0
+    return kind if index is None else f"{kind}:{index}"
 
 
 def _default_mode():
@@ -193,9 +202,10 @@ def save(obj, f):
     and comes back as one object. Writing to a path is atomic.
 
     >>> import gpudiff, tempfile, os
+    >>> from gpudiff.serialization import save, load   # also gpudiff.save / gpudiff.load
     >>> p = os.path.join(tempfile.mkdtemp(), "ckpt.safetensors")
-    >>> gpudiff.save({"w": gpudiff.ones(2), "epoch": 3}, p)
-    >>> ck = gpudiff.load(p)
+    >>> save({"w": gpudiff.ones(2), "epoch": 3}, p)
+    >>> ck = load(p)
     >>> ck["epoch"], ck["w"].tolist()
     (3, [1.0, 1.0])
     """
@@ -233,8 +243,8 @@ def _parse_header(data, name):
         raise ValueError(f"{name}: corrupt checkpoint: the safetensors header is not valid "
                          f"JSON ({e})") from None
     if not isinstance(header, dict):
-        raise ValueError(f"{name}: corrupt checkpoint: the safetensors header is not a JSON "  # noqa: TRY004
-                         f"object")
+        msg = f"{name}: corrupt checkpoint: the safetensors header is not a JSON object"
+        raise ValueError(msg)  # noqa: TRY004 (a corrupt file, not a caller's type error)
     return header
 
 

@@ -122,6 +122,23 @@ def test_dataloader_batches_in_order():
     assert list(DataLoader(range(5), batch_size=2, collate_fn=sum)) == [1, 5, 4]
 
 
+def test_tensor_dataset_fast_path_equals_per_sample_collate():
+    rng = np.random.default_rng(0)
+    x = gpudiff.tensor(rng.random((20, 2, 3), dtype=np.float32))
+    y = rng.integers(0, 10, size=20)
+    flags = gpudiff.tensor(rng.random(20) > 0.5)
+    ds = TensorDataset(x, y, flags)
+    fast = list(DataLoader(ds, batch_size=6, shuffle=True, generator=3))
+    slow = list(DataLoader(ds, batch_size=6, shuffle=True, generator=3,
+                           collate_fn=lambda b: default_collate(b)))
+    assert len(fast) == len(slow) == 4
+    for f, s_ in zip(fast, slow):
+        assert isinstance(f, list) and isinstance(s_, list)      # PyTorch gives lists too
+        for a, b in zip(f, s_):
+            assert gpudiff.is_tensor(a) and a.dtype == b.dtype and a.shape == b.shape
+            np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
 def test_dataloader_argument_errors_like_pytorch():
     ds = TensorDataset(np.arange(4))
     cases = [{"num_workers": -1}, {"timeout": -1}, {"prefetch_factor": 2},
@@ -397,3 +414,12 @@ def test_persistent_workers_and_worker_init_fn():
     assert [b["i"].tolist()[0] for b in dl] == [0, 6, 12, 18]
     dl._pool.shutdown()
     assert multiprocessing.active_children() == []
+
+
+@pytest.mark.skipif(not gpudiff.cuda.is_available(), reason="needs a (real or emulated) cuda "
+                    "device: run with GPUDIFF_CUDA=emulate")
+def test_collate_keeps_the_device_of_tensors():
+    x = gpudiff.tensor(np.arange(6, dtype=np.float32).reshape(2, 3), device="cuda")
+    b = default_collate([x, x + 1])
+    assert b.device.type == "cuda" and b.shape == (2, 2, 3)
+    np.testing.assert_array_equal(b.cpu().numpy()[1], np.arange(6).reshape(2, 3) + 1)

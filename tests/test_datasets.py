@@ -360,3 +360,18 @@ def test_compose_and_others():
     assert gpudiff.is_tensor(t) and t.shape == (3, 2, 3) and float(t.numpy().max()) == 1.0
     import gpudiff.transforms as GT
     assert GT.Normalize is T.Normalize
+
+
+@pytest.mark.skipif(not gpudiff.cuda.is_available(), reason="needs a (real or emulated) cuda "
+                    "device: run with GPUDIFF_CUDA=emulate")
+def test_transforms_keep_the_device():
+    img = np.arange(2 * 4 * 4, dtype=np.float32).reshape(2, 4, 4)
+    x = gpudiff.tensor(img, device="cuda")
+    tf = T.Compose([T.RandomCrop(4, padding=1), T.RandomHorizontalFlip(p=1.0),
+                    T.Normalize((1.0, 2.0), (2.0, 4.0))])
+    y = tf(x)
+    assert y.device.type == "cuda" and y.shape == (2, 4, 4)
+    y = T.Normalize((1.0, 2.0), (2.0, 4.0))(T.RandomHorizontalFlip(p=1.0)(x))
+    expect = (img[:, :, ::-1] - np.array([1.0, 2.0], np.float32)[:, None, None]) / \
+        np.array([2.0, 4.0], np.float32)[:, None, None]
+    np.testing.assert_allclose(y.cpu().numpy(), expect, rtol=1e-6)

@@ -322,7 +322,8 @@ def test_interrupted_write_leaves_old_file_intact(tmp_path, monkeypatch):
         def __exit__(self, *exc):
             self.f.close()
 
-    monkeypatch.setattr(serialization.os, "fdopen", lambda *a, **k: HalfWriter(real_fdopen(*a, **k)))
+    monkeypatch.setattr(serialization.os, "fdopen",
+                        lambda *a, **k: HalfWriter(real_fdopen(*a, **k)))
     with pytest.raises(KeyboardInterrupt):
         save({"epoch": 2, "w": gpudiff.zeros(1000)}, path)
     monkeypatch.undo()

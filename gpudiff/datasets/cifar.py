@@ -220,8 +220,8 @@ class CIFAR10(VisionDataset):
     train_list: ClassVar[list[str]] = [f"data_batch_{i}" for i in range(1, 6)]
     test_list: ClassVar[list[str]] = ["test_batch"]
     labels_key = "labels"
-    classes: ClassVar[list[str]] = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-               "truck"]
+    classes: ClassVar[list[str]] = [
+        "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
     def __init__(self, root, train=True, transform=None, target_transform=None,
                  download=False):

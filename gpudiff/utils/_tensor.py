@@ -30,7 +30,3 @@ def to_numpy(t):
     """The host ndarray of a gpudiff tensor (detached; copied off the GPU if needed)."""
     return np.asarray(t.detach().cpu().numpy())
 
-
-def is_host_tensor(t):
-    """True when ``t.array`` is a numpy array (the 'cpu' device, or emulated 'cuda')."""
-    return isinstance(getattr(t, "array", None), np.ndarray)

@@ -18,8 +18,12 @@ import sys
 import traceback
 from dataclasses import dataclass
 
+import numpy as np
+
 from .. import _random
 from .._tensor import from_numpy, is_tensor, to_numpy
+from .collate import default_collate
+from .dataset import TensorDataset
 
 
 class _Exhausted:
@@ -130,12 +134,31 @@ def _dumps(worker_id, payload):
 def _fetch(dataset, indices, auto_collation, collate_fn):
     if not auto_collation:                  # batch_size=None: one sample per task
         return collate_fn(dataset[indices])
+    if collate_fn is default_collate and type(dataset) is TensorDataset:
+        batch = _take_rows(dataset.tensors, indices)
+        if batch is not None:
+            return batch
     getitems = getattr(dataset, "__getitems__", None)
     if callable(getitems):
         data = getitems(indices)
     else:
         data = [dataset[i] for i in indices]
     return collate_fn(data)
+
+
+def _take_rows(tensors, indices):
+    """TensorDataset + default_collate in one fancy index per tensor (what stacking the
+    rows one by one gives), for host tensors and numeric numpy arrays; None otherwise."""
+    arrays = []
+    for t in tensors:
+        if is_tensor(t) and t.device.type == "cpu":
+            arrays.append(np.asarray(t.array))
+        elif isinstance(t, np.ndarray) and t.dtype.kind in "biuf":
+            arrays.append(t)
+        else:
+            return None
+    idx = np.asarray(indices, dtype=np.int64)
+    return [from_numpy(a[idx]) for a in arrays]     # a list, as default_collate gives
 
 
 def _iter_next_batch(it, batch_size, drop_last, auto_collation, collate_fn):

@@ -10,7 +10,7 @@ import re
 
 import numpy as np
 
-from .._tensor import from_numpy, is_host_tensor, is_tensor
+from .._tensor import from_numpy, is_tensor
 
 # numpy dtypes that cannot become tensors: strings, bytes, objects (PyTorch's pattern)
 _np_str_obj = re.compile(r"[SaUO]")
@@ -30,9 +30,10 @@ def _stack_tensors(batch):
             raise RuntimeError(
                 f"stack expects each tensor to be equal size, but got {list(shapes[0])} at "
                 f"entry 0 and {list(s)} at entry {k}")
-    if all(is_host_tensor(t) for t in batch):
+    if all(t.device.type == "cpu" for t in batch):
         # (B, *shape): one numpy stack on the host, no autograd bookkeeping
-        return from_numpy(np.stack([t.array for t in batch]))
+        # (np.asarray: a 0-d tensor's array may be a numpy scalar)
+        return from_numpy(np.stack([np.asarray(t.array) for t in batch]))
     import gpudiff
     return gpudiff.stack(list(batch), 0)
 

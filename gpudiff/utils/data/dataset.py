@@ -57,7 +57,7 @@ class TensorDataset(Dataset):
 
     >>> import numpy as np
     >>> ds = TensorDataset(np.zeros((3, 2)), np.arange(3))
-    >>> len(ds), ds[1][1]
+    >>> len(ds), int(ds[1][1])
     (3, 1)
     """
 
