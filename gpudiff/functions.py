@@ -87,13 +87,13 @@ def _shape(args):
 # ---- arithmetic -----------------------------------------------------------------------
 def add(input, other, *, alpha=1):
     if alpha != 1:
-        other = mul(other, alpha)
+        other = mul(other, alpha) if isinstance(other, Tensor) else other * alpha
     return E.add.apply(*_binary_args("add", input, other))
 
 
 def sub(input, other, *, alpha=1):
     if alpha != 1:
-        other = mul(other, alpha)
+        other = mul(other, alpha) if isinstance(other, Tensor) else other * alpha
     return E.sub.apply(*_binary_args("sub", input, other))
 
 
@@ -128,7 +128,12 @@ def remainder(input, other):
     return E.remainder.apply(*_binary_args("remainder", input, other))
 
 
-fmod = remainder
+def fmod(input, other):
+    """C-style remainder: the sign of the dividend (torch.fmod), unlike ``remainder``."""
+    a, b = _binary_args("fmod", input, other)
+    r = remainder(a, b)
+    # remainder has the divisor's sign: step back by one divisor where the signs differ
+    return where(logical_and(r != 0, (r < 0) != (a < 0)), r - b, r)
 
 
 def pow(input, exponent):
@@ -274,15 +279,18 @@ def allclose(input, other, rtol=1e-5, atol=1e-8, equal_nan=False):
 
 
 def isnan(input):
-    return Tensor._make(input.device.xp.isnan(input.array), input.device)
+    xp = input.device.xp
+    return Tensor._make(xp.asarray(xp.isnan(input.array)), input.device)
 
 
 def isinf(input):
-    return Tensor._make(input.device.xp.isinf(input.array), input.device)
+    xp = input.device.xp
+    return Tensor._make(xp.asarray(xp.isinf(input.array)), input.device)
 
 
 def isfinite(input):
-    return Tensor._make(input.device.xp.isfinite(input.array), input.device)
+    xp = input.device.xp
+    return Tensor._make(xp.asarray(xp.isfinite(input.array)), input.device)
 
 
 # ---- reductions -----------------------------------------------------------------------
@@ -569,8 +577,8 @@ def cat(tensors, dim=0):
     ref = tensors[0]
     d = dim % ref.ndim if ref.ndim else 0
     for i, t in enumerate(tensors):
-        if t.ndim != ref.ndim or any(a != b for k, (a, b) in enumerate(zip(t.shape, ref.shape))
-                                     if k != d):
+        if t.ndim != ref.ndim or builtins.any(
+                a != b for k, (a, b) in enumerate(zip(t.shape, ref.shape)) if k != d):
             raise RuntimeError(f"cat: sizes of tensors must match except in dimension {d}: "
                                f"tensor 0 has shape {tuple(ref.shape)}, tensor {i} has shape "
                                f"{tuple(t.shape)}")
