@@ -15,11 +15,19 @@ def _k(device, name):
     return backend.kernel(device, name)
 
 
+def _run(ctx, name, *args):
+    """The device's fast kernel ``name`` on ``args``, or None: no kernel, or one that declined
+    (a dtype or layout it does not handle). The op then runs its reference code."""
+    k = ctx.kernel(name)
+    return k(*args) if k else None
+
+
 # ---- activations ----------------------------------------------------------------------
 class relu(Op):
     def forward(ctx, x):
-        k = ctx.kernel("relu")
-        y = k(x) if k else ctx.xp.maximum(x, 0).astype(x.dtype, copy=False)
+        y = _run(ctx, "relu", x)
+        if y is None:
+            y = ctx.xp.maximum(x, 0).astype(x.dtype, copy=False)
         ctx.save_for_backward(y)
         return y
 
@@ -33,8 +41,8 @@ class threshold_backward(Op):
 
     def forward(ctx, gy, y):
         ctx.save_for_backward(y)
-        k = ctx.kernel("relu_backward")
-        return k(y, gy) if k else gy * (y > 0)
+        gx = _run(ctx, "relu_backward", y, gy)
+        return gx if gx is not None else gy * (y > 0)
 
     def backward(ctx, ggx):
         y, = ctx.saved_tensors
@@ -45,9 +53,9 @@ class leaky_relu(Op):
     def forward(ctx, x, *, negative_slope=0.01):
         ctx.slope = negative_slope
         ctx.save_for_backward(x)
-        k = ctx.kernel("leaky_relu")
-        if k:
-            return k(x, negative_slope)
+        y = _run(ctx, "leaky_relu", x, negative_slope)
+        if y is not None:
+            return y
         return ctx.xp.where(x > 0, x, x * x.dtype.type(negative_slope))
 
     def backward(ctx, gy):
@@ -59,9 +67,9 @@ class leaky_relu_backward(Op):
     def forward(ctx, gy, x, *, negative_slope):
         ctx.slope = negative_slope
         ctx.save_for_backward(x)
-        k = ctx.kernel("leaky_relu_backward")
-        if k:
-            return k(x, gy, negative_slope)
+        gx = _run(ctx, "leaky_relu_backward", x, gy, negative_slope)
+        if gx is not None:
+            return gx
         return ctx.xp.where(x > 0, gy, gy * gy.dtype.type(negative_slope))
 
     def backward(ctx, ggx):
@@ -71,10 +79,8 @@ class leaky_relu_backward(Op):
 
 class sigmoid(Op):
     def forward(ctx, x):
-        k = ctx.kernel("sigmoid")
-        if k:
-            y = k(x)
-        else:  # stable for large |x|: exp of a non-positive number only
+        y = _run(ctx, "sigmoid", x)
+        if y is None:  # stable for large |x|: exp of a non-positive number only
             xp = ctx.xp
             e = xp.exp(-xp.abs(x))
             y = xp.where(x >= 0, 1 / (1 + e), e / (1 + e)).astype(x.dtype, copy=False)
@@ -91,8 +97,8 @@ class sigmoid_backward(Op):
 
     def forward(ctx, gy, y):
         ctx.save_for_backward(gy, y)
-        k = ctx.kernel("sigmoid_backward")
-        return k(y, gy) if k else gy * y * (1 - y)
+        gx = _run(ctx, "sigmoid_backward", y, gy)
+        return gx if gx is not None else gy * y * (1 - y)
 
     def backward(ctx, ggx):
         gy, y = ctx.saved_tensors
@@ -101,8 +107,9 @@ class sigmoid_backward(Op):
 
 class tanh(Op):
     def forward(ctx, x):
-        k = ctx.kernel("tanh")
-        y = k(x) if k else ctx.xp.tanh(x)
+        y = _run(ctx, "tanh", x)
+        if y is None:
+            y = ctx.xp.tanh(x)
         ctx.save_for_backward(y)
         return y
 
@@ -114,8 +121,8 @@ class tanh(Op):
 class tanh_backward(Op):
     def forward(ctx, gy, y):
         ctx.save_for_backward(gy, y)
-        k = ctx.kernel("tanh_backward")
-        return k(y, gy) if k else gy * (1 - y * y)
+        gx = _run(ctx, "tanh_backward", y, gy)
+        return gx if gx is not None else gy * (1 - y * y)
 
     def backward(ctx, ggx):
         gy, y = ctx.saved_tensors
@@ -167,8 +174,7 @@ class erf(Op):
 class softmax(Op):
     def forward(ctx, x, *, dim):
         ctx.dim = dim
-        k = ctx.kernel("softmax")
-        y = k(x, dim) if k else None
+        y = _run(ctx, "softmax", x, dim)
         if y is None:
             xp = ctx.xp
             e = xp.exp(x - xp.max(x, axis=dim, keepdims=True))
@@ -187,8 +193,7 @@ class softmax_backward(Op):
     def forward(ctx, gy, y, *, dim):
         ctx.dim = dim
         ctx.save_for_backward(gy, y)
-        k = ctx.kernel("softmax_backward")
-        gx = k(y, gy, dim) if k else None
+        gx = _run(ctx, "softmax_backward", y, gy, dim)
         if gx is None:
             gx = y * (gy - (gy * y).sum(axis=dim, keepdims=True))
         return gx
@@ -204,8 +209,7 @@ class softmax_backward(Op):
 class log_softmax(Op):
     def forward(ctx, x, *, dim):
         ctx.dim = dim
-        k = ctx.kernel("log_softmax")
-        y = k(x, dim) if k else None
+        y = _run(ctx, "log_softmax", x, dim)
         if y is None:
             xp = ctx.xp
             s = x - xp.max(x, axis=dim, keepdims=True)
@@ -224,8 +228,7 @@ class log_softmax_backward(Op):
     def forward(ctx, gy, y, *, dim):
         ctx.dim = dim
         ctx.save_for_backward(gy, y)
-        k = ctx.kernel("log_softmax_backward")
-        gx = k(y, gy, dim) if k else None
+        gx = _run(ctx, "log_softmax_backward", y, gy, dim)
         if gx is None:
             gx = gy - ctx.xp.exp(y) * gy.sum(axis=dim, keepdims=True)
         return gx
