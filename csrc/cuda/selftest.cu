@@ -1,0 +1,137 @@
+// Kernels that exercise CUDA semantics rather than compute anything useful: the emulator's
+// tests (tests/cuda/test_cuda_emulator.py) run them in the emulator and, for the correct
+// ones, on a real GPU too, so that the emulator is checked against the hardware. Some are
+// wrong on purpose (a missing barrier, an out-of-bounds write): never launch those on a GPU.
+#include "common.cuh"
+
+// y[b, t] = x[b, (t + 1) % n] through shared memory: correct only with the barrier.
+// One 1-D block of n <= 1024 threads per row b.
+__global__ void rotate_block(gptr<const float> x, gptr<float> y, int with_barrier) {
+    __shared__ float s[1024];
+    const int t = threadIdx.x, n = blockDim.x;
+    const long long row = (long long)blockIdx.x * n;
+    s[t] = x[row + t];
+    if (with_barrier) __syncthreads();  // uniform: every thread takes the same branch
+    y[row + t] = s[(t + 1) % n];
+}
+
+// Every warp intrinsic on int data; out: (8, n) for n = total threads, x: (n,).
+// width: the shuffles' segment width (power of 2 <= 32).
+__global__ void warp_ops(gptr<const int> x, gptr<int> out, int width) {
+    const long long n = (long long)gridDim.x * blockDim.x;
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    const int lane = threadIdx.x & 31;
+    const int v = x[i];
+    out[0 * n + i] = __shfl_sync(gd::FULL_MASK, v, (lane * 7 + 3) & 31, width);
+    out[1 * n + i] = __shfl_up_sync(gd::FULL_MASK, v, 3, width);
+    out[2 * n + i] = __shfl_down_sync(gd::FULL_MASK, v, 5, width);
+    out[3 * n + i] = __shfl_xor_sync(gd::FULL_MASK, v, 6, width);
+    out[4 * n + i] = (int)__ballot_sync(gd::FULL_MASK, v & 1);
+    out[5 * n + i] = __any_sync(gd::FULL_MASK, v == 7);
+    out[6 * n + i] = __all_sync(gd::FULL_MASK, v >= 0);
+    __syncwarp();
+    // two half-warps exchange at the same time under disjoint masks
+    const unsigned half = lane < 16 ? 0x0000ffffu : 0xffff0000u;
+    out[7 * n + i] = __shfl_xor_sync(half, v, 1);
+}
+
+// A warp-level sum of doubles with __shfl_down_sync (lane 0 gets it) and a block sum with
+// atomicAdd: total[0] += sum(x). x: (n,), any 1-D launch.
+__global__ void atomic_sum(gptr<const double> x, gptr<double> total, long long n) {
+    double v = 0;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x)
+        v += x[i];
+    for (int d = 16; d > 0; d >>= 1) v += __shfl_down_sync(gd::FULL_MASK, v, d);
+    if ((threadIdx.x & 31) == 0) atomicAdd(&total[0], v);
+}
+
+// hist[k] = number of i with x[i] == k; maxval[0] = max(x). x: (n,) in [0, bins).
+__global__ void atomic_hist(gptr<const int> x, gptr<int> hist, gptr<int> maxval, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)blockDim.x * gridDim.x) {
+        atomicAdd(&hist[x[i]], 1);
+        atomicMax(&maxval[0], x[i]);
+    }
+}
+
+// y[b, t] = x[b, n - 1 - t] through dynamic shared memory (shared_mem >= n * 4 bytes).
+__global__ void reverse_dynamic(gptr<const float> x, gptr<float> y) {
+    float* s = dynamic_shared<float>();
+    const int t = threadIdx.x, n = blockDim.x;
+    const long long row = (long long)blockIdx.x * n;
+    s[t] = x[row + t];
+    __syncthreads();
+    y[row + t] = s[n - 1 - t];
+}
+
+// counts[b] = number of threads of block b with x[i] > 0, from __syncthreads_count; any[b]
+// and all[b] from __syncthreads_or / __syncthreads_and.
+__global__ void barrier_count(gptr<const float> x, gptr<int> counts, gptr<int> any,
+                              gptr<int> all) {
+    const float v = x[(long long)blockIdx.x * blockDim.x + threadIdx.x];
+    const int c = __syncthreads_count(v > 0);
+    const int o = __syncthreads_or(v > 0);
+    const int a = __syncthreads_and(v > 0);
+    if (threadIdx.x == 0) {
+        counts[blockIdx.x] = c;
+        any[blockIdx.x] = o;
+        all[blockIdx.x] = a;
+    }
+}
+
+// out[i, :] = (threadIdx.xyz, blockIdx.xyz, blockDim.xyz, gridDim.xyz) for the thread with
+// global linear id i (x fastest, then y, z; then blocks likewise). out: (threads, 12).
+__global__ void index_probe(gptr<int> out) {
+    const long long block = blockIdx.x + (long long)gridDim.x * (blockIdx.y + (long long)gridDim.y * blockIdx.z);
+    const int per_block = blockDim.x * blockDim.y * blockDim.z;
+    const int t = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
+    gptr<int> o = out + (block * per_block + t) * 12;
+    o[0] = threadIdx.x; o[1] = threadIdx.y; o[2] = threadIdx.z;
+    o[3] = blockIdx.x; o[4] = blockIdx.y; o[5] = blockIdx.z;
+    o[6] = blockDim.x; o[7] = blockDim.y; o[8] = blockDim.z;
+    o[9] = gridDim.x; o[10] = gridDim.y; o[11] = gridDim.z;
+}
+
+// ---- wrong on purpose: emulator only --------------------------------------------------------
+// Writes y[n + offset] through a raw pointer (no bounds check): the guard zone catches it.
+__global__ void oob_write(gptr<float> y, long long n, long long offset) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+        float* raw = &y[0];
+        raw[n + offset] = 1.0f;
+    }
+}
+// Reads x[n]: the bounds-checked pointer catches it at once.
+__global__ void oob_read(gptr<const float> x, gptr<float> y, long long n) {
+    y[0] = x[n];
+}
+// Writes one float past its dynamic shared memory (shared_mem = blockDim.x * 4 bytes).
+__global__ void dynamic_overflow(gptr<float> y) {
+    float* s = dynamic_shared<float>();
+    s[threadIdx.x + 1] = 1.0f;
+    __syncthreads();
+    y[threadIdx.x] = s[threadIdx.x];
+}
+// Half of the block returns before a barrier the other half waits at.
+__global__ void divergent_barrier(gptr<float> y) {
+    if (threadIdx.x >= blockDim.x / 2) return;
+    __syncthreads();
+    y[threadIdx.x] = 1.0f;
+}
+// A shuffle whose mask leaves out the lane it reads from.
+__global__ void shfl_outside_mask(gptr<int> y) {
+    if (threadIdx.x < 16) y[threadIdx.x] = __shfl_sync(0x0000ffffu, (int)threadIdx.x, 20);
+}
+
+GPUDIFF_KERNEL(rotate_block)
+GPUDIFF_KERNEL(warp_ops)
+GPUDIFF_KERNEL(atomic_sum)
+GPUDIFF_KERNEL(atomic_hist)
+GPUDIFF_KERNEL(reverse_dynamic)
+GPUDIFF_KERNEL(barrier_count)
+GPUDIFF_KERNEL(index_probe)
+GPUDIFF_KERNEL(oob_write)
+GPUDIFF_KERNEL(oob_read)
+GPUDIFF_KERNEL(dynamic_overflow)
+GPUDIFF_KERNEL(divergent_barrier)
+GPUDIFF_KERNEL(shfl_outside_mask)

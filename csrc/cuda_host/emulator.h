@@ -1,0 +1,86 @@
+// emulator.h: the CPU emulator's interface, shared by the shim (cuda_host.h), the scheduler
+// (emulator.cpp) and the Python bindings (bindings.cpp). No CUDA macros here.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+// CUDA's launch-geometry type and the built-in variables; the scheduler sets them before
+// it resumes a thread.
+struct dim3 {
+    unsigned x, y, z;
+    constexpr dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+using uint3 = dim3;
+inline dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+namespace gd_host {
+
+// Raised for every error a kernel run can hit: bad arguments, out-of-bounds access,
+// deadlock, misuse of a warp intrinsic, guard-zone damage. Messages name the kernel.
+struct KernelError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
+
+// ---- scheduler entry points, called from kernel code through cuda_host.h -------------------
+enum class WarpOp : int { ShflIdx, ShflUp, ShflDown, ShflXor, Ballot, Any, All, SyncWarp };
+// Suspends the calling thread until every lane in `mask` made the same call; returns the
+// 64-bit payload this lane receives (its source lane's value, or the ballot).
+unsigned long long warp_collective(WarpOp op, unsigned mask, unsigned long long value, int param,
+                                   int width);
+unsigned warp_active_mask();
+// Block barrier; op 0 plain, 1 count, 2 and, 3 or of the threads' predicates.
+int block_barrier(int op, int predicate);
+unsigned char* dynamic_shared_base();
+[[noreturn]] void out_of_bounds(int arg, const void* lo, const void* hi, const void* at,
+                                size_t access_bytes);
+[[noreturn]] void kernel_trap(const char* what);
+
+// ---- kernel arguments and the kernel table ------------------------------------------------
+// One argument as handed over by Python: a C-contiguous array or a typed scalar.
+struct Arg {
+    bool is_array = false;
+    std::string dtype;             // NumPy kind + itemsize: "f4", "i8", ...
+    void* data = nullptr;          // arrays: the memory the kernel sees
+    size_t nbytes = 0;             // arrays
+    bool writable = false;         // arrays: NumPy's writeable flag
+    bool kernel_writes = false;    // set when binding: the parameter is gptr<non-const T>
+    unsigned char scalar[8] = {};  // scalars, native layout
+};
+
+struct KernelEntry {
+    std::string name;       // the name expression, "softmax_fwd<float>"
+    std::string signature;  // "(gptr<const f4>, gptr<f4>, i8, i4)"
+    size_t nparams = 0;
+    // type-checks and converts the arguments; the returned callable runs one thread
+    std::function<std::function<void()>(std::vector<Arg>&)> bind;
+};
+
+[[noreturn]] void bad_argument(const std::string& kernel, size_t index, const std::string& expected,
+                               const Arg& got);
+void register_kernel(KernelEntry entry);  // at static-initialisation time
+std::vector<std::string> kernel_names();
+std::string kernel_signature(const std::string& name);
+
+enum class ThreadOrder : int { Forward, Reverse, Random };
+
+struct LaunchOptions {
+    ThreadOrder order = ThreadOrder::Forward;  // order of the threads between sync points
+    bool shuffle_blocks = false;               // run the blocks in a random order
+    unsigned long long seed = 0;               // for Random and shuffle_blocks
+};
+
+struct LaunchStats {
+    unsigned long long blocks = 0, threads = 0, resumes = 0;  // resumes: fiber switches in
+};
+
+// Runs kernel `name` over the grid. Arrays are copied into guard-zoned buffers, run on, and
+// copied back where the kernel may write; raises KernelError on any detected fault.
+LaunchStats launch(const std::string& name, dim3 grid, dim3 block, size_t shared_mem,
+                   std::vector<Arg> args, const LaunchOptions& options);
+
+}  // namespace gd_host

@@ -1,0 +1,257 @@
+"""One CUDA kernel launcher, two implementations.
+
+``launch(source_file, name, grid, block, args, shared_mem=0)`` runs kernel ``name`` of
+``csrc/cuda/<source_file>``. What runs it depends on the arrays in ``args``:
+
+* CuPy arrays (a real GPU): NVRTC compiles the file once per device through
+  ``cupy.RawModule(code=module_source(f), options=NVRTC_OPTIONS,
+  name_expressions=name_expressions(f))``, then the kernel is launched on the arrays' device.
+* NumPy arrays (the emulated device, ``GPUDIFF_CUDA=emulate``): ``gpudiff._cuda_host``, the
+  CPU emulator built by setup.py from the very same .cu files, runs it (docs/EMULATOR.md).
+
+Kernel names are the name expressions each .cu file lists once, in its
+``GPUDIFF_KERNEL(softmax_fwd<float>)`` lines: they are CuPy's ``name_expressions`` here and
+the emulator's registrations in its build, and tests check both against the file.
+
+Arguments are arrays (C-contiguous, passed as pointers) or typed NumPy scalars
+(``np.int32(cols)``, ``np.float32(slope)``): a kernel reads exactly the bytes its parameter
+type says, so a Python int or float, whose width would be a guess, is refused.
+
+>>> import numpy as np
+>>> x = np.array([-1.0, 2.0], np.float32); y = np.empty_like(x)
+>>> launch("activations.cu", "relu_fwd<float>", 1, 32, (x, y, np.int64(2)))  # doctest: +SKIP
+>>> y                                                                         # doctest: +SKIP
+array([0., 2.], dtype=float32)
+
+Emulator settings (thread order between sync points, block order, seed) come from the
+environment variable ``GPUDIFF_EMULATOR``, e.g. ``order=random,seed=3,shuffle_blocks=1``,
+and can be changed with :func:`set_emulator` or, for a block of code, :func:`emulator`.
+"""
+import contextlib
+import functools
+import importlib
+import os
+import re
+
+import numpy as np
+
+# NVRTC options of every kernel module; CuPy adds the architecture (-arch) itself.
+NVRTC_OPTIONS = ("--std=c++17",)
+# SMs of the emulated device: launch configurations are computed as for an H100.
+EMULATED_SM_COUNT = 132
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_CHECKOUT_SRC = os.path.normpath(os.path.join(_HERE, "..", "..", "csrc", "cuda"))
+_PACKAGE_SRC = os.path.normpath(os.path.join(_HERE, "..", "_cuda_src"))
+_KERNEL_LINE = re.compile(r"^\s*GPUDIFF_KERNEL\((.*)\)\s*$")
+_INCLUDE_LINE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
+
+
+def source_dir():
+    """Directory of the .cu files: csrc/cuda in a source checkout, else the package data."""
+    if os.path.isfile(os.path.join(_CHECKOUT_SRC, "common.cuh")):
+        return _CHECKOUT_SRC
+    if os.path.isfile(os.path.join(_PACKAGE_SRC, "common.cuh")):
+        return _PACKAGE_SRC
+    raise FileNotFoundError(f"CUDA kernel sources not found in {_CHECKOUT_SRC} or {_PACKAGE_SRC}")
+
+
+def source_files():
+    """Names of all kernel files, e.g. ['activations.cu', 'cross_entropy.cu', 'softmax.cu']."""
+    return sorted(f for f in os.listdir(source_dir()) if f.endswith(".cu"))
+
+
+def _read(fname):
+    with open(os.path.join(source_dir(), fname), encoding="utf-8") as f:
+        return f.read()
+
+
+@functools.lru_cache(maxsize=None)
+def name_expressions(source_file):
+    """The kernel name expressions listed in ``source_file`` (its GPUDIFF_KERNEL lines)."""
+    names = []
+    for line in _read(source_file).splitlines():
+        m = _KERNEL_LINE.match(line)
+        if m:
+            # the spelling the C preprocessor's #__VA_ARGS__ gives: single spaces
+            names.append(re.sub(r"\s+", " ", m.group(1).strip()))
+    if len(set(names)) != len(names):
+        raise ValueError(f"{source_file}: a GPUDIFF_KERNEL name is listed twice")
+    return tuple(names)
+
+
+@functools.lru_cache(maxsize=None)
+def module_source(source_file):
+    """The code handed to NVRTC: ``source_file`` with our includes pasted in.
+
+    Pasting (rather than ``-I``) puts the header text into CuPy's compile-cache key, so an
+    edited common.cuh is never served from a stale cache. #line keeps NVRTC's messages
+    pointing at the real files.
+    """
+    out = []
+    for i, line in enumerate(_read(source_file).splitlines(), start=1):
+        m = _INCLUDE_LINE.match(line)
+        if m:
+            out.append(f'#line 1 "{m.group(1)}"')
+            out.append(_read(m.group(1)))
+            out.append(f'#line {i + 1} "{source_file}"')
+        else:
+            out.append(line)
+    return "\n".join(out) + "\n"
+
+
+# ---- emulator settings --------------------------------------------------------------------
+_ORDERS = ("forward", "reverse", "random")
+_emulator = {"order": "forward", "seed": 0, "shuffle_blocks": False}
+
+
+def set_emulator(order=None, seed=None, shuffle_blocks=None):
+    """Set how the emulator schedules: ``order`` of the threads between sync points
+    ('forward', 'reverse', 'random'), ``shuffle_blocks`` (random block order), ``seed``."""
+    if order is not None:
+        if order not in _ORDERS:
+            raise ValueError(f"order must be one of {_ORDERS}, got {order!r}")
+        _emulator["order"] = order
+    if seed is not None:
+        _emulator["seed"] = int(seed)
+    if shuffle_blocks is not None:
+        _emulator["shuffle_blocks"] = bool(shuffle_blocks)
+
+
+def emulator_settings():
+    """The current emulator settings, a dict with keys order, seed, shuffle_blocks."""
+    return dict(_emulator)
+
+
+@contextlib.contextmanager
+def emulator(order=None, seed=None, shuffle_blocks=None):
+    """``with emulator(order='reverse'): ...`` runs a block of code under other settings."""
+    old = dict(_emulator)
+    set_emulator(order, seed, shuffle_blocks)
+    try:
+        yield
+    finally:
+        _emulator.update(old)
+
+
+def _settings_from_env(text):
+    """Parse GPUDIFF_EMULATOR, e.g. 'order=random,seed=3,shuffle_blocks=1'."""
+    kw = {}
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        key, _, value = item.partition("=")
+        if key == "order":
+            kw["order"] = value
+        elif key == "seed":
+            kw["seed"] = int(value)
+        elif key == "shuffle_blocks":
+            kw["shuffle_blocks"] = value.lower() in ("1", "true", "yes", "on")
+        else:
+            raise ValueError(f"GPUDIFF_EMULATOR: unknown setting {key!r} in {text!r}")
+    set_emulator(**kw)
+
+
+_settings_from_env(os.environ.get("GPUDIFF_EMULATOR", ""))
+
+# what the last emulated launch cost: {'blocks', 'threads', 'resumes'}
+last_emulator_stats = {}
+
+
+# ---- launching ----------------------------------------------------------------------------
+def _is_cupy(a):
+    return type(a).__module__.split(".")[0] == "cupy"
+
+
+def array_module(a):
+    """numpy or cupy, whichever ``a`` belongs to (without importing cupy for numpy input)."""
+    if _is_cupy(a):
+        return importlib.import_module("cupy")
+    return np
+
+
+def _dim3(d):
+    d = (int(d),) if np.isscalar(d) else tuple(int(v) for v in d)
+    if not 1 <= len(d) <= 3:
+        raise ValueError(f"grid/block must have 1 to 3 dimensions, got {d}")
+    return d + (1,) * (3 - len(d))
+
+
+def _check_args(name, args):
+    for i, a in enumerate(args):
+        if isinstance(a, np.generic):
+            continue
+        if isinstance(a, np.ndarray) or _is_cupy(a):
+            if a.size and not a.flags.c_contiguous:
+                raise ValueError(f"{name}: argument {i} is not C-contiguous (kernels see a bare pointer)")
+            continue
+        raise TypeError(
+            f"{name}: argument {i} is a {type(a).__name__}; pass arrays or typed NumPy scalars "
+            f"(np.int32(n), np.float32(x)), whose width the kernel's parameter fixes")
+
+
+def launch(source_file, name, grid, block, args, shared_mem=0):
+    """Launch kernel ``name`` (a name expression of ``source_file``) over ``grid`` x ``block``.
+
+    On CuPy arrays it runs on their GPU, on NumPy arrays in the emulator.
+    """
+    if name not in name_expressions(source_file):
+        raise KeyError(f"{name!r} is not listed in {source_file} (GPUDIFF_KERNEL lines: "
+                       f"{', '.join(name_expressions(source_file))})")
+    grid, block = _dim3(grid), _dim3(block)
+    args = tuple(args)
+    _check_args(name, args)
+    gpu_arrays = [a for a in args if _is_cupy(a)]
+    if gpu_arrays:
+        _launch_cupy(source_file, name, grid, block, args, shared_mem, gpu_arrays[0])
+    else:
+        _launch_emulated(name, grid, block, args, shared_mem)
+
+
+_cupy_modules = {}  # (device id, source file) -> cupy.RawModule, compiled on first use
+
+
+def cupy_module(source_file, device_id):
+    """The RawModule of ``source_file`` for one device (NVRTC runs once per device)."""
+    key = (device_id, source_file)
+    mod = _cupy_modules.get(key)
+    if mod is None:
+        cupy = importlib.import_module("cupy")
+        with cupy.cuda.Device(device_id):
+            mod = cupy.RawModule(code=module_source(source_file), options=NVRTC_OPTIONS,
+                                 name_expressions=name_expressions(source_file))
+            mod.compile()
+        _cupy_modules[key] = mod
+    return mod
+
+
+def _launch_cupy(source_file, name, grid, block, args, shared_mem, some_array):
+    cupy = importlib.import_module("cupy")
+    dev = some_array.device.id
+    for a in args:
+        if _is_cupy(a) and a.device.id != dev:
+            raise ValueError(f"{name}: arrays on devices cuda:{dev} and cuda:{a.device.id}")
+    kernel = cupy_module(source_file, dev).get_function(name)
+    with cupy.cuda.Device(dev):
+        kernel(grid, block, args, shared_mem=int(shared_mem))
+
+
+def _launch_emulated(name, grid, block, args, shared_mem):
+    try:
+        host = importlib.import_module("gpudiff._cuda_host")
+    except ImportError as e:
+        raise ImportError(
+            "gpudiff._cuda_host (the CUDA emulator) is not built: run "
+            "`pip install -e . --no-build-isolation`") from e
+    stats = host.launch(name, grid, block, int(shared_mem), list(args), **_emulator)
+    last_emulator_stats.clear()
+    last_emulator_stats.update(stats)
+
+
+@functools.lru_cache(maxsize=None)
+def _gpu_sm_count(device_id):
+    cupy = importlib.import_module("cupy")
+    return int(cupy.cuda.Device(device_id).attributes["MultiProcessorCount"])
+
+
+def sm_count(a):
+    """Streaming multiprocessors of the device holding array ``a`` (132 when emulated)."""
+    return _gpu_sm_count(a.device.id) if _is_cupy(a) else EMULATED_SM_COUNT

@@ -1,0 +1,68 @@
+"""Fixtures for the CUDA kernel tests: where a kernel runs is a test parameter.
+
+``where`` is one of 'forward', 'reverse', 'random' (the CPU emulator with that thread order
+between sync points) or 'gpu' (CuPy on a real GPU, marked ``gpu``, skipped without one).
+"""
+import importlib
+
+import numpy as np
+import pytest
+
+from gpudiff.backend import cuda_launch
+
+
+def gpu_available():
+    try:
+        cupy = importlib.import_module("cupy")
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no cupy, no driver, no device
+        return False
+
+
+class Emulated:
+    """Arrays stay NumPy: cuda_launch runs kernels in the emulator."""
+    gpu = False
+
+    def __init__(self, order):
+        self.order = order
+
+    def put(self, a):
+        return np.array(a, order="C")  # a copy; keeps 0-d arrays 0-d
+
+    def get(self, a):
+        return np.asarray(a)
+
+
+class OnGPU:
+    """Arrays go to the GPU with CuPy: cuda_launch runs kernels there."""
+    gpu = True
+    order = "gpu"
+
+    def __init__(self):
+        self.cupy = importlib.import_module("cupy")
+
+    def put(self, a):
+        return self.cupy.asarray(a)
+
+    def get(self, a):
+        return self.cupy.asnumpy(a)
+
+
+WHERE = ["forward", "reverse", "random", pytest.param("gpu", marks=pytest.mark.gpu)]
+
+
+@pytest.fixture(params=WHERE)
+def where(request):
+    if request.param == "gpu":
+        if not gpu_available():
+            pytest.skip("needs CuPy and an NVIDIA GPU")
+        yield OnGPU()
+        return
+    with cuda_launch.emulator(order=request.param, seed=1234):
+        yield Emulated(request.param)
+
+
+@pytest.fixture
+def host():
+    """gpudiff._cuda_host, the emulator extension (a build error, not a skip, if missing)."""
+    return importlib.import_module("gpudiff._cuda_host")
