@@ -64,11 +64,16 @@ class scatter_add(Op):
         ctx.dim = dim
         ctx.save_for_backward(index)
         out = x.copy()
-        src = src[tuple(slice(0, n) for n in index.shape)]
-        backend.index_add_at(out, _grid(ctx.xp, index, dim), src)
         ctx.src_shape = src.shape
+        src = src[tuple(slice(0, n) for n in index.shape)]  # only src[:index.shape] is used
+        backend.index_add_at(out, _grid(ctx.xp, index, dim), src)
         return out
 
     def backward(ctx, gy):
         index, = ctx.saved_tensors
-        return gy, None, gy.gather(ctx.dim, index)
+        gsrc = gy.gather(ctx.dim, index)                    # (index.shape)
+        if gsrc.shape != ctx.src_shape:  # the unused tail of a larger src gets zeros
+            from .shape import pad_constant
+            gsrc = pad_constant.apply(gsrc, pad=[(0, s - n) for s, n in
+                                                 zip(ctx.src_shape, gsrc.shape)])
+        return gy, None, gsrc
