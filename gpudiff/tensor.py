@@ -330,7 +330,12 @@ class Tensor:
 
     # ---- in-place ---------------------------------------------------------------------
     def _inplace(self, out):
-        """Make ``self`` hold ``out`` (an out-of-place result computed from self)."""
+        """Make ``self`` hold ``out``: an out-of-place result computed from self, or a function
+        ``f(src) -> out`` of a stand-in for self. With grad enabled the stand-in is a copy of
+        self in the graph, so what the op saves for backward (e.g. ``mul`` saves its inputs)
+        is not the buffer this in-place write overwrites."""
+        if callable(out):
+            out = out(self._alias() if is_grad_enabled() else self)
         recording = is_grad_enabled() and out.requires_grad
         if recording and self.grad_fn is None and self.requires_grad:
             raise RuntimeError("a leaf Variable that requires grad is being used in an "
@@ -348,6 +353,12 @@ class Tensor:
             self.grad_fn, self._output_nr, self._requires_grad = out.grad_fn, out._output_nr, True
         return self
 
+    def _alias(self):
+        """A copy of self's values that stands for self in the graph (same grad_fn)."""
+        t = Tensor._make(self.array.copy(), self.device, self.grad_fn, self._output_nr)
+        t._requires_grad = self._requires_grad
+        return t
+
     def _fast_inplace(self, ufunc, other):
         """No graph to record: apply the ufunc straight into our memory."""
         o = other.array if isinstance(other, Tensor) else other
@@ -364,30 +375,30 @@ class Tensor:
 
     def add_(self, other, alpha=1):
         if self._needs_graph(other):
-            return self._inplace(self + (other if alpha == 1 else other * alpha))
+            return self._inplace(lambda s: s + (other if alpha == 1 else other * alpha))
         if alpha != 1:
             other = other * alpha
         return self._fast_inplace(self.device.xp.add, other)
 
     def sub_(self, other, alpha=1):
         if self._needs_graph(other):
-            return self._inplace(self - (other if alpha == 1 else other * alpha))
+            return self._inplace(lambda s: s - (other if alpha == 1 else other * alpha))
         if alpha != 1:
             other = other * alpha
         return self._fast_inplace(self.device.xp.subtract, other)
 
     def mul_(self, other):
         if self._needs_graph(other):
-            return self._inplace(self * other)
+            return self._inplace(lambda s: s * other)
         return self._fast_inplace(self.device.xp.multiply, other)
 
     def div_(self, other):
         if self._needs_graph(other):
-            return self._inplace(self / other)
+            return self._inplace(lambda s: s / other)
         return self._fast_inplace(self.device.xp.true_divide, other)
 
     def pow_(self, e):
-        return self._inplace(self ** e)
+        return self._inplace(lambda s: s ** e)
 
     def addcmul_(self, t1, t2, value=1):
         return self.add_(t1 * t2 * value)
@@ -399,19 +410,19 @@ class Tensor:
         return self.add_((end - self) * weight)
 
     def clamp_(self, min=None, max=None):
-        return self._inplace(self.clamp(min, max))
+        return self._inplace(lambda s: s.clamp(min, max))
 
     clip_ = clamp_
 
     def masked_fill_(self, mask, value):
-        return self._inplace(self.masked_fill(mask, value))
+        return self._inplace(lambda s: s.masked_fill(mask, value))
 
     def zero_(self):
         return self.fill_(0)
 
     def fill_(self, value):
         if self._needs_graph(value):
-            return self._inplace(self * 0 + value)
+            return self._inplace(lambda s: s * 0 + value)
         self.array[...] = value.array if isinstance(value, Tensor) else value
         self._version[0] += 1
         return self
@@ -421,7 +432,7 @@ class Tensor:
             from .creation import tensor
             src = tensor(src)
         if self._needs_graph(src):
-            return self._inplace(self * 0 + src.to(self.device))
+            return self._inplace(lambda s: s * 0 + src.to(self.device))
         a = backend.to_device(src.array, self.device)
         self.array[...] = a
         self._version[0] += 1
@@ -458,7 +469,7 @@ class Tensor:
     def __setitem__(self, key, value):
         from .functions import _index_key, _setitem
         if self._needs_graph(value):
-            self._inplace(_setitem(self, key, value))
+            self._inplace(lambda s: _setitem(s, key, value))
             return
         v = value.array if isinstance(value, Tensor) else value
         self.array[_index_key(self, key)] = v
