@@ -142,8 +142,8 @@ class Hardtanh(Module):
         self.min_val = min_val
         self.max_val = max_val
         self.inplace = inplace
-        if self.max_val <= self.min_val:
-            raise ValueError(f"max_val ({self.max_val}) must be greater than min_val "
+        if self.max_val <= self.min_val:  # an AssertionError, as PyTorch's assert
+            raise AssertionError(f"max_val ({self.max_val}) must be greater than min_val "
                              f"({self.min_val})")
 
     def forward(self, input):

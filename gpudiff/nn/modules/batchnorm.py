@@ -9,11 +9,11 @@ from .module import Module
 
 
 class _NormBase(Module):
-    """weight (C,) = 1, bias (C,) = 0 when affine; buffers running_mean (C,) = 0,
+    """weight (C,) = 1, bias (C,) = 0 when affine (no bias with ``bias=False``); buffers running_mean (C,) = 0,
     running_var (C,) = 1 and num_batches_tracked (int64 scalar) when tracking stats."""
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, device=None, dtype=None):
+                 track_running_stats=True, device=None, dtype=None, *, bias=True):
         super().__init__()
         kw = {"device": device, "dtype": dtype}
         self.num_features = num_features
@@ -23,7 +23,10 @@ class _NormBase(Module):
         self.track_running_stats = track_running_stats
         if affine:
             self.weight = Parameter(creation.empty(num_features, **kw))
-            self.bias = Parameter(creation.empty(num_features, **kw))
+            if bias:
+                self.bias = Parameter(creation.empty(num_features, **kw))
+            else:
+                self.register_parameter("bias", None)
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
@@ -48,14 +51,16 @@ class _NormBase(Module):
         self.reset_running_stats()
         if self.affine:
             init.ones_(self.weight)
-            init.zeros_(self.bias)
+            if self.bias is not None:
+                init.zeros_(self.bias)
 
     def _check_input_dim(self, input):
         raise NotImplementedError
 
     def extra_repr(self):
         return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}")
+                f"affine={self.affine}, bias={self.bias is not None}, "
+                f"track_running_stats={self.track_running_stats}")
 
     def _load_from_state_dict(self, state_dict, prefix, strict, missing_keys,
                               unexpected_keys, error_msgs, assign=False):

@@ -27,11 +27,12 @@ class _ConvNd(Module):
         if isinstance(padding, str):
             if padding not in ("same", "valid"):
                 raise ValueError(f"Invalid padding string {padding!r}, should be one of "
-                                 f"{{'valid', 'same'}}")
+                                 f"{{'same', 'valid'}}")
             if padding == "same" and any(s != 1 for s in stride):
                 raise ValueError("padding='same' is not supported for strided convolutions")
         if padding_mode not in self._valid_padding_modes:
-            raise ValueError(f"padding_mode must be one of {set(self._valid_padding_modes)}, "
+            raise ValueError(f"padding_mode must be one of "
+                             f"{{{', '.join(repr(m) for m in self._valid_padding_modes)}}}, "
                              f"but got padding_mode='{padding_mode}'")
         self.in_channels = in_channels
         self.out_channels = out_channels

@@ -10,7 +10,7 @@ class LayerNorm(Module):
     """Normalise over the trailing ``normalized_shape`` dims, then scale and shift.
 
     >>> nn.LayerNorm(10)
-    LayerNorm((10,), eps=1e-05, elementwise_affine=True)
+    LayerNorm((10,), eps=1e-05, elementwise_affine=True, bias=True)
     """
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True,
@@ -44,4 +44,4 @@ class LayerNorm(Module):
 
     def extra_repr(self):
         return (f"{self.normalized_shape}, eps={self.eps}, "
-                f"elementwise_affine={self.elementwise_affine}")
+                f"elementwise_affine={self.elementwise_affine}, bias={self.bias is not None}")
