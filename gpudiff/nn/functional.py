@@ -364,7 +364,7 @@ def kl_div(input, target, size_average=None, reduce=None, reduction="mean", log_
     if log_target:
         loss = target.exp() * (target - input)
     else:
-        safe = fn.where(target > 0, target, fn.ones_like(target))
+        safe = fn.where(target > 0, target, target.new_ones(target.shape))
         loss = fn.where(target > 0, target * (safe.log() - input), target * 0)
     if reduction == "batchmean":
         return loss.sum() / input.shape[0]
