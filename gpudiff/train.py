@@ -1,0 +1,606 @@
+"""The training loop behind ``gpudiff train``, importable on its own.
+
+>>> from gpudiff.train import TrainConfig, train
+>>> result = train(TrainConfig(epochs=1, limit=256, out="runs/demo", progress=False))
+>>> 0.0 <= result["final_test_acc"] <= 1.0
+True
+
+One run writes into ``config.out``:
+  checkpoint     gpudiff.save of model, optimizer, scheduler, epoch, RNG states and history
+  metrics.json   the config, the device and one record per epoch (loss, accuracy, lr, time)
+  metrics.csv    the per-epoch records as a table
+  curves.png     loss and accuracy per epoch (train and test)
+
+Reproducibility: the seed fixes the initial weights (gpudiff's global RNG), the data order
+(a separate numpy Generator that drives the DataLoader's shuffling) and dropout (gpudiff's
+global RNG again). The checkpoint holds both RNG states, so ``resume=True`` continues exactly
+where the run stopped, even inside an epoch (after Ctrl-C): a run stopped and resumed gives
+the same numbers as one that was never stopped.
+
+Ctrl-C: the first one finishes the current step, saves a checkpoint and returns with
+``result["interrupted"] = True``; a second one stops at once (the checkpoint of the last
+finished epoch stays on disk: saves are atomic).
+"""
+import csv
+import dataclasses
+import json
+import math
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+
+import gpudiff
+
+from . import models as _models
+from .utils.data import Dataset
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("none", "step", "cosine")
+DEVICES = ("auto", "cpu", "cuda")
+
+# default learning rate per optimizer (Adam's family wants a much smaller step than SGD)
+DEFAULT_LR = {"sgd": 0.1, "adam": 0.01, "adamw": 0.01}
+
+CHECKPOINT = "checkpoint"
+
+# the settings a resumed run must share with the run that wrote the checkpoint: anything
+# else (epochs, device, data_dir, progress) may differ
+_RESUME_KEYS = ("model", "dataset", "batch_size", "lr", "optimizer", "momentum",
+                "weight_decay", "scheduler", "step_size", "gamma", "seed", "limit")
+
+
+class ConfigError(ValueError):
+    """A bad setting or missing input, reported to the user as one line (exit status 2)."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything that defines a run; the CLI's options map one to one onto these fields."""
+    model: str = "lenet"
+    dataset: str = "digits"
+    data_dir: str = None
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = None              # None: DEFAULT_LR[optimizer]
+    optimizer: str = "adam"
+    momentum: float = 0.9         # SGD only
+    weight_decay: float = None    # None: 0.01 for AdamW, else 0
+    scheduler: str = "step"       # StepLR / CosineAnnealingLR stepped once per epoch
+    step_size: int = 5            # StepLR: multiply the lr by gamma every step_size epochs
+    gamma: float = 0.5
+    device: str = "auto"
+    seed: int = 0
+    out: str = None               # None: runs/<timestamp>
+    resume: bool = False
+    limit: int = None             # use only the first N training (and test) samples
+    progress: bool = None         # tqdm bars; None: only when stderr is a terminal
+
+    def resolved(self):
+        """A copy with the None defaults that depend on other fields filled in."""
+        c = dataclasses.replace(self)
+        if c.lr is None:
+            c.lr = DEFAULT_LR.get(c.optimizer, 0.01)
+        if c.weight_decay is None:
+            c.weight_decay = 0.01 if c.optimizer == "adamw" else 0.0
+        return c
+
+
+# ---- checking the settings ---------------------------------------------------------------
+def check_config(c):
+    """Raise ConfigError (one readable line) for settings that cannot run."""
+    def choose(name, value, options):
+        if value not in options:
+            raise ConfigError(f"--{name.replace('_', '-')}: unknown value {value!r} "
+                              f"(choose from {', '.join(options)})")
+    choose("model", c.model, tuple(_models.MODELS))
+    choose("dataset", c.dataset, DATASETS)
+    choose("optimizer", c.optimizer, OPTIMIZERS)
+    choose("scheduler", c.scheduler, SCHEDULERS)
+    for name in ("epochs", "batch_size", "step_size"):
+        v = getattr(c, name)
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"--{name.replace('_', '-')}: expected a positive integer, got {v!r}")
+    if c.limit is not None and (not isinstance(c.limit, (int, np.integer)) or c.limit < 1):
+        raise ConfigError(f"--limit: expected a positive integer, got {c.limit!r}")
+    if c.lr is not None and not (math.isfinite(c.lr) and c.lr > 0):
+        raise ConfigError(f"--lr: expected a positive number, got {c.lr!r}")
+    if c.weight_decay is not None and not (math.isfinite(c.weight_decay) and c.weight_decay >= 0):
+        raise ConfigError(f"--weight-decay: expected a number >= 0, got {c.weight_decay!r}")
+    if not (0 <= c.momentum < 1):
+        raise ConfigError(f"--momentum: expected a number in [0, 1), got {c.momentum!r}")
+    if not (0 < c.gamma <= 1):
+        raise ConfigError(f"--gamma: expected a number in (0, 1], got {c.gamma!r}")
+    if c.dataset != "digits" and c.data_dir is None:
+        raise ConfigError(f"--dataset {c.dataset} needs --data-dir DIR holding its files "
+                          f"(gpudiff never downloads; digits ships with the package)")
+    if c.data_dir is not None and not os.path.isdir(c.data_dir):
+        raise ConfigError(f"--data-dir {c.data_dir}: no such directory")
+    if c.resume and c.out is None:
+        raise ConfigError("--resume needs --out DIR, the run directory that holds the checkpoint")
+    resolve_device(c.device)   # raises ConfigError when CUDA is asked for but absent
+
+
+def resolve_device(spec):
+    """'auto' -> cuda when a real GPU is there (never the emulator), else cpu."""
+    if spec == "auto":
+        if gpudiff.cuda.is_available() and not gpudiff.cuda.is_emulated():
+            return gpudiff.device("cuda")
+        return gpudiff.device("cpu")
+    typ = spec.partition(":")[0]
+    if typ not in ("cpu", "cuda"):
+        raise ConfigError(f"--device: unknown device {spec!r} (choose from auto, cpu, cuda)")
+    if typ == "cuda" and not gpudiff.cuda.is_available():
+        raise ConfigError("--device cuda: CUDA is not available here (no NVIDIA GPU or no "
+                          "CuPy: pip install gpudiff[cuda]); use --device cpu, or set "
+                          "GPUDIFF_CUDA=emulate to run the CUDA code path on the CPU emulator")
+    try:
+        return gpudiff.device(spec)
+    except (RuntimeError, ValueError) as e:
+        raise ConfigError(f"--device {spec}: {e}") from None
+
+
+def describe_device(dev):
+    """One phrase naming the device, saying "emulated" for the CUDA emulator."""
+    if dev.type == "cpu":
+        return f"cpu ({_cpu_model()}, {os.cpu_count()} threads)"
+    if dev.emulated:
+        return f"{dev.type}:{dev.index or 0} (emulated: CUDA kernels on the CPU emulator, " \
+               f"not GPU speed)"
+    return f"{dev.type}:{dev.index or 0} ({gpudiff.cuda.get_device_name(dev.index or 0)})"
+
+
+def _cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+# ---- data ----------------------------------------------------------------------------------
+class _BatchDataset(Dataset):
+    """Images and labels held as whole arrays; item ``[i0, i1, ...]`` is a whole batch.
+
+    Used with a BatchSampler as the DataLoader's sampler (and batch_size=None), so one batch
+    is one fancy-index into the arrays rather than B tiny tensors stacked again.
+    """
+
+    def __init__(self, images, labels):
+        self.images = images        # (N, C, H, W) float32, normalised
+        self.labels = labels        # (N,) int64
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, indices):
+        idx = np.asarray(indices, dtype=np.int64)
+        return self.images[idx], self.labels[idx]
+
+
+def _to_arrays(ds):
+    """A gpudiff vision dataset -> (float32 images (N, C, H, W) in [0, 1], int64 labels (N,))."""
+    image = getattr(ds, "_image", None)
+    if image is not None:   # the raw numpy image: no per-item tensor
+        images = np.stack([image(i) for i in range(len(ds))])
+    else:
+        images = np.stack([ds[i][0].numpy() for i in range(len(ds))])
+    if images.ndim == 3:
+        images = images[:, None]
+    labels = np.asarray(ds.targets if hasattr(ds, "targets") else [ds[i][1] for i in
+                                                                   range(len(ds))])
+    return images.astype(np.float32, copy=False), labels.astype(np.int64)
+
+
+def _open_dataset(name, data_dir, train):
+    import gpudiff.datasets as D
+    if name == "digits":
+        return D.Digits(train=train)
+    cls = {"mnist": "MNIST", "fashion-mnist": "FashionMNIST", "cifar10": "CIFAR10"}[name]
+    try:
+        return getattr(D, cls)(data_dir, train=train)
+    except (OSError, RuntimeError, ValueError) as e:   # files missing or damaged
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(f"--dataset {name} --data-dir {data_dir}: {msg}") from None
+
+
+def load_data(name, data_dir=None, limit=None):
+    """(train, test) _BatchDatasets, normalised by the training set's per-channel mean/std.
+
+    Returns (train, test, info) where info = dict(in_channels, image_size, num_classes, ...).
+    """
+    xs = {}
+    for split, is_train in (("train", True), ("test", False)):
+        x, y = _to_arrays(_open_dataset(name, data_dir, is_train))
+        if limit is not None:
+            x, y = x[:limit], y[:limit]
+        xs[split] = (x, y)
+    xtr = xs["train"][0]
+    # per-channel statistics of the (limited) training images: (1, C, 1, 1)
+    mean = xtr.mean(axis=(0, 2, 3), keepdims=True, dtype=np.float64).astype(np.float32)
+    std = xtr.std(axis=(0, 2, 3), keepdims=True, dtype=np.float64).astype(np.float32) + 1e-6
+    train = _BatchDataset((xs["train"][0] - mean) / std, xs["train"][1])
+    test = _BatchDataset((xs["test"][0] - mean) / std, xs["test"][1])
+    # ten classes in all four data sets (more only if the labels say so)
+    num_classes = max(10, int(max(train.labels.max(), test.labels.max())) + 1)
+    info = {"in_channels": int(xtr.shape[1]), "image_size": int(xtr.shape[2]),
+            "num_classes": num_classes, "n_train": len(train), "n_test": len(test)}
+    return train, test, info
+
+
+def make_loader(ds, batch_size, shuffle, generator=None):
+    """A DataLoader yielding (images, labels) batches; shuffles with ``generator``."""
+    from gpudiff.utils.data import BatchSampler, DataLoader, RandomSampler, SequentialSampler
+    sampler = RandomSampler(ds, generator=generator) if shuffle else SequentialSampler(ds)
+    return DataLoader(ds, batch_size=None, generator=generator,
+                      sampler=BatchSampler(sampler, batch_size, drop_last=False))
+
+
+# ---- model, optimizer, scheduler -----------------------------------------------------------
+def make_optimizer(c, params):
+    from gpudiff import optim
+    if c.optimizer == "sgd":
+        return optim.SGD(params, lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay)
+    if c.optimizer == "adam":
+        return optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay)
+    return optim.AdamW(params, lr=c.lr, weight_decay=c.weight_decay)
+
+
+def make_scheduler(c, opt):
+    if c.scheduler == "none":
+        return None
+    from gpudiff.optim import lr_scheduler
+    if c.scheduler == "step":
+        return lr_scheduler.StepLR(opt, step_size=c.step_size, gamma=c.gamma)
+    if c.scheduler == "cosine":
+        # annealed over the first run's --epochs (its T_max is restored on --resume)
+        return lr_scheduler.CosineAnnealingLR(opt, T_max=c.epochs)
+    raise ConfigError(f"--scheduler: unknown value {c.scheduler!r}")
+
+
+def count_parameters(model):
+    return sum(int(np.prod(p.shape)) for p in model.parameters())
+
+
+# ---- outputs ------------------------------------------------------------------------------
+_FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "time_s",
+           "samples_per_s")
+
+
+def write_metrics(out, summary):
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+        f.write("\n")
+    with open(os.path.join(out, "metrics.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for row in summary["epochs"]:
+            w.writerow(row)
+
+
+def plot_curves(path, history, title=""):
+    """Loss and accuracy per epoch, train and test, as a PNG (matplotlib's Agg canvas, so no
+    display and no change to the caller's matplotlib backend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(10, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ep = [h["epoch"] for h in history]
+    ax1, ax2 = fig.subplots(1, 2)
+    ax1.plot(ep, [h["train_loss"] for h in history], "o-", label="train")
+    ax1.plot(ep, [h["test_loss"] for h in history], "s-", label="test")
+    ax1.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
+    ax2.plot(ep, [100 * h["train_acc"] for h in history], "o-", label="train")
+    ax2.plot(ep, [100 * h["test_acc"] for h in history], "s-", label="test")
+    ax2.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def default_out_dir(root="runs"):
+    """runs/<YYYYmmdd-HHMMSS>, with a -2, -3 ... suffix if that already exists."""
+    base = os.path.join(root, time.strftime("%Y%m%d-%H%M%S"))
+    path, k = base, 1
+    while os.path.exists(path):
+        k += 1
+        path = f"{base}-{k}"
+    return path
+
+
+# ---- Ctrl-C ---------------------------------------------------------------------------------
+class _InterruptFlag:
+    """While active, the first SIGINT only sets ``self.set`` (the loop saves and stops at the
+    next step boundary); a second one raises KeyboardInterrupt as usual."""
+
+    def __init__(self):
+        self.set = False
+        self._old = None
+
+    def _handler(self, signum, frame):
+        if self.set:
+            raise KeyboardInterrupt
+        self.set = True
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+# ---- the run ------------------------------------------------------------------------------
+def _save(path, obj):
+    save = getattr(gpudiff, "save", None)
+    if save is None:
+        from .serialization import save
+    save(obj, path)
+
+
+def _load(path, map_location=None):
+    load = getattr(gpudiff, "load", None)
+    if load is None:
+        from .serialization import load
+    return load(path, map_location=map_location)
+
+
+def _plain(value):
+    """numpy scalars -> Python numbers (for JSON)."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
+@gpudiff.no_grad()
+def evaluate(model, loader, device):
+    """(mean cross-entropy, accuracy) of ``model`` over ``loader``."""
+    from .nn import functional as F
+    model.eval()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        out = model(x)                                              # (B, classes)
+        loss_sum += F.cross_entropy(out, y, reduction="sum").item()
+        correct += (out.argmax(1) == y).sum().item()
+        seen += y.shape[0]
+    return loss_sum / max(seen, 1), correct / max(seen, 1)
+
+
+def train(config, log=print, on_step=None, given=None):
+    """Train as ``config`` says; returns a dict with the history and the output paths.
+
+    log: called with each line of output (the header, one line per epoch, the summary).
+    on_step: optional callback ``on_step(epoch, step)`` after every optimizer step (tests use
+    it to simulate Ctrl-C).
+    given: the names of the settings the user gave explicitly (the CLI passes them). On
+    resume those must agree with the checkpoint's, and the others come from it; None means
+    "the ones that differ from TrainConfig's defaults".
+    Raises ConfigError for settings that cannot run (the CLI prints it as one line).
+    """
+    from tqdm.auto import tqdm
+
+    from .nn import functional as F
+
+    requested = config
+    check_config(requested)
+    out = requested.out or default_out_dir()
+    ckpt_path = os.path.join(out, CHECKPOINT)
+    state = None
+    if requested.resume:
+        if not os.path.isfile(ckpt_path):
+            raise ConfigError(f"--resume: no checkpoint in {out} (expected {ckpt_path})")
+        try:
+            state = _load(ckpt_path)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"--resume: cannot read {ckpt_path}: "
+                              f"{str(e).splitlines()[0]}") from None
+        c = _merge_resume(requested, state["config"], given)
+    else:
+        if os.path.exists(ckpt_path):
+            raise ConfigError(f"--out {out} already holds a checkpoint; add --resume to "
+                              f"continue it, or choose another --out")
+        c = requested.resolved()
+    c.out = out
+    device = resolve_device(c.device)
+
+    # -- build everything from the seed (a resume then overwrites it from the checkpoint)
+    gpudiff.manual_seed(c.seed)
+    train_ds, test_ds, info = load_data(c.dataset, c.data_dir, c.limit)
+    model = _models.create_model(c.model, info["in_channels"], info["image_size"],
+                                 info["num_classes"]).to(device)
+    opt = make_optimizer(c, model.parameters())
+    sched = make_scheduler(c, opt)
+    # the data order has its own generator, so that its state can be saved and restored
+    shuffle_gen = np.random.default_rng(np.random.SeedSequence([c.seed, 1]))
+    train_loader = make_loader(train_ds, c.batch_size, True, shuffle_gen)
+    test_loader = make_loader(test_ds, 1000, False)
+    n_batches = len(train_loader)
+
+    history, start_epoch, skip, partial = [], 0, 0, None
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None and state.get("scheduler") is not None:
+            sched.load_state_dict(state["scheduler"])
+        history = list(state["history"])
+        start_epoch, skip = int(state["epoch"]), int(state["step"])
+        partial = state.get("partial")
+        shuffle_gen.bit_generator.state = state["rng"]["shuffle"]
+        gpudiff.set_rng_state(state["rng"]["gpudiff"])
+
+    os.makedirs(out, exist_ok=True)
+    n_params = count_parameters(model)
+    dev_text = describe_device(device)
+    summary = {
+        "config": dataclasses.asdict(c), "device": dev_text, "model_parameters": n_params,
+        "data": info, "gpudiff_version": gpudiff.__version__, "epochs": history,
+    }
+    title = f"{c.model} on {c.dataset} ({dev_text.split(' (')[0]})"
+
+    log(f"gpudiff {gpudiff.__version__} | device: {dev_text}")
+    log(f"model {c.model} ({n_params:,} parameters) | dataset {c.dataset}: "
+        f"{info['n_train']:,} train / {info['n_test']:,} test images, "
+        f"{info['in_channels']}x{info['image_size']}x{info['image_size']}")
+    wd = f" weight_decay={c.weight_decay:g}" if c.weight_decay else ""
+    sch = {"none": "constant lr", "step": f"StepLR(step_size={c.step_size}, gamma={c.gamma:g})",
+           "cosine": f"CosineAnnealingLR(T_max={c.epochs})"}[c.scheduler]
+    log(f"optimizer {c.optimizer} lr={c.lr:g}{wd}, {sch} | batch {c.batch_size} | "
+        f"epochs {c.epochs} | seed {c.seed} | out {out}")
+    if state is not None:
+        where = f"epoch {start_epoch}" + (f", step {skip}/{n_batches}" if skip else "")
+        log(f"resumed from {ckpt_path} ({where})")
+        if start_epoch >= c.epochs:
+            log(f"nothing to do: the checkpoint has already trained {start_epoch} epoch(s) "
+                f"(ask for more with --epochs)")
+
+    def checkpoint(epoch, step, epoch_start_rng, part):
+        _save(ckpt_path, {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "scheduler": None if sched is None else sched.state_dict(),
+            "epoch": epoch, "step": step, "partial": part,
+            "rng": {"gpudiff": gpudiff.get_rng_state(), "shuffle": epoch_start_rng},
+            "history": history, "config": dataclasses.asdict(c),
+            "gpudiff_version": gpudiff.__version__,
+        })
+
+    def finish_outputs():
+        summary["epochs"] = history
+        if history:
+            best = max(history, key=lambda h: h["test_acc"])
+            summary.update(final_test_acc=history[-1]["test_acc"],
+                           best_test_acc=best["test_acc"], best_epoch=best["epoch"])
+        write_metrics(out, summary)
+        if history:
+            plot_curves(os.path.join(out, "curves.png"), history, title)
+
+    progress = c.progress
+    interrupted = False
+    t_run = time.perf_counter()
+    with _InterruptFlag() as flag:
+        for epoch in range(start_epoch, c.epochs):
+            epoch_start_rng = shuffle_gen.bit_generator.state   # a copy (a fresh dict)
+            part = dict(partial) if partial else {"loss_sum": 0.0, "correct": 0, "seen": 0,
+                                                  "time_s": 0.0}
+            partial = None
+            lr = opt.param_groups[0]["lr"]
+            model.train()
+            bar = tqdm(total=info["n_train"], initial=part["seen"], unit="img", unit_scale=False,
+                       desc=f"epoch {epoch + 1}/{c.epochs}", leave=False, dynamic_ncols=True,
+                       disable=(not _stderr_tty()) if progress is None else not progress)
+            t0 = time.perf_counter() - part["time_s"]
+            step = 0
+            for step, (x, y) in enumerate(train_loader, 1):
+                if step <= skip:   # already done before the interruption (same order)
+                    continue
+                x, y = x.to(device), y.to(device)
+                out_ = model(x)                                     # (B, classes) logits
+                loss = F.cross_entropy(out_, y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                b = y.shape[0]
+                part["loss_sum"] += loss.item() * b
+                part["correct"] += (out_.argmax(1) == y).sum().item()
+                part["seen"] += b
+                bar.update(b)
+                bar.set_postfix(loss=f"{part['loss_sum'] / part['seen']:.4f}",
+                                acc=f"{100 * part['correct'] / part['seen']:.1f}%",
+                                refresh=False)
+                if on_step is not None:
+                    on_step(epoch, step)
+                if flag.set:
+                    break
+            step = max(step, skip)
+            skip = 0
+            bar.close()
+            if flag.set:
+                part["time_s"] = time.perf_counter() - t0
+                checkpoint(epoch, step, epoch_start_rng, part)
+                interrupted = f"epoch {epoch + 1}, step {step}/{n_batches}"
+                break
+            train_time = time.perf_counter() - t0
+            test_loss, test_acc = evaluate(model, test_loader, device)
+            seen = max(part["seen"], 1)
+            history.append({
+                "epoch": epoch + 1,
+                "train_loss": part["loss_sum"] / seen, "train_acc": part["correct"] / seen,
+                "test_loss": test_loss, "test_acc": test_acc, "lr": _plain(lr),
+                "time_s": round(train_time, 3),
+                "samples_per_s": round(part["seen"] / max(train_time, 1e-9), 1),
+            })
+            if sched is not None:
+                sched.step()
+            h = history[-1]
+            log(f"epoch {h['epoch']:>{len(str(c.epochs))}}/{c.epochs}  "
+                f"train loss {h['train_loss']:.4f} acc {100 * h['train_acc']:5.1f}%  |  "
+                f"test loss {h['test_loss']:.4f} acc {100 * h['test_acc']:5.1f}%  |  "
+                f"lr {h['lr']:.3g}  {h['time_s']:.1f}s  {h['samples_per_s']:,.0f} img/s")
+            checkpoint(epoch + 1, 0, shuffle_gen.bit_generator.state, None)
+            finish_outputs()
+            if flag.set:     # Ctrl-C during evaluation: the epoch is complete and saved
+                interrupted = f"after epoch {epoch + 1}"
+                break
+    total = time.perf_counter() - t_run
+    summary["time_s"] = round(total, 3)
+    finish_outputs()
+
+    result = {"out": out, "checkpoint": ckpt_path, "history": history,
+              "interrupted": bool(interrupted), "device": dev_text, "time_s": total,
+              "config": dataclasses.asdict(c)}
+    if history:
+        result.update(final_test_acc=history[-1]["test_acc"],
+                      best_test_acc=max(h["test_acc"] for h in history))
+    if interrupted:
+        log(f"interrupted ({interrupted}): checkpoint saved to {ckpt_path}; continue with "
+            f"gpudiff train --out {out} --resume")
+    elif history:
+        best = max(history, key=lambda h: h["test_acc"])
+        log(f"done in {total:.1f}s: test accuracy {100 * history[-1]['test_acc']:.1f}% "
+            f"(best {100 * best['test_acc']:.1f}% at epoch {best['epoch']}); wrote "
+            f"checkpoint, metrics.json, metrics.csv, curves.png to {out}")
+    return result
+
+
+def _stderr_tty():
+    import sys
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _merge_resume(requested, saved, given=None):
+    """The saved run's settings, with the new epochs/device/data_dir/progress where given; a
+    setting that was given and differs from the saved run is an error (it would not be the
+    same run)."""
+    saved_cfg = TrainConfig(**{k: v for k, v in saved.items()
+                               if k in TrainConfig.__dataclass_fields__})
+    if given is None:
+        defaults = TrainConfig()
+        given = {f for f in TrainConfig.__dataclass_fields__
+                 if getattr(requested, f) != getattr(defaults, f)}
+        given |= {"epochs", "device", "progress"}   # an API caller always means these
+    for key in _RESUME_KEYS:
+        new, old = getattr(requested, key), getattr(saved_cfg, key)
+        if key in given and new != old:
+            opt = "--" + key.replace("_", "-")
+            raise ConfigError(f"--resume: {opt} {new} differs from the checkpoint's {old}; "
+                              f"leave {opt} out to continue the same run")
+    new = {k: getattr(requested, k) for k in ("epochs", "device", "data_dir", "progress")
+           if k in given}
+    return dataclasses.replace(saved_cfg, resume=True, **new)
