@@ -219,6 +219,10 @@ if cuda_mode() is not None:
         from . import cuda_kernels  # noqa: F401
     except ImportError:
         pass
+    try:  # convolution, pooling, batch norm, fused optimizers (csrc/cuda/*.cu)
+        from . import cuda_cnn  # noqa: F401
+    except ImportError:
+        pass
 
 
 def index_add_at(out, key, values):
