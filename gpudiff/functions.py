@@ -61,14 +61,22 @@ def _binary_args(name, a, b):
     return a, b
 
 
+_CATEGORY = {"b": 0, "u": 1, "i": 1, "f": 2, "c": 3}
+
+
 def _promote(a, b):
-    # a 0-d tensor of the same kind does not promote a dimensioned one (PyTorch's rule)
-    ka, kb = a.dtype.kind, b.dtype.kind
-    rank = {"b": 0, "u": 1, "i": 1, "f": 2, "c": 3}
-    if a.ndim == 0 and b.ndim > 0 and rank[ka] <= rank[kb]:
-        return b.dtype
-    if b.ndim == 0 and a.ndim > 0 and rank[kb] <= rank[ka]:
-        return a.dtype
+    """PyTorch's result dtype: a higher category (bool < int < float) wins outright
+    (int64 with float32 gives float32, not NumPy's float64); within a category the larger
+    dtype; a 0-d tensor (or wrapped Python scalar) counts only if its category is higher
+    than the dimensioned operand's."""
+    if (a.ndim == 0) != (b.ndim == 0):
+        dim, zero = (a, b) if b.ndim == 0 else (b, a)
+        if _CATEGORY[zero.dtype.kind] <= _CATEGORY[dim.dtype.kind]:
+            return dim.dtype
+        return zero.dtype
+    ca, cb = _CATEGORY[a.dtype.kind], _CATEGORY[b.dtype.kind]
+    if ca != cb:
+        return a.dtype if ca > cb else b.dtype
     return np.result_type(a.dtype, b.dtype)
 
 
