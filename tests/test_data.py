@@ -423,3 +423,34 @@ def test_collate_keeps_the_device_of_tensors():
     b = default_collate([x, x + 1])
     assert b.device.type == "cuda" and b.shape == (2, 2, 3)
     np.testing.assert_array_equal(b.cpu().numpy()[1], np.arange(6).reshape(2, 3) + 1)
+
+
+class _UsesKernels(Dataset):
+    """Items computed with gpudiff's compiled (OpenMP) CPU kernels inside the worker."""
+
+    def __len__(self):
+        return 6
+
+    def __getitem__(self, i):
+        import gpudiff.nn.functional as F
+        # big enough for the kernels to go parallel (im2col: 8*27*32*32 elements)
+        x = gpudiff.tensor(np.full((8, 3, 32, 32), float(i), np.float32))
+        y = F.conv2d(x, gpudiff.ones(8, 3, 3, 3), padding=1)
+        s = F.softmax(gpudiff.tensor(np.zeros((256, 1000), np.float32)), dim=1)
+        return float(y.sum().item()), float(s.sum().item())
+
+
+def test_workers_can_run_parallel_kernels_after_the_parent_did():
+    """gcc's OpenMP pool does not survive fork: workers must not wait for the parent's pool
+    threads (they run kernels single-threaded, as PyTorch's workers do)."""
+    import gpudiff.nn.functional as F
+    for _ in range(2):                                       # the parent's pool is now warm
+        F.conv2d(gpudiff.randn(16, 3, 32, 32), gpudiff.randn(8, 3, 3, 3), padding=1)
+        F.softmax(gpudiff.randn(256, 1000), dim=1)
+    out = list(DataLoader(_UsesKernels(), batch_size=2, num_workers=2, timeout=60))
+    conv = [v for b in out for v in b[0].tolist()]
+    # each output pixel sums a 3x3x3 window of the constant i (zero padding at the border)
+    # (interior pixels see 27 values, edge pixels 18, corners 12; x 8 images x 8 channels)
+    per_item = 8 * 8 * (30 * 30 * 27 + 4 * 30 * 18 + 4 * 12)
+    np.testing.assert_allclose(conv, [i * per_item for i in range(6)], rtol=1e-5)
+    np.testing.assert_allclose([v for b in out for v in b[1].tolist()], [256.0] * 6, rtol=1e-5)

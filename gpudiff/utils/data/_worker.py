@@ -10,6 +10,7 @@ Protocol (one index queue per worker, one shared result queue):
 The worker pickles each payload itself, so an unpicklable batch becomes an error the main
 process sees, instead of being dropped silently by the queue's feeder thread.
 """
+import ctypes
 import os
 import pickle
 import queue
@@ -176,6 +177,25 @@ def _iter_next_batch(it, batch_size, drop_last, auto_collation, collate_fn):
     return collate_fn(data)
 
 
+def _single_threaded_kernels():
+    """One OpenMP thread in this worker, as PyTorch does in its workers (torch.set_num_threads(1)
+    there): N workers x all cores would oversubscribe the CPU, and gcc's OpenMP thread pool
+    does not survive fork - a worker whose first parallel kernel (gpudiff._C) wants the
+    parent's pool threads waits for them forever. A team of one never uses the pool."""
+    try:
+        from ..backend import set_num_threads  # the engine's own switch, where it has one
+    except ImportError:
+        set_num_threads = None
+    if set_num_threads is not None:
+        set_num_threads(1)
+        return
+    os.environ["OMP_NUM_THREADS"] = "1"            # for anything this worker starts
+    try:
+        ctypes.CDLL("libgomp.so.1").omp_set_num_threads(1)   # the libgomp _C is linked with
+    except (OSError, AttributeError):
+        pass                                      # no libgomp here: nothing to limit
+
+
 def worker_loop(dataset, index_queue, result_queue, collate_fn, auto_collation, batch_size,
                 drop_last, is_iterable, seed, worker_id, num_workers, worker_init_fn, ppid):
     """Body of worker ``worker_id``: fetch what the main process asks for, until told to stop
@@ -183,6 +203,7 @@ def worker_loop(dataset, index_queue, result_queue, collate_fn, auto_collation, 
     global _worker_info
     # Ctrl-C goes to the whole process group: let the main process handle it and shut us down
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _single_threaded_kernels()
     _random.seed_all(seed)
     _worker_info = WorkerInfo(id=worker_id, num_workers=num_workers, seed=seed, dataset=dataset)
     init_error = None
