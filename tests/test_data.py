@@ -454,3 +454,14 @@ def test_workers_can_run_parallel_kernels_after_the_parent_did():
     per_item = 8 * 8 * (30 * 30 * 27 + 4 * 30 * 18 + 4 * 12)
     np.testing.assert_allclose(conv, [i * per_item for i in range(6)], rtol=1e-5)
     np.testing.assert_allclose([v for b in out for v in b[1].tolist()], [256.0] * 6, rtol=1e-5)
+
+
+def test_worker_batches_carry_numpy_builtin_dtypes():
+    """Arrays that cross a pipe come back with equal-but-distinct dtype objects; batches must
+    carry numpy's own (the compiled kernels check float32/float64 by identity)."""
+    import gpudiff.nn.functional as F
+    ds = TensorDataset(np.ones((8, 1, 6, 6), np.float32), np.arange(8))
+    x, y = next(iter(DataLoader(ds, batch_size=4, num_workers=1)))
+    assert x.array.dtype is np.dtype("float32") and y.array.dtype is np.dtype("int64")
+    out = F.conv2d(x, gpudiff.ones(2, 1, 3, 3))              # the compiled im2col path
+    np.testing.assert_allclose(out.numpy(), np.full((4, 2, 4, 4), 9.0))

@@ -16,6 +16,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from ..utils._tensor import canonical
 from .vision import VisionDataset, scaled
 
 
@@ -105,7 +106,7 @@ def _from_bytes(data, dtype, shape, order):
     if n * dtype.itemsize != len(data):
         raise pickle.UnpicklingError(f"array data is {len(data)} bytes, its shape {shape} and "
                                      f"dtype {dtype} need {n * dtype.itemsize}")
-    return np.frombuffer(data, dtype=dtype).reshape(shape, order=order).copy()
+    return canonical(np.frombuffer(data, dtype=dtype).reshape(shape, order=order).copy())
 
 
 def _safe_dtype(spec, align=False, copy=False):

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 import numpy as np
 
+from ..utils._tensor import canonical
 from .vision import VisionDataset, scaled
 
 _IDX_TYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"),
@@ -58,7 +59,7 @@ def read_idx(path, ndim=None):
         raise ValueError(f"{path}: corrupt IDX file: {have - need} bytes after the {need} data "
                          f"bytes its dimensions {dims} describe")
     arr = np.frombuffer(raw, dtype, int(np.prod(dims, dtype=np.int64)), header).reshape(dims)
-    return arr.astype(dtype.newbyteorder("="))   # a writable copy in native byte order
+    return canonical(arr.copy())        # a writable copy, native byte order, numpy's dtype
 
 
 class MNIST(VisionDataset):
