@@ -89,7 +89,7 @@ __device__ __forceinline__ void store_stats(const Welford<T>& st, int c, gptr<T>
     save_mean[c] = st.mean;
     save_invstd[c] = invstd;
     if (has_running) {
-        const T unbiased = st.n > 1 ? st.m2 / T(st.n - 1) : st.m2 / T(0);  // M = 1: inf/NaN as PyTorch
+        const T unbiased = st.m2 / T(st.n - 1);  // M = 1: 0/0 = NaN (the op refuses M = 1)
         rm[c] = (T(1) - momentum) * rm[c] + momentum * st.mean;
         rv[c] = (T(1) - momentum) * rv[c] + momentum * unbiased;
     }

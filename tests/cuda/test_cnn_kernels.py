@@ -1,0 +1,590 @@
+"""The CNN kernels of the 'cuda' table (gpudiff/backend/cuda_cnn.py, csrc/cuda/{conv,im2col,
+pool,batch_norm,optim}.cu) against PyTorch (float64 oracle), the CPU reference, and themselves.
+
+Every kernel test runs in the emulator with the threads between sync points in forward,
+reverse and random order, and with random thread order plus shuffled block order (the
+``order`` fixture), and on a real GPU when there is one (marked ``gpu``). The emulator checks
+every access against the array's bounds and every array's guard zones after each launch, so
+each test is also an out-of-bounds test. Shapes sit on the tile edges of the implicit GEMM
+(16 and 64 rows, 64 columns, 8 and 16 deep) and the chunk / channel-tile edges of the other
+kernels; emulated shapes stay small (the file runs in about a minute on 2 cores).
+"""
+import importlib
+
+import numpy as np
+import pytest
+import torch
+
+from gpudiff.backend import cuda_cnn as cc
+from gpudiff.backend import cuda_launch, kernels
+
+F = torch.nn.functional
+ALGOS = ["implicit_gemm", "im2col", "direct"]
+
+
+def gpu_available():
+    try:
+        return importlib.import_module("cupy").cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no cupy, no driver, no device
+        return False
+
+
+class Emulated:
+    """Arrays stay NumPy: the kernels run in the emulator."""
+
+    def put(self, a):
+        return np.array(a, order="C")
+
+    def get(self, a):
+        return np.asarray(a)
+
+
+class OnGPU:
+    """Arrays go to the GPU: the kernels run there (NVRTC)."""
+
+    def __init__(self):
+        self.cupy = importlib.import_module("cupy")
+
+    def put(self, a):
+        return self.cupy.asarray(a)
+
+    def get(self, a):
+        return self.cupy.asnumpy(a)
+
+
+ORDERS = [
+    ("forward", False), ("reverse", False), ("random", False), ("random", True),
+]
+
+
+@pytest.fixture(params=[f"{o}{'+shuffled-blocks' if s else ''}" for o, s in ORDERS]
+                + [pytest.param("gpu", marks=pytest.mark.gpu)])
+def order(request):
+    """Where the kernels run: an emulator thread/block order, or a real GPU."""
+    if request.param == "gpu":
+        if not gpu_available():
+            pytest.skip("needs CuPy and an NVIDIA GPU")
+        yield OnGPU()
+        return
+    o, _, shuffled = request.param.partition("+")
+    with cuda_launch.emulator(order=o, seed=7, shuffle_blocks=bool(shuffled)):
+        yield Emulated()
+
+
+def tol(dtype):
+    return dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-11)
+
+
+def rand(shape, dtype=np.float64, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def t64(a):
+    return torch.tensor(np.asarray(a, np.float64), requires_grad=True)
+
+
+# ================================ convolution ================================================
+# (x shape, w shape, stride, padding, dilation, groups, bias)
+CONV_CASES = {
+    "basic": ((2, 3, 7, 9), (5, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1, True),
+    "stride-dilation-rect": ((2, 4, 9, 8), (6, 2, 3, 2), (2, 1), (1, 0), (1, 2), 2, False),
+    "stride3-pad2": ((1, 5, 11, 10), (7, 5, 5, 3), (3, 2), (2, 1), (1, 1), 1, True),
+    "depthwise": ((2, 6, 8, 7), (6, 1, 3, 3), (1, 1), (1, 1), (1, 1), 6, True),
+    "depthwise-x2": ((1, 4, 9, 9), (8, 1, 3, 3), (2, 2), (1, 1), (2, 1), 4, False),
+    "pointwise": ((2, 9, 5, 4), (17, 9, 1, 1), (1, 1), (0, 0), (1, 1), 1, True),
+    "1x1-stride2": ((2, 8, 7, 7), (5, 8, 1, 1), (2, 2), (0, 0), (1, 1), 1, False),
+    "grouped-wide": ((1, 34, 6, 5), (66, 17, 3, 3), (1, 1), (1, 1), (1, 1), 2, True),
+    "kernel-bigger-than-pad": ((1, 2, 5, 5), (3, 2, 5, 5), (1, 1), (0, 0), (1, 1), 1, True),
+}
+SPLIT_CASE = ((2, 3, 9, 10), (5, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1, False)  # N*OH*OW = 180
+
+
+def _cheap(case, algo):
+    """Direct wgrad runs a block per weight element: keep the emulated ones small."""
+    ws = CONV_CASES[case][1]
+    return algo != "direct" or ws[0] * ws[1] * ws[2] * ws[3] <= 1000
+
+
+def conv_reference(case, dtype, seed=0):
+    """Inputs and PyTorch's float64 forward and gradients."""
+    xs, ws, stride, pad, dil, groups, has_bias = SPLIT_CASE if case == "split" \
+        else CONV_CASES[case]
+    x, w = rand(xs, dtype, seed), rand(ws, dtype, seed + 1)
+    b = rand(ws[0], dtype, seed + 2) if has_bias else None
+    tx, tw = t64(x), t64(w)
+    tb = t64(b) if has_bias else None
+    ty = F.conv2d(tx, tw, tb, stride, pad, dil, groups)
+    gy = rand(tuple(ty.shape), dtype, seed + 3)
+    ty.backward(torch.tensor(gy, dtype=torch.float64))
+    ref = (ty.detach().numpy(), tx.grad.numpy(), tw.grad.numpy())
+    return (x, w, b, gy, stride, pad, dil, groups), ref
+
+
+def run_conv(where, inputs):
+    x, w, b, gy, stride, pad, dil, groups = inputs
+    put, get = where.put, where.get
+    y = cc.conv2d(put(x), put(w), None if b is None else put(b), stride, pad, dil, groups)
+    gx = cc.conv2d_backward_input(put(gy), put(w), x.shape, stride, pad, dil, groups)
+    gw = cc.conv2d_backward_weight(put(gy), put(x), w.shape, stride, pad, dil, groups)
+    return get(y), get(gx), get(gw)
+
+
+@pytest.mark.parametrize("case,algo", [(c, a) for c in sorted(CONV_CASES) for a in ALGOS
+                                       if _cheap(c, a)])
+def test_conv2d_all_passes_match_torch(order, case, algo):
+    inputs, ref = conv_reference(case, np.float32)
+    with cc.use_conv_algorithm(algo):
+        got = run_conv(order, inputs)
+    assert cc.last_conv_algorithm == {"forward": algo, "backward_input": algo,
+                                      "backward_weight": algo}
+    for g, r, what in zip(got, ref, ("y", "gx", "gw")):
+        assert g.dtype == np.float32 and g.shape == r.shape, what
+        np.testing.assert_allclose(g, r, **tol(np.float32), err_msg=what)
+
+
+@pytest.mark.parametrize("case,algo", [
+    (c, a) for c in ("basic", "stride-dilation-rect", "depthwise-x2", "grouped-wide")
+    for a in ALGOS if _cheap(c, a)])
+def test_conv2d_float64(case, algo):
+    inputs, ref = conv_reference(case, np.float64)
+    with cc.use_conv_algorithm(algo):
+        got = run_conv(Emulated(), inputs)
+    for g, r, what in zip(got, ref, ("y", "gx", "gw")):
+        assert g.dtype == np.float64
+        np.testing.assert_allclose(g, r, **tol(np.float64), err_msg=what)
+
+
+# GEMM sizes on every tile edge: rows (K for forward/wgrad, C for dgrad) around the small
+# tile (16) and the large one (64), columns (N*OH*OW, or N*H*W) around 64, depth
+# (C*KH*KW, or K*KH*KW) around 8 and 16.
+EDGE_ROWS = [1, 15, 16, 17, 63, 64, 65]
+EDGE_SPATIAL = [(7, 9), (8, 8), (5, 13), (1, 1)]  # 63, 64, 65, 1 output positions (k=1)
+EDGE_DEPTH = [7, 8, 9, 15, 16, 17, 31]
+
+
+@pytest.mark.parametrize("rows", EDGE_ROWS)
+def test_implicit_gemm_row_edges(rows):
+    # forward and wgrad rows = K, dgrad rows = C: both swept
+    for (k, c) in ((rows, 3), (3, rows)):
+        x, w = rand((1, c, 8, 8)), rand((k, c, 3, 3), seed=1)
+        gy = rand((1, k, 8, 8), seed=2)
+        tx, tw = t64(x), t64(w)
+        ty = F.conv2d(tx, tw, None, 1, 1)
+        ty.backward(torch.tensor(gy))
+        with cc.use_conv_algorithm("implicit_gemm"):
+            got = run_conv(Emulated(), (x, w, None, gy, 1, 1, 1, 1))
+        for g, r in zip(got, (ty.detach().numpy(), tx.grad.numpy(), tw.grad.numpy())):
+            np.testing.assert_allclose(g, r, **tol(np.float64))
+
+
+@pytest.mark.parametrize("depth", EDGE_DEPTH)
+@pytest.mark.parametrize("spatial", EDGE_SPATIAL)
+def test_implicit_gemm_column_and_depth_edges(order, spatial, depth):
+    # 1x1 kernel: depth = C (forward), K (dgrad); columns = H*W
+    h, w_ = spatial
+    x, w = rand((1, depth, h, w_)), rand((5, depth, 1, 1), seed=1)
+    gy = rand((1, 5, h, w_), seed=2)
+    tx, tw = t64(x), t64(w)
+    ty = F.conv2d(tx, tw)
+    ty.backward(torch.tensor(gy))
+    with cc.use_conv_algorithm("implicit_gemm"):
+        got = run_conv(order, (x, w, None, gy, 1, 0, 1, 1))
+    for g, r in zip(got, (ty.detach().numpy(), tx.grad.numpy(), tw.grad.numpy())):
+        np.testing.assert_allclose(g, r, **tol(np.float64))
+
+
+@pytest.mark.parametrize("min_chunk", [8, 16, 40])
+def test_wgrad_split_reduction(order, min_chunk, monkeypatch):
+    # force the N*OH*OW reduction over several blocks (chunks on and off the BK edges);
+    # the partial tiles are summed by the second kernel
+    monkeypatch.setattr(cc, "WGRAD_MIN_CHUNK", min_chunk)
+    inputs, ref = conv_reference("split", np.float64)
+    geom = cc.ConvGeom(inputs[0].shape, inputs[1].shape, *inputs[4:8])
+    splits, chunk = cc.wgrad_splits(geom, inputs[0])
+    assert splits > 1 and chunk % cc._tile(geom.Kg)[2] == 0
+    with cc.use_conv_algorithm("implicit_gemm"):
+        gw = order.get(cc.conv2d_backward_weight(order.put(inputs[3]), order.put(inputs[0]),
+                                                 inputs[1].shape, *inputs[4:8]))
+    np.testing.assert_allclose(gw, ref[2], **tol(np.float64))
+
+
+@pytest.mark.parametrize("algo", ALGOS)
+def test_conv_backward_is_bitwise_reproducible(algo):
+    # different thread and block schedules, same bits: no atomics, fixed reduction orders
+    x, w, gy = rand((2, 12, 16, 16)), rand((20, 12, 3, 3), seed=1), rand((2, 20, 16, 16), seed=2)
+    if algo == "direct":  # a block per weight element: keep it small in the emulator
+        x, w, gy = x[:, :3, :8, :8].copy(), w[:4, :3].copy(), gy[:, :4, :8, :8].copy()
+    geom = cc.ConvGeom(x.shape, w.shape, 1, 1, 1, 1)
+    if algo == "implicit_gemm":
+        assert cc.wgrad_splits(geom, x)[0] > 1  # the split reduction is part of the check
+    runs = []
+    for seed in (1, 2):
+        with cuda_launch.emulator(order="random", seed=seed, shuffle_blocks=True), \
+                cc.use_conv_algorithm(algo):
+            runs.append((cc.conv2d_backward_input(gy, w, x.shape, 1, 1, 1, 1),
+                         cc.conv2d_backward_weight(gy, x, w.shape, 1, 1, 1, 1)))
+    for a, b in zip(*runs):
+        assert a.tobytes() == b.tobytes()
+
+
+def test_auto_algorithm_choice_and_log():
+    geoms = {
+        "depthwise": cc.ConvGeom((8, 32, 16, 16), (32, 1, 3, 3), 1, 1, 1, 32),
+        "pointwise": cc.ConvGeom((8, 32, 16, 16), (64, 32, 1, 1), 1, 0, 1, 1),
+        "lenet-conv1": cc.ConvGeom((64, 1, 28, 28), (6, 1, 5, 5), 1, 2, 1, 1),
+        "resnet-3x3": cc.ConvGeom((64, 64, 8, 8), (64, 64, 3, 3), 1, 1, 1, 1),
+        "wide-3x3": cc.ConvGeom((64, 256, 8, 8), (256, 256, 3, 3), 1, 1, 1, 1),
+    }
+    got = {k: cc.choose_conv_algorithm(g) for k, g in geoms.items()}
+    assert got == {"depthwise": "direct", "pointwise": "im2col", "lenet-conv1": "implicit_gemm",
+                   "resnet-3x3": "implicit_gemm", "wide-3x3": "im2col"}
+    cc.reset_conv_log()
+    x, w = rand((1, 4, 5, 5)), rand((4, 1, 3, 3), seed=1)
+    cc.conv2d(x, w, None, 1, 1, 1, 4)
+    assert cc.last_conv_algorithm == {"forward": "direct"}
+    assert cc.conv_algorithm_counts[("forward", "direct")] == 1
+    old = cc.conv_algorithm
+    try:
+        cc.conv_algorithm = "im2col"  # the module setting forces a path
+        cc.conv2d(x, w, None, 1, 1, 1, 4)
+        assert cc.last_conv_algorithm["forward"] == "im2col"
+        cc.conv_algorithm = "winograd"
+        with pytest.raises(ValueError, match="conv_algorithm"):
+            cc.conv2d(x, w, None, 1, 1, 1, 4)
+    finally:
+        cc.conv_algorithm = old
+    with pytest.raises(ValueError):
+        with cc.use_conv_algorithm("fft"):
+            pass
+
+
+def test_conv_declines_what_it_does_not_handle():
+    x, w = rand((1, 2, 5, 5)), rand((3, 2, 3, 3), seed=1)
+    assert cc.conv2d(x.astype(np.float16), w.astype(np.float16), None, 1, 0, 1, 1) is None
+    assert cc.conv2d(x, w.astype(np.float32), None, 1, 0, 1, 1) is None  # mixed dtypes
+    assert cc.conv2d(x, w, None, 1, 0, 1, 2) is None  # C != Cg * groups
+    assert cc.conv2d(x, rand((3, 2, 7, 7)), None, 1, 0, 1, 1) is None  # output < 1
+    # empty batch: an empty result, no launch
+    assert cc.conv2d(x[:0], w, None, 1, 0, 1, 1).shape == (0, 3, 3, 3)
+
+
+def test_im2col_and_col2im_entries_match_the_reference():
+    from gpudiff.ops.conv import col2im_ref, im2col_ref
+    x = rand((2, 3, 7, 6))
+    geo = (3, 2, 2, 1, 1, 0, 1, 2)  # kh kw sh sw ph pw dh dw
+    cols = cc.im2col(x, *geo)
+    np.testing.assert_array_equal(cols, im2col_ref(np, x, *geo))
+    back = cc.col2im(cols, 3, 7, 6, *geo)
+    np.testing.assert_allclose(back, col2im_ref(np, cols, 3, 7, 6, *geo), rtol=1e-14, atol=1e-14)
+
+
+def test_kernel_guard_catches_an_undersized_output():
+    # the emulator's bounds checks apply to our kernels: an output one element short fails
+    # with the kernel's name instead of writing past the array
+    host = importlib.import_module("gpudiff._cuda_host")
+    x, w, b = rand((1, 1, 4, 4)), rand((1, 1, 3, 3)), np.zeros(1)
+    y = np.empty(3)  # needs 4
+    geom = cc.ConvGeom(x.shape, w.shape, 1, 0, 1, 1)
+    with pytest.raises(host.KernelError, match="conv2d_fwd_direct"):
+        cuda_launch.launch("conv.cu", "conv2d_fwd_direct<double>", 1, 32,
+                           (x, w, b, y) + geom.args() + (np.int32(1),))
+
+
+def test_every_name_the_wrappers_use_is_listed():
+    # the NVRTC test (test_cuda_nvrtc.py) compiles exactly the listed names
+    listed = set(cuda_launch.name_expressions("conv.cu"))
+    for t in ("float", "double"):
+        for tile in (cc.TILE_L, cc.TILE_S):
+            for k in ("conv2d_fwd_igemm", "conv2d_dgrad_igemm", "conv2d_wgrad_igemm"):
+                assert cc._igemm_name(k, t, tile) in listed
+
+
+# ---- conv ops on the emulated cuda device vs the CPU device -----------------------------------
+@pytest.mark.parametrize("case", ["basic", "depthwise", "pointwise", "stride-dilation-rect"])
+def test_conv_op_on_cuda_matches_cpu(case):
+    import gpudiff
+    import gpudiff.nn.functional as gF
+    xs, ws, stride, pad, dil, groups, has_bias = CONV_CASES[case]
+    x, w, b = rand(xs, np.float32), rand(ws, np.float32, 1), rand(ws[0], np.float32, 2)
+    out = {}
+    for dev in ("cpu", "cuda"):
+        tx = gpudiff.tensor(x, device=dev, requires_grad=True)
+        tw = gpudiff.tensor(w, device=dev, requires_grad=True)
+        tb = gpudiff.tensor(b, device=dev, requires_grad=True) if has_bias else None
+        y = gF.conv2d(tx, tw, tb, stride, pad, dil, groups)
+        (y * y).sum().backward()
+        out[dev] = [y.detach().cpu().numpy(), tx.grad.cpu().numpy(), tw.grad.cpu().numpy()]
+        if has_bias:
+            out[dev].append(tb.grad.cpu().numpy())
+    for a, c in zip(out["cuda"], out["cpu"]):
+        np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_transpose2d_op_on_cuda_matches_torch():
+    import gpudiff
+    import gpudiff.nn.functional as gF
+    x, w, b = rand((2, 4, 5, 6), np.float32), rand((4, 3, 3, 2), np.float32, 1), \
+        rand(6, np.float32, 2)
+    kw = dict(stride=(2, 1), padding=(1, 0), output_padding=(1, 0), groups=2, dilation=(1, 2))
+    cc.reset_conv_log()
+    tx = gpudiff.tensor(x, device="cuda", requires_grad=True)
+    tw = gpudiff.tensor(w, device="cuda", requires_grad=True)
+    tb = gpudiff.tensor(b, device="cuda", requires_grad=True)
+    y = gF.conv_transpose2d(tx, tw, tb, **kw)
+    (y * y).sum().backward()
+    # the transposed conv ran as conv2d's input gradient, its backward as forward + wgrad
+    assert set(cc.last_conv_algorithm) == {"forward", "backward_input", "backward_weight"}
+    rx, rw, rb = t64(x), t64(w), t64(b)
+    ry = F.conv_transpose2d(rx, rw, rb, **kw)
+    (ry * ry).sum().backward()
+    np.testing.assert_allclose(y.detach().cpu().numpy(), ry.detach().numpy(), rtol=1e-4,
+                               atol=1e-4)
+    for g, r in ((tx, rx), (tw, rw), (tb, rb)):
+        np.testing.assert_allclose(g.grad.cpu().numpy(), r.grad.numpy(), rtol=1e-4, atol=1e-3)
+
+
+# ================================ pooling ====================================================
+# (shape, kernel, stride, padding, dilation, ceil_mode)
+POOL_CASES = [
+    ((2, 3, 9, 11), (3, 2), (2, 1), (1, 1), (1, 2), False),
+    ((2, 2, 7, 7), (2, 2), (2, 2), (0, 0), (1, 1), True),
+    ((1, 2, 8, 7), (3, 2), (2, 2), (1, 1), (1, 1), True),
+    ((1, 1, 1, 1), (1, 1), (1, 1), (0, 0), (1, 1), False),
+    ((2, 3, 13, 5), (5, 3), (3, 2), (2, 1), (1, 1), False),
+]
+
+
+def _pool_input(shape, seed=0):
+    x = rand(shape, seed=seed)
+    x[0, 0, 0, :2] = 0.5  # a tie in the first window
+    if x.size > 8:
+        x.flat[5] = np.nan  # a NaN wins its windows
+    return x
+
+
+@pytest.mark.parametrize("case", range(len(POOL_CASES)))
+def test_max_pool2d_forward_backward(order, case):
+    shape, k, s, p, d, ceil = POOL_CASES[case]
+    x = _pool_input(shape)
+    tx = t64(x)
+    ty, ti = F.max_pool2d(tx, k, s, p, d, ceil, return_indices=True)
+    gy = rand(tuple(ty.shape), seed=1)
+    ty.backward(torch.tensor(gy))
+    y, idx = cc.max_pool2d(order.put(x), *k, *s, *p, *d, ceil)
+    np.testing.assert_array_equal(order.get(idx), ti.numpy())
+    np.testing.assert_array_equal(order.get(y), ty.detach().numpy())  # NaNs in place too
+    H, W = shape[2:]
+    gx_geom = cc.max_pool2d_with_indices_backward(order.put(gy), idx, H, W, *k, *s, *p, *d)
+    gx_any = cc.max_pool2d_backward(order.put(gy), idx, H, W)  # no geometry: all candidates
+    np.testing.assert_allclose(order.get(gx_geom), tx.grad.numpy(), rtol=1e-14, atol=1e-14)
+    assert order.get(gx_any).tobytes() == order.get(gx_geom).tobytes()
+
+
+@pytest.mark.parametrize("case", [c for c in range(len(POOL_CASES))
+                                  if POOL_CASES[c][4] == (1, 1)])
+@pytest.mark.parametrize("count_include_pad,divisor", [(True, None), (False, None), (True, 5)])
+def test_avg_pool2d_forward_backward(order, case, count_include_pad, divisor):
+    shape, k, s, p, _, ceil = POOL_CASES[case]
+    x = rand(shape)
+    tx = t64(x)
+    ty = F.avg_pool2d(tx, k, s, p, ceil, count_include_pad, divisor)
+    gy = rand(tuple(ty.shape), seed=1)
+    ty.backward(torch.tensor(gy))
+    y = cc.avg_pool2d(order.put(x), *k, *s, *p, ceil, count_include_pad, divisor)
+    gx = cc.avg_pool2d_backward(order.put(gy), *shape[2:], *k, *s, *p, ceil,
+                                count_include_pad, divisor)
+    np.testing.assert_allclose(order.get(y), ty.detach().numpy(), rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(order.get(gx), tx.grad.numpy(), rtol=1e-13, atol=1e-14)
+
+
+# (input H, W) -> (output H, W): shrinking, equal, growing, to 1x1
+ADAPTIVE_CASES = [((9, 11), (4, 5)), ((5, 7), (5, 7)), ((3, 4), (7, 5)), ((6, 13), (1, 1))]
+
+
+@pytest.mark.parametrize("hw,out", ADAPTIVE_CASES)
+def test_adaptive_pools_forward_backward(order, hw, out):
+    x = rand((2, 3) + hw)
+    tx = t64(x)
+    ty, ti = F.adaptive_max_pool2d(tx, out, return_indices=True)
+    gy = rand(tuple(ty.shape), seed=1)
+    ty.backward(torch.tensor(gy))
+    y, idx = cc.adaptive_max_pool2d(order.put(x), *out)
+    gx = cc.adaptive_max_pool2d_backward(order.put(gy), idx, *hw)
+    np.testing.assert_array_equal(order.get(idx), ti.numpy())
+    np.testing.assert_array_equal(order.get(y), ty.detach().numpy())
+    np.testing.assert_allclose(order.get(gx), tx.grad.numpy(), rtol=1e-14, atol=1e-14)
+
+    tx = t64(x)
+    ty = F.adaptive_avg_pool2d(tx, out)
+    ty.backward(torch.tensor(gy))
+    y = cc.adaptive_avg_pool2d(order.put(x), *out)
+    gx = cc.adaptive_avg_pool2d_backward(order.put(gy), *hw)
+    np.testing.assert_allclose(order.get(y), ty.detach().numpy(), rtol=1e-13, atol=1e-14)
+    np.testing.assert_allclose(order.get(gx), tx.grad.numpy(), rtol=1e-13, atol=1e-14)
+
+
+def test_pools_match_the_cpu_kernels_and_unbatched_input():
+    cpu = kernels.KERNELS["cpu"]
+    if "max_pool2d" not in cpu:
+        pytest.skip("gpudiff._C (CPU kernels) not built")
+    x = rand((3, 10, 9), np.float32)  # unbatched (C, H, W)
+    geo = (3, 3, 2, 2, 1, 1, 1, 1)
+    y, idx = cc.max_pool2d(x, *geo, True)
+    yc, ic = cpu["max_pool2d"](x, *geo, True)
+    np.testing.assert_array_equal(y, yc)
+    np.testing.assert_array_equal(idx, ic)
+    gy = rand(y.shape, np.float32, 1)
+    np.testing.assert_allclose(cc.max_pool2d_with_indices_backward(gy, idx, 10, 9, *geo),
+                               cpu["max_pool2d_backward"](gy, idx, 10, 9), rtol=1e-6)
+    a = cc.avg_pool2d(x, 3, 2, 2, 1, 1, 0, True, False, None)
+    np.testing.assert_allclose(a, cpu["avg_pool2d"](x, 3, 2, 2, 1, 1, 0, True, False, None),
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["max", "avg", "adaptive_max", "adaptive_avg"])
+def test_pool_backward_is_bitwise_reproducible(kind):
+    x = rand((2, 3, 12, 11))
+    runs = []
+    for seed in (1, 2):
+        with cuda_launch.emulator(order="random", seed=seed, shuffle_blocks=True):
+            if kind == "max":  # overlapping windows: inputs gather several outputs
+                y, idx = cc.max_pool2d(x, 3, 3, 1, 1, 1, 1, 1, 1, False)
+                g = cc.max_pool2d_with_indices_backward(np.ones_like(y), idx, 12, 11,
+                                                        3, 3, 1, 1, 1, 1, 1, 1)
+            elif kind == "avg":
+                g = cc.avg_pool2d_backward(rand((2, 3, 12, 11), seed=3), 12, 11, 3, 3, 1, 1,
+                                           1, 1, False, True, None)
+            elif kind == "adaptive_max":
+                y, idx = cc.adaptive_max_pool2d(x, 5, 7)
+                g = cc.adaptive_max_pool2d_backward(rand(y.shape, seed=3), idx, 12, 11)
+            else:
+                g = cc.adaptive_avg_pool2d_backward(rand((2, 3, 5, 7), seed=3), 12, 11)
+            runs.append(g)
+    assert runs[0].tobytes() == runs[1].tobytes()
+
+
+# ================================ batch norm =================================================
+# (N, C) tiles of 32 channels: 1, 31, 32, 33; planes: small and block-edge sizes
+BN_SHAPES = [(5, 1), (3, 31), (4, 32), (2, 33), (4, 3, 5, 6), (1, 2, 3, 3), (7, 3, 11),
+             (2, 2, 16, 8)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", BN_SHAPES)
+def test_batch_norm_training_forward_backward(order, shape, dtype):
+    c = shape[1]
+    x = (rand(shape, dtype) * 3 + 10).astype(dtype)  # offset mean: a naive E[x^2] would lose digits
+    w, b = rand(c, dtype, 1), rand(c, dtype, 2)
+    rm, rv = rand(c, dtype, 3), (np.abs(rand(c, dtype, 4)) + 0.5).astype(dtype)
+    trm, trv = torch.tensor(rm, dtype=torch.float64), torch.tensor(rv, dtype=torch.float64)
+    tx, tw, tb = t64(x), t64(w), t64(b)
+    ty = F.batch_norm(tx, trm, trv, tw, tb, True, 0.1, 1e-5)
+    gy = rand(shape, dtype, 5)
+    ty.backward(torch.tensor(gy, dtype=torch.float64))
+    rm_d, rv_d = order.put(rm), order.put(rv)
+    y, mean, invstd = cc.batch_norm_forward(order.put(x), order.put(w), order.put(b), rm_d,
+                                            rv_d, True, 0.1, 1e-5)
+    gx, gw, gb = cc.batch_norm_backward(order.put(gy), order.put(x), order.put(w), mean,
+                                        invstd)
+    t = tol(dtype)
+    np.testing.assert_allclose(order.get(y), ty.detach().numpy(), **t)
+    np.testing.assert_allclose(order.get(rm_d), trm.numpy(), **t)  # updated in place
+    np.testing.assert_allclose(order.get(rv_d), trv.numpy(), **t)
+    xr = x.astype(np.float64).swapaxes(0, 1).reshape(c, -1)
+    np.testing.assert_allclose(order.get(mean), xr.mean(1), **t)
+    np.testing.assert_allclose(order.get(invstd), 1 / np.sqrt(xr.var(1) + 1e-5), **t)
+    np.testing.assert_allclose(order.get(gx), tx.grad.numpy(), **t)
+    np.testing.assert_allclose(order.get(gw), tw.grad.numpy(), **t)
+    np.testing.assert_allclose(order.get(gb), tb.grad.numpy(), **t)
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (2, 3, 4, 5)])
+def test_batch_norm_eval_and_no_affine(order, shape):
+    c = shape[1]
+    x, w, b = rand(shape), rand(c, seed=1), rand(c, seed=2)
+    rm, rv = rand(c, seed=3), np.abs(rand(c, seed=4)) + 0.5
+    y, _, _ = cc.batch_norm_forward(order.put(x), order.put(w), order.put(b), order.put(rm),
+                                    order.put(rv), False, 0.1, 1e-5)
+    ref = F.batch_norm(torch.tensor(x), torch.tensor(rm), torch.tensor(rv), torch.tensor(w),
+                       torch.tensor(b), False, 0.1, 1e-5)
+    np.testing.assert_allclose(order.get(y), ref.numpy(), **tol(np.float64))
+    # no weight/bias, no running stats: batch statistics only
+    tx = t64(x)
+    ty = F.batch_norm(tx, None, None, None, None, True, 0.1, 1e-5)
+    gy = rand(shape, seed=5)
+    ty.backward(torch.tensor(gy))
+    y, mean, invstd = cc.batch_norm_forward(order.put(x), None, None, None, None, True, 0.1,
+                                            1e-5)
+    gx, _, _ = cc.batch_norm_backward(order.put(gy), order.put(x), None, mean, invstd)
+    np.testing.assert_allclose(order.get(y), ty.detach().numpy(), **tol(np.float64))
+    np.testing.assert_allclose(order.get(gx), tx.grad.numpy(), **tol(np.float64))
+
+
+def test_batch_norm_is_bitwise_reproducible():
+    x, gy, w = rand((3, 4, 9, 7)), rand((3, 4, 9, 7), seed=1), rand(4, seed=2)
+    runs = []
+    for seed in (1, 2):
+        with cuda_launch.emulator(order="random", seed=seed, shuffle_blocks=True):
+            y, m, s = cc.batch_norm_forward(x, w, None, None, None, True, 0.1, 1e-5)
+            gx, gw, gb = cc.batch_norm_backward(gy, x, w, m, s)
+            runs.append(np.concatenate([a.ravel() for a in (y, m, s, gx, gw, gb)]))
+    assert runs[0].tobytes() == runs[1].tobytes()
+
+
+# ================================ fused optimizers ============================================
+OPT_SHAPES = [(3, 5), (cc.OPTIM_CHUNK + 1,), (1,), (2, 3, 3, 3), (cc.OPTIM_CHUNK,)]
+OPT_CASES = {
+    "sgd": ("SGD", dict(lr=0.1)),
+    "sgd-momentum-wd": ("SGD", dict(lr=0.1, momentum=0.9, weight_decay=0.01)),
+    "sgd-nesterov-max": ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, maximize=True)),
+    "sgd-dampening": ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.3)),
+    "adam": ("Adam", dict(lr=0.01)),
+    "adam-l2-amsgrad": ("Adam", dict(lr=0.01, weight_decay=0.1, amsgrad=True)),
+    "adamw-max": ("AdamW", dict(lr=0.01, betas=(0.3, 0.9), maximize=True)),
+}
+
+
+def _optimize(dev, case, dtype, use_kernels=True, steps=3):
+    import gpudiff
+    from gpudiff import optim
+    name, kw = OPT_CASES[case]
+    rng = np.random.default_rng(1)
+    ps = [gpudiff.tensor(rng.standard_normal(s).astype(dtype), device=dev, requires_grad=True)
+          for s in OPT_SHAPES]
+    opt = getattr(optim, name)(ps, **kw)
+    with kernels.use_kernels(use_kernels):
+        for _ in range(steps):
+            for p in ps:
+                p.grad = gpudiff.tensor(rng.standard_normal(p.shape).astype(dtype), device=dev)
+            opt.step()
+    return [p.detach().cpu().numpy() for p in ps]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", sorted(OPT_CASES))
+def test_fused_optimizer_matches_the_cpu_optimizer(case, dtype, monkeypatch):
+    names = []
+    launch = cc.launch
+    monkeypatch.setattr(cc, "launch", lambda f, n, *a, **k: (names.append(n), launch(f, n, *a, **k)))
+    cuda = _optimize("cuda", case, dtype)
+    cpu = _optimize("cpu", case, dtype)
+    # one launch per step for all five tensors (SGD's first momentum step goes the reference
+    # way: the buffer starts as a copy of the gradient)
+    kind = "sgd_step_multi" if OPT_CASES[case][0] == "SGD" else "adam_step_multi"
+    first_ref = "momentum" in OPT_CASES[case][1]
+    assert names == [f"{kind}<{'float' if dtype == np.float32 else 'double'}>"] * (3 - first_ref)
+    for a, b in zip(cuda, cpu):
+        # same operations in the same order: bit-identical in the emulator (a GPU may fuse
+        # multiply-adds, an ulp apart)
+        assert a.tobytes() == b.tobytes()
+
+
+def test_fused_optimizer_declines_non_contiguous_state():
+    p = np.zeros((4, 4), np.float32)
+    g = np.ones((4, 4), np.float32)
+    assert cc.sgd_step([p[:, ::2]], [g[:, ::2]], [None], 0.1, 0, 0, 0, False, False) \
+        is NotImplemented
+    assert cc.sgd_step([p], [g[::1, ::1].T], [None], 0.1, 0, 0, 0, False, False) is None
+    np.testing.assert_array_equal(p, -0.1 * np.ones((4, 4), np.float32))  # grad copy used
+    assert cc.adam_step([p], [g], [np.zeros_like(p)], [np.zeros_like(p)], None, [1.0], 0.1,
+                        0.9, 0.99, 1e-8, 0, True, False, False) is NotImplemented
