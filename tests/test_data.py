@@ -387,6 +387,14 @@ def test_iterable_dataset_with_and_without_workers():
     got = [b.tolist() for b in DataLoader(_Stream(10), batch_size=2, num_workers=2)]
     assert sorted(i for b in got for i in b) == list(range(10))
     assert got[0] == [0, 2] and got[1] == [1, 3]            # round-robin over workers
+    # workers that run dry at different times (shards of 4, 3 and 3 items), many tasks in
+    # flight: every item exactly once, each worker's batches in its own order
+    for prefetch in (1, 4):
+        got = [b.tolist() for b in DataLoader(_Stream(10), batch_size=2, num_workers=3,
+                                              prefetch_factor=prefetch)]
+        assert sorted(i for b in got for i in b) == list(range(10))
+        assert got[:3] == [[0, 3], [1, 4], [2, 5]]
+        assert sorted(got[3:]) == [[6, 9], [7], [8]]
     with pytest.raises(ValueError, match="shuffle"):
         DataLoader(_Stream(3), shuffle=True)
 

@@ -248,7 +248,7 @@ class _WorkerPool:
                     raise RuntimeError(f"DataLoader timed out after {self.timeout} seconds")
 
     def shutdown(self, wait=5.0):
-        """Tell the workers to stop, give each ``wait`` seconds to finish, then terminate."""
+        """Tell the workers to stop, give them ``wait`` seconds to finish, then terminate."""
         if not self.alive:
             return
         self.alive = False
@@ -257,8 +257,9 @@ class _WorkerPool:
                 iq.put(None)
             except (OSError, ValueError):
                 pass
+        deadline = time.monotonic() + wait
         for w in self.workers:
-            w.join(timeout=wait)
+            w.join(timeout=max(0.0, deadline - time.monotonic()))
             if w.is_alive():                 # stuck in a long __getitem__: stop it
                 w.terminate()
                 w.join(timeout=1.0)
@@ -342,8 +343,8 @@ class _MultiProcessIter:
                     self._put_task()
                     return info[1]
                 epoch, task_id, payload = self._pool.get()
-                if epoch != self._epoch:     # a result of an abandoned earlier epoch
-                    continue
+                if epoch != self._epoch or task_id not in self._tasks:
+                    continue      # from an abandoned earlier epoch, or a task already skipped
                 if isinstance(payload, _worker._Exhausted):
                     self._active[self._tasks[task_id][0]] = False
                 self._tasks[task_id].append(payload)
@@ -365,5 +366,7 @@ class _MultiProcessIter:
             self._pool.shutdown(wait)
 
     def __del__(self):
+        # an abandoned iterator (a `break` out of the loop): the workers' current items are
+        # not worth waiting long for
         if getattr(self, "_owns_pool", False):
-            self._pool.shutdown()
+            self._pool.shutdown(wait=1.0)
