@@ -16,6 +16,8 @@ from . import functions as _functions
 from . import autograd
 from .autograd import no_grad, enable_grad, set_grad_enabled, inference_mode, is_grad_enabled
 from . import cuda  # noqa: E402
+from . import nn, optim, utils, datasets, transforms  # noqa: E402
+from .serialization import save, load  # noqa: E402
 
 float32 = _np.dtype("float32")
 float64 = _np.dtype("float64")
