@@ -1,0 +1,125 @@
+// Shared helpers of the CPU kernels (gpudiff._C): array checks, float/double dispatch,
+// and the OpenMP grain below which a loop stays on one thread.
+//
+// Every py-facing kernel takes C-contiguous float32 or float64 numpy arrays (the Python
+// wrappers in gpudiff/backend/cpu_kernels.py make sure of that), allocates its outputs
+// while holding the GIL, then releases the GIL around the loops.
+#pragma once
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace py = pybind11;
+
+// The hot loops are compiled twice, for AVX2/FMA (x86-64-v3) and for the baseline, and the
+// loader picks the clone the CPU supports. Baseline SSE2 code turns the branch-free selects
+// of max pooling into branches and runs 10x slower; a -march=native build would not run
+// on older machines.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define GPUDIFF_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define GPUDIFF_CLONES
+#endif
+
+namespace gpudiff {
+
+using index_t = int64_t;
+
+// Below this many elements of work a loop runs on one thread: waking the OpenMP team
+// costs a few microseconds, more than the loop itself.
+constexpr index_t kParallelGrain = 1 << 15;
+
+// True when the loop over `work` elements should fork the OpenMP team.
+inline bool parallel_pays(index_t work) { return work >= kParallelGrain; }
+
+// The array as C-contiguous, or a ValueError naming the kernel and argument.
+inline void require_contiguous(const py::array& a, const char* kernel, const char* arg) {
+    if (!(a.flags() & py::array::c_style))
+        throw py::value_error(std::string(kernel) + ": argument '" + arg +
+                              "' must be C-contiguous");
+}
+
+inline void require_ndim(const py::array& a, int ndim, const char* kernel, const char* arg) {
+    if (a.ndim() != ndim)
+        throw py::value_error(std::string(kernel) + ": argument '" + arg + "' must be " +
+                              std::to_string(ndim) + "-D, got " + std::to_string(a.ndim()) +
+                              "-D");
+}
+
+inline void require_same_dtype(const py::array& a, const py::array& b, const char* kernel) {
+    if (!a.dtype().is(b.dtype()))
+        throw py::type_error(std::string(kernel) + ": arguments must have the same dtype");
+}
+
+inline bool same_shape(const py::array& a, const py::array& b) {
+    if (a.ndim() != b.ndim()) return false;
+    for (py::ssize_t i = 0; i < a.ndim(); ++i)
+        if (a.shape(i) != b.shape(i)) return false;
+    return true;
+}
+
+// Calls f(T{}) with T = float or double after the dtype of `a`; anything else is a
+// TypeError (the Python wrapper falls back to the reference path before getting here).
+template <typename F>
+auto dispatch_float(const py::array& a, const char* kernel, F&& f) -> decltype(f(float{})) {
+    if (a.dtype().is(py::dtype::of<float>())) return f(float{});
+    if (a.dtype().is(py::dtype::of<double>())) return f(double{});
+    throw py::type_error(std::string(kernel) + ": expected float32 or float64, got " +
+                         std::string(py::str(a.dtype())));
+}
+
+template <typename T>
+inline T* data_of(py::array& a) {
+    return static_cast<T*>(a.mutable_data());
+}
+
+template <typename T>
+inline const T* cdata_of(const py::array& a) {
+    return static_cast<const T*>(a.data());
+}
+
+// A fresh C-contiguous array of dtype T with the given shape.
+template <typename T>
+inline py::array_t<T> empty_array(const std::vector<py::ssize_t>& shape) {
+    return py::array_t<T>(shape);
+}
+
+inline std::vector<py::ssize_t> shape_of(const py::array& a) {
+    return std::vector<py::ssize_t>(a.shape(), a.shape() + a.ndim());
+}
+
+// PyTorch's pooling output size: floor or ceil of (in + 2p - d(k-1) - 1) / s + 1, where
+// in ceil mode the last window must start inside the input or the left padding.
+inline index_t pooling_output_size(index_t in, index_t k, index_t s, index_t p, index_t d,
+                                   bool ceil_mode) {
+    index_t span = in + 2 * p - d * (k - 1) - 1 + (ceil_mode ? s - 1 : 0);
+    // floor division that rounds toward -inf (span can be negative for tiny inputs)
+    index_t q = span >= 0 ? span / s : -((-span + s - 1) / s);
+    index_t out = q + 1;
+    if (ceil_mode && (out - 1) * s >= in + p) --out;
+    return out;
+}
+
+// The outputs o in [lo, hi) whose tap i = o*s + off lands inside [0, n), for a window
+// tap at offset `off` (= tap * dilation - padding) and out outputs.
+inline void output_range(index_t off, index_t s, index_t n, index_t out, index_t& lo,
+                         index_t& hi) {
+    // i >= 0  <=>  o >= ceil(-off / s) ;  i <= n-1  <=>  o <= floor((n-1-off) / s)
+    lo = off >= 0 ? 0 : (-off + s - 1) / s;
+    const index_t last = n - 1 - off;
+    hi = last < 0 ? 0 : last / s + 1;
+    lo = std::min(lo, out);
+    hi = std::min(std::max(hi, lo), out);
+}
+
+}  // namespace gpudiff

@@ -1,0 +1,57 @@
+// The py-facing CPU kernels of gpudiff._C; bindings.cpp binds each with one m.def line.
+// Shapes and semantics: the contract docstring of gpudiff/backend/kernels.py.
+#pragma once
+
+#include "common.h"
+
+namespace gpudiff {
+
+// im2col.cpp
+py::array im2col(py::array x, int kh, int kw, int sh, int sw, int ph, int pw, int dh, int dw);
+py::array col2im(py::array cols, int64_t C, int64_t H, int64_t W, int kh, int kw, int sh, int sw,
+                 int ph, int pw, int dh, int dw);
+// into a caller's buffer (a reused workspace); kbl: cols laid (C*kh*kw, N, OH*OW)
+void im2col_into(py::array x, py::array out, int kh, int kw, int sh, int sw, int ph, int pw,
+                 int dh, int dw, bool kbl);
+void col2im_into(py::array cols, py::array x, int kh, int kw, int sh, int sw, int ph, int pw,
+                 int dh, int dw, bool kbl);
+
+// pool.cpp
+py::tuple max_pool2d(py::array x, int kh, int kw, int sh, int sw, int ph, int pw, int dh, int dw,
+                     bool ceil_mode);
+py::array max_pool2d_backward(py::array gy, py::array indices, int64_t H, int64_t W);
+py::array avg_pool2d(py::array x, int kh, int kw, int sh, int sw, int ph, int pw, bool ceil_mode,
+                     bool count_include_pad, int64_t divisor_override);
+py::array avg_pool2d_backward(py::array gy, int64_t H, int64_t W, int kh, int kw, int sh, int sw,
+                              int ph, int pw, bool ceil_mode, bool count_include_pad,
+                              int64_t divisor_override);
+py::array adaptive_avg_pool2d(py::array x, int64_t OH, int64_t OW);
+py::array adaptive_avg_pool2d_backward(py::array gy, int64_t H, int64_t W);
+py::tuple adaptive_max_pool2d(py::array x, int64_t OH, int64_t OW);
+
+// activation.cpp
+py::array relu(py::array x);
+py::array relu_backward(py::array y, py::array gy);
+py::array leaky_relu(py::array x, double negative_slope);
+py::array leaky_relu_backward(py::array x, py::array gy, double negative_slope);
+py::array sigmoid(py::array x);
+py::array sigmoid_backward(py::array y, py::array gy);
+py::array tanh(py::array x);
+py::array tanh_backward(py::array y, py::array gy);
+
+// softmax.cpp
+py::array softmax(py::array x, int64_t dim);
+py::array log_softmax(py::array x, int64_t dim);
+py::array softmax_backward(py::array y, py::array gy, int64_t dim);
+py::array log_softmax_backward(py::array y, py::array gy, int64_t dim);
+py::tuple cross_entropy(py::array logits, py::array target, py::object weight,
+                        int64_t ignore_index, double label_smoothing);
+
+// norm.cpp
+py::tuple batch_norm_stats(py::array x);
+py::array channel_affine(py::array x, py::array a, py::array b);
+py::tuple batch_norm_backward_reduce(py::array gy, py::array x, py::array mean);
+py::array channel_affine2(py::array gy, py::array x, py::array a, py::array b, py::array c);
+py::array dropout(py::array x, double p, uint64_t seed, int64_t group);
+
+}  // namespace gpudiff

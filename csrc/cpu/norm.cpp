@@ -1,0 +1,300 @@
+// Batch normalisation pieces over x viewed as (N, C, S) (S = H*W, or 1 for (N, C) input),
+// and dropout with a counter-based mask.
+//
+//   batch_norm_stats(x)                     -> (mean (C,), var (C,))  biased, two-pass
+//   channel_affine(x, a, b)                 -> a[c] * x + b[c]        (normalise + affine)
+//   batch_norm_backward_reduce(gy, x, mean) -> (sum gy, sum gy * (x - mean)) per channel
+//   channel_affine2(gy, x, a, b, c)         -> a[c] * gy + b[c] * x + c[c]   (gx)
+//
+// A channel of a (64, C, 32, 32) float batch is 256 KB, so the two statistics passes read it
+// from DRAM once and from L2 the second time. Sums accumulate in double.
+//
+// dropout(x, p, seed, group): y[i] = x[i] * keep(i / group) / (1 - p), with
+//   keep(j) = (h(j) >> 8) >= ceil(p * 2^24),
+//   h(j)    = mix(mix(lo32(j) ^ k0) + k1 + hi32(j))          (uint32 arithmetic)
+//   k0 = mix(lo32(seed) ^ 0x9e3779b9), k1 = mix(hi32(seed) ^ 0x85ebca6b)
+//   mix(x): x ^= x >> 16; x *= 0x21f0aaad; x ^= x >> 15; x *= 0x735a2d97; x ^= x >> 15
+// The same function is written with xp in gpudiff/ops/norm.py (the reference), so kernel
+// and reference give identical masks and the backward re-derives the mask from the seed.
+#include "common.h"
+#include "kernels.h"
+
+#include <cmath>
+
+namespace gpudiff {
+namespace {
+
+struct NCS {
+    index_t N, C, S;
+};
+
+NCS ncs_of(const py::array& x, const char* name) {
+    if (x.ndim() < 2)
+        throw py::value_error(std::string(name) + ": expected at least 2 dimensions (N, C, ...)");
+    NCS v{x.shape(0), x.shape(1), 1};
+    for (py::ssize_t i = 2; i < x.ndim(); ++i) v.S *= x.shape(i);
+    return v;
+}
+
+template <typename T>
+void require_channel_vector(const py::array& v, index_t C, const char* name, const char* arg) {
+    require_contiguous(v, name, arg);
+    if (v.ndim() != 1 || v.shape(0) != C || !v.dtype().is(py::dtype::of<T>()))
+        throw py::value_error(std::string(name) + ": '" + arg + "' must be (C,) of x's dtype");
+}
+
+// Per-channel mean and biased variance (two passes over each channel).
+template <typename T>
+GPUDIFF_CLONES void stats_kernel(const T* x, NCS d, T* mean, T* var) {
+    const double M = double(d.N * d.S);
+    if (d.S == 1) {  // (N, C): accumulate rows, channels contiguous
+        std::vector<double> s(d.C, 0.0), q(d.C, 0.0);
+        for (index_t n = 0; n < d.N; ++n)
+            for (index_t c = 0; c < d.C; ++c) s[c] += x[n * d.C + c];
+        for (index_t c = 0; c < d.C; ++c) s[c] /= M;
+        for (index_t n = 0; n < d.N; ++n)
+            for (index_t c = 0; c < d.C; ++c) {
+                const double z = x[n * d.C + c] - s[c];
+                q[c] += z * z;
+            }
+        for (index_t c = 0; c < d.C; ++c) mean[c] = T(s[c]), var[c] = T(q[c] / M);
+        return;
+    }
+#pragma omp parallel for schedule(static) if (parallel_pays(d.N * d.C * d.S))
+    for (index_t c = 0; c < d.C; ++c) {
+        double s = 0;
+        for (index_t n = 0; n < d.N; ++n) {
+            const T* p = x + (n * d.C + c) * d.S;
+            T part = 0;  // a plane's partial sum vectorises; planes are short enough for T
+            for (index_t i = 0; i < d.S; ++i) part += p[i];
+            s += part;
+        }
+        const double mu = s / M;
+        const T muT = T(mu);
+        double q = 0;
+        for (index_t n = 0; n < d.N; ++n) {
+            const T* p = x + (n * d.C + c) * d.S;
+            T part = 0;
+            for (index_t i = 0; i < d.S; ++i) {
+                const T z = p[i] - muT;
+                part += z * z;
+            }
+            q += part;
+        }
+        mean[c] = muT;
+        var[c] = T(q / M);
+    }
+}
+
+template <typename T>
+GPUDIFF_CLONES void affine_kernel(const T* x, const T* a, const T* b, T* y, NCS d) {
+    const index_t planes = d.N * d.C;
+    if (d.S == 1) {
+        for (index_t n = 0; n < d.N; ++n)
+            for (index_t c = 0; c < d.C; ++c) y[n * d.C + c] = a[c] * x[n * d.C + c] + b[c];
+        return;
+    }
+#pragma omp parallel for schedule(static) if (parallel_pays(planes * d.S))
+    for (index_t p = 0; p < planes; ++p) {
+        const index_t c = p % d.C;
+        const T ac = a[c], bc = b[c];
+        const T* xs = x + p * d.S;
+        T* ys = y + p * d.S;
+        for (index_t i = 0; i < d.S; ++i) ys[i] = ac * xs[i] + bc;
+    }
+}
+
+template <typename T>
+GPUDIFF_CLONES void backward_reduce_kernel(const T* gy, const T* x, const T* mean, NCS d,
+                                           T* sum_gy, T* sum_gy_xmu) {
+    if (d.S == 1) {
+        std::vector<double> s(d.C, 0.0), q(d.C, 0.0);
+        for (index_t n = 0; n < d.N; ++n)
+            for (index_t c = 0; c < d.C; ++c) {
+                const index_t at = n * d.C + c;
+                s[c] += gy[at];
+                q[c] += double(gy[at]) * (x[at] - mean[c]);
+            }
+        for (index_t c = 0; c < d.C; ++c) sum_gy[c] = T(s[c]), sum_gy_xmu[c] = T(q[c]);
+        return;
+    }
+#pragma omp parallel for schedule(static) if (parallel_pays(d.N * d.C * d.S))
+    for (index_t c = 0; c < d.C; ++c) {
+        double s = 0, q = 0;
+        const T mu = mean[c];
+        for (index_t n = 0; n < d.N; ++n) {
+            const index_t base = (n * d.C + c) * d.S;
+            T ps = 0, pq = 0;
+            for (index_t i = 0; i < d.S; ++i) {
+                ps += gy[base + i];
+                pq += gy[base + i] * (x[base + i] - mu);
+            }
+            s += ps;
+            q += pq;
+        }
+        sum_gy[c] = T(s);
+        sum_gy_xmu[c] = T(q);
+    }
+}
+
+template <typename T>
+GPUDIFF_CLONES void affine2_kernel(const T* gy, const T* x, const T* a, const T* b, const T* cc,
+                                   T* out, NCS d) {
+    const index_t planes = d.N * d.C;
+    if (d.S == 1) {
+        for (index_t n = 0; n < d.N; ++n)
+            for (index_t c = 0; c < d.C; ++c) {
+                const index_t at = n * d.C + c;
+                out[at] = a[c] * gy[at] + b[c] * x[at] + cc[c];
+            }
+        return;
+    }
+#pragma omp parallel for schedule(static) if (parallel_pays(planes * d.S))
+    for (index_t p = 0; p < planes; ++p) {
+        const index_t c = p % d.C;
+        const T ac = a[c], bc = b[c], ccc = cc[c];
+        const index_t base = p * d.S;
+        for (index_t i = 0; i < d.S; ++i) out[base + i] = ac * gy[base + i] + bc * x[base + i] + ccc;
+    }
+}
+
+inline uint32_t mix32(uint32_t x) {
+    x ^= x >> 16;
+    x *= 0x21f0aaadu;
+    x ^= x >> 15;
+    x *= 0x735a2d97u;
+    x ^= x >> 15;
+    return x;
+}
+
+template <typename T>
+GPUDIFF_CLONES void dropout_kernel(const T* x, T* y, index_t n, uint32_t k0, uint32_t k1,
+                                   uint32_t threshold, T scale, index_t group) {
+    if (group == 1) {
+#pragma omp parallel for simd schedule(static) if (parallel_pays(n))
+        for (index_t i = 0; i < n; ++i) {
+            const uint32_t h = mix32(mix32(uint32_t(i) ^ k0) + k1 + uint32_t(uint64_t(i) >> 32));
+            y[i] = x[i] * ((h >> 8) >= threshold ? scale : T(0));  // NaN * 0 stays NaN, as x * mask
+        }
+        return;
+    }
+    const index_t groups = n / group;
+#pragma omp parallel for schedule(static) if (parallel_pays(n))
+    for (index_t j = 0; j < groups; ++j) {
+        const uint32_t h = mix32(mix32(uint32_t(j) ^ k0) + k1 + uint32_t(uint64_t(j) >> 32));
+        const T s = (h >> 8) >= threshold ? scale : T(0);
+        for (index_t i = j * group; i < (j + 1) * group; ++i) y[i] = x[i] * s;
+    }
+}
+
+}  // namespace
+
+py::tuple batch_norm_stats(py::array x) {
+    const char* name = "batch_norm_stats";
+    require_contiguous(x, name, "x");
+    const NCS d = ncs_of(x, name);
+    if (d.N * d.S < 1) throw py::value_error("batch_norm_stats: empty batch");
+    return dispatch_float(x, name, [&](auto tag) -> py::tuple {
+        using T = decltype(tag);
+        py::array_t<T> mean(d.C), var(d.C);
+        const T* px = cdata_of<T>(x);
+        T* pm = mean.mutable_data();
+        T* pv = var.mutable_data();
+        {
+            py::gil_scoped_release nogil;
+            stats_kernel<T>(px, d, pm, pv);
+        }
+        return py::make_tuple(mean, var);
+    });
+}
+
+py::array channel_affine(py::array x, py::array a, py::array b) {
+    const char* name = "channel_affine";
+    require_contiguous(x, name, "x");
+    const NCS d = ncs_of(x, name);
+    return dispatch_float(x, name, [&](auto tag) -> py::array {
+        using T = decltype(tag);
+        require_channel_vector<T>(a, d.C, name, "a");
+        require_channel_vector<T>(b, d.C, name, "b");
+        py::array_t<T> y(shape_of(x));
+        const T *px = cdata_of<T>(x), *pa = cdata_of<T>(a), *pb = cdata_of<T>(b);
+        T* pyv = y.mutable_data();
+        {
+            py::gil_scoped_release nogil;
+            affine_kernel<T>(px, pa, pb, pyv, d);
+        }
+        return y;
+    });
+}
+
+py::tuple batch_norm_backward_reduce(py::array gy, py::array x, py::array mean) {
+    const char* name = "batch_norm_backward_reduce";
+    require_contiguous(gy, name, "gy");
+    require_contiguous(x, name, "x");
+    require_same_dtype(gy, x, name);
+    if (!same_shape(gy, x)) throw py::value_error("batch_norm_backward_reduce: shapes differ");
+    const NCS d = ncs_of(x, name);
+    return dispatch_float(x, name, [&](auto tag) -> py::tuple {
+        using T = decltype(tag);
+        require_channel_vector<T>(mean, d.C, name, "mean");
+        py::array_t<T> s(d.C), q(d.C);
+        const T *pg = cdata_of<T>(gy), *px = cdata_of<T>(x), *pm = cdata_of<T>(mean);
+        T* ps = s.mutable_data();
+        T* pq = q.mutable_data();
+        {
+            py::gil_scoped_release nogil;
+            backward_reduce_kernel<T>(pg, px, pm, d, ps, pq);
+        }
+        return py::make_tuple(s, q);
+    });
+}
+
+py::array channel_affine2(py::array gy, py::array x, py::array a, py::array b, py::array c) {
+    const char* name = "channel_affine2";
+    require_contiguous(gy, name, "gy");
+    require_contiguous(x, name, "x");
+    require_same_dtype(gy, x, name);
+    if (!same_shape(gy, x)) throw py::value_error("channel_affine2: shapes differ");
+    const NCS d = ncs_of(x, name);
+    return dispatch_float(x, name, [&](auto tag) -> py::array {
+        using T = decltype(tag);
+        require_channel_vector<T>(a, d.C, name, "a");
+        require_channel_vector<T>(b, d.C, name, "b");
+        require_channel_vector<T>(c, d.C, name, "c");
+        py::array_t<T> out(shape_of(x));
+        const T *pg = cdata_of<T>(gy), *px = cdata_of<T>(x);
+        const T *pa = cdata_of<T>(a), *pb = cdata_of<T>(b), *pc = cdata_of<T>(c);
+        T* po = out.mutable_data();
+        {
+            py::gil_scoped_release nogil;
+            affine2_kernel<T>(pg, px, pa, pb, pc, po, d);
+        }
+        return out;
+    });
+}
+
+py::array dropout(py::array x, double p, uint64_t seed, int64_t group) {
+    const char* name = "dropout";
+    require_contiguous(x, name, "x");
+    if (!(p >= 0.0 && p <= 1.0)) throw py::value_error("dropout: p must be in [0, 1]");
+    const index_t n = x.size();
+    if (group < 1 || n % group) throw py::value_error("dropout: group must divide x's size");
+    const uint32_t k0 = mix32(uint32_t(seed) ^ 0x9e3779b9u);
+    const uint32_t k1 = mix32(uint32_t(seed >> 32) ^ 0x85ebca6bu);
+    // keep iff the top 24 bits >= ceil(p * 2^24): P(keep) = 1 - p up to 2^-24
+    const uint32_t threshold = uint32_t(std::ceil(p * 16777216.0));
+    return dispatch_float(x, name, [&](auto tag) -> py::array {
+        using T = decltype(tag);
+        py::array_t<T> y(shape_of(x));
+        const T scale = p < 1.0 ? T(1.0 / (1.0 - p)) : T(0);
+        const T* px = cdata_of<T>(x);
+        T* pyv = y.mutable_data();
+        {
+            py::gil_scoped_release nogil;
+            dropout_kernel<T>(px, pyv, n, k0, k1, threshold, scale, group);
+        }
+        return y;
+    });
+}
+
+}  // namespace gpudiff

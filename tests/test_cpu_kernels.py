@@ -1,0 +1,417 @@
+"""The C++ CPU kernels (gpudiff._C via gpudiff/backend/cpu_kernels.py) against NumPy
+reference implementations written here, and against PyTorch where it has the same op.
+
+Skipped when gpudiff._C is not built.
+"""
+import numpy as np
+import pytest
+
+pytest.importorskip("gpudiff._C")
+from gpudiff.backend import cpu_kernels as K  # noqa: E402
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+DTYPES = [np.float32, np.float64]
+
+
+def tol(dtype):
+    return dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+# ---- NumPy references ------------------------------------------------------------------
+def out_size(n, k, s, p, d):
+    return (n + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def im2col_ref(x, kh, kw, sh, sw, ph, pw, dh, dw):
+    N, C, H, W = x.shape
+    OH, OW = out_size(H, kh, sh, ph, dh), out_size(W, kw, sw, pw, dw)
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    cols = np.empty((N, C, kh, kw, OH, OW), x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            cols[:, :, i, j] = xp[:, :, i * dh: i * dh + sh * (OH - 1) + 1: sh,
+                                  j * dw: j * dw + sw * (OW - 1) + 1: sw]
+    return cols.reshape(N, C * kh * kw, OH * OW)
+
+
+def col2im_ref(cols, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw):
+    N = cols.shape[0]
+    OH, OW = out_size(H, kh, sh, ph, dh), out_size(W, kw, sw, pw, dw)
+    c6 = cols.reshape(N, C, kh, kw, OH, OW)
+    xp = np.zeros((N, C, H + 2 * ph, W + 2 * pw), cols.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            xp[:, :, i * dh: i * dh + sh * (OH - 1) + 1: sh,
+               j * dw: j * dw + sw * (OW - 1) + 1: sw] += c6[:, :, i, j]
+    return xp[:, :, ph: ph + H, pw: pw + W]
+
+
+def pool_out(n, k, s, p, d, ceil_mode):
+    span = n + 2 * p - d * (k - 1) - 1
+    o = (-(-span // s) if ceil_mode else span // s) + 1
+    if ceil_mode and (o - 1) * s >= n + p:
+        o -= 1
+    return o
+
+
+def max_pool_ref(x, kh, kw, sh, sw, ph, pw, dh, dw, ceil_mode):
+    """Loop reference with PyTorch's rules: first max wins ties, NaN wins."""
+    N, C, H, W = x.shape
+    OH, OW = pool_out(H, kh, sh, ph, dh, ceil_mode), pool_out(W, kw, sw, pw, dw, ceil_mode)
+    y = np.empty((N, C, OH, OW), x.dtype)
+    idx = np.empty((N, C, OH, OW), np.int64)
+    for n in range(N):
+        for c in range(C):
+            for oh in range(OH):
+                for ow in range(OW):
+                    best, bi = -np.inf, None
+                    for i in range(kh):
+                        for j in range(kw):
+                            h, w = oh * sh - ph + i * dh, ow * sw - pw + j * dw
+                            if 0 <= h < H and 0 <= w < W:
+                                v = x[n, c, h, w]
+                                if bi is None:
+                                    bi = h * W + w
+                                if v > best or np.isnan(v):
+                                    best, bi = v, h * W + w
+                    y[n, c, oh, ow], idx[n, c, oh, ow] = best, bi
+    return y, idx
+
+
+def avg_pool_ref(x, kh, kw, sh, sw, ph, pw, ceil_mode, cip, dov):
+    N, C, H, W = x.shape
+    OH, OW = pool_out(H, kh, sh, ph, 1, ceil_mode), pool_out(W, kw, sw, pw, 1, ceil_mode)
+    y = np.zeros((N, C, OH, OW), x.dtype)
+    for oh in range(OH):
+        for ow in range(OW):
+            h0, w0 = oh * sh - ph, ow * sw - pw
+            h1, w1 = min(h0 + kh, H + ph), min(w0 + kw, W + pw)
+            size = (h1 - h0) * (w1 - w0)
+            h0, w0, h1, w1 = max(h0, 0), max(w0, 0), min(h1, H), min(w1, W)
+            div = dov if dov else (size if cip else (h1 - h0) * (w1 - w0))
+            y[:, :, oh, ow] = x[:, :, h0:h1, w0:w1].sum(axis=(2, 3)) / div
+    return y
+
+
+def softmax_ref(x, dim):
+    z = x - x.max(axis=dim, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=dim, keepdims=True)
+
+
+def log_softmax_ref(x, dim):
+    z = x - x.max(axis=dim, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=dim, keepdims=True))
+
+
+def cross_entropy_ref(x, t, w, ignore_index, eps):
+    N, C = x.shape
+    w = np.ones(C, x.dtype) if w is None else w
+    logp = log_softmax_ref(x.astype(np.float64), 1)
+    p = np.exp(logp)
+    keep = t != ignore_index
+    tt = np.where(keep, t, 0)
+    a = eps / C * np.broadcast_to(w, (N, C)).copy()
+    a[np.arange(N), tt] += (1 - eps) * w[tt]
+    losses = -(a * logp).sum(1)
+    dl = a.sum(1, keepdims=True) * p - a
+    losses[~keep] = 0
+    dl[~keep] = 0
+    return losses, dl
+
+
+# ---- im2col / col2im -------------------------------------------------------------------
+GEOMS = [  # (N, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw)
+    (2, 3, 7, 9, 3, 3, 1, 1, 0, 0, 1, 1),
+    (2, 3, 7, 9, 3, 3, 1, 1, 1, 1, 1, 1),
+    (1, 2, 8, 8, 3, 2, 2, 3, 1, 0, 1, 1),
+    (2, 2, 9, 10, 3, 3, 1, 2, 2, 3, 2, 2),
+    (1, 1, 5, 5, 5, 5, 1, 1, 0, 0, 1, 1),
+    (1, 4, 6, 5, 1, 1, 1, 1, 0, 0, 1, 1),
+    (1, 2, 4, 4, 2, 2, 3, 3, 2, 2, 1, 1),   # padding wider than the stride walk
+    (64, 32, 26, 26, 3, 3, 1, 1, 0, 0, 1, 1),  # the MNIST net's conv2: both threads
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("g", GEOMS)
+def test_im2col_matches_reference(g, dtype, rng):
+    N, C, H, W, *k = g
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    got = K.im2col(x, *k)
+    want = im2col_ref(x, *k)
+    assert got.dtype == dtype and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)  # a pure copy: bit-exact
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("g", GEOMS)
+def test_col2im_matches_reference_and_is_adjoint(g, dtype, rng):
+    N, C, H, W, *k = g
+    kh, kw, sh, sw, ph, pw, dh, dw = k
+    L = out_size(H, kh, sh, ph, dh) * out_size(W, kw, sw, pw, dw)
+    cols = rng.standard_normal((N, C * kh * kw, L)).astype(dtype)
+    got = K.col2im(cols, C, H, W, *k)
+    np.testing.assert_allclose(got, col2im_ref(cols, C, H, W, *k), **tol(dtype))
+    # <im2col(x), cols> == <x, col2im(cols)>: col2im is im2col's transpose
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    lhs = np.vdot(K.im2col(x, *k).astype(np.float64), cols.astype(np.float64))
+    rhs = np.vdot(x.astype(np.float64), got.astype(np.float64))
+    assert lhs == pytest.approx(rhs, rel=1e-4 if dtype == np.float32 else 1e-10)
+
+
+def test_im2col_noncontiguous_input_is_copied(rng):
+    x = rng.standard_normal((3, 4, 6, 6)).transpose(1, 0, 2, 3)  # (4, 3, 6, 6) view
+    np.testing.assert_array_equal(K.im2col(x, 3, 3, 1, 1, 1, 1, 1, 1),
+                                  im2col_ref(np.ascontiguousarray(x), 3, 3, 1, 1, 1, 1, 1, 1))
+
+
+def test_unsupported_dtype_falls_back():
+    x = np.zeros((1, 1, 4, 4), np.int32)
+    assert K.im2col(x, 2, 2, 1, 1, 0, 0, 1, 1) is None
+    assert K.max_pool2d(x, 2, 2, 2, 2, 0, 0, 1, 1, False) is None
+    assert K.relu(x) is None
+    assert K.softmax(np.zeros(3, np.float16), 0) is None
+
+
+def test_kernel_too_large_raises():
+    with pytest.raises(ValueError):
+        K.im2col(np.zeros((1, 1, 2, 2), np.float32), 3, 3, 1, 1, 0, 0, 1, 1)
+
+
+# ---- pooling ---------------------------------------------------------------------------
+POOLS = [  # (N, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw, ceil_mode)
+    (2, 3, 8, 8, 2, 2, 2, 2, 0, 0, 1, 1, False),
+    (2, 3, 7, 9, 2, 2, 2, 2, 0, 0, 1, 1, True),
+    (2, 2, 9, 7, 3, 3, 2, 2, 1, 1, 1, 1, False),
+    (2, 2, 9, 7, 3, 3, 2, 2, 1, 1, 1, 1, True),
+    (1, 2, 10, 11, 3, 2, 3, 1, 1, 1, 2, 3, True),
+    (1, 1, 6, 6, 3, 3, 1, 1, 0, 0, 1, 1, False),   # overlapping windows
+    (1, 1, 5, 5, 2, 2, 3, 3, 1, 1, 1, 1, True),    # ceil mode drops the padding-only window
+    (64, 64, 24, 24, 2, 2, 2, 2, 0, 0, 1, 1, False),  # the MNIST net's pool
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("g", POOLS)
+def test_max_pool2d_matches_reference_and_torch(g, dtype, rng):
+    N, C, H, W, *k = g
+    # rounded values make ties frequent: the first max must win
+    x = np.round(rng.standard_normal((N, C, H, W)) * 2).astype(dtype)
+    y, idx = K.max_pool2d(x, *k)
+    if N * C <= 8:
+        yr, ir = max_pool_ref(x, *k)
+        np.testing.assert_array_equal(y, yr)
+        np.testing.assert_array_equal(idx, ir)
+    kh, kw, sh, sw, ph, pw, dh, dw, ceil = k
+    yt, it = F.max_pool2d(torch.from_numpy(x), (kh, kw), (sh, sw), (ph, pw), (dh, dw),
+                          ceil_mode=ceil, return_indices=True)
+    np.testing.assert_array_equal(y, yt.numpy())
+    np.testing.assert_array_equal(idx, it.numpy())
+
+
+def test_max_pool2d_nan_and_inf():
+    x = np.array([[[[1, np.nan, 3, -np.inf],
+                    [0, 2, -np.inf, -np.inf]]]], np.float32)
+    y, idx = K.max_pool2d(x, 2, 2, 2, 2, 0, 0, 1, 1, False)
+    assert np.isnan(y[0, 0, 0, 0]) and idx[0, 0, 0, 0] == 1
+    assert y[0, 0, 0, 1] == 3 and idx[0, 0, 0, 1] == 2
+    y, idx = K.max_pool2d(x, 2, 2, 2, 2, 0, 0, 1, 2, False)  # generic path, dilation
+    yr, ir = max_pool_ref(x, 2, 2, 2, 2, 0, 0, 1, 2, False)
+    np.testing.assert_array_equal(y, yr)
+    np.testing.assert_array_equal(idx, ir)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("g", POOLS)
+def test_max_pool2d_backward_routes_to_argmax(g, dtype, rng):
+    N, C, H, W, *k = g
+    x = np.round(rng.standard_normal((N, C, H, W)) * 2).astype(dtype)
+    y, idx = K.max_pool2d(x, *k)
+    gy = rng.standard_normal(y.shape).astype(dtype)
+    gx = K.max_pool2d_backward(gy, idx, H, W)
+    want = np.zeros((N * C, H * W), np.float64)
+    np.add.at(want, (np.arange(N * C)[:, None], idx.reshape(N * C, -1)),
+              gy.reshape(N * C, -1))
+    np.testing.assert_allclose(gx, want.reshape(N, C, H, W), **tol(dtype))
+
+
+def test_max_pool2d_backward_rejects_bad_index():
+    gy = np.ones((1, 1, 1, 1), np.float32)
+    with pytest.raises(IndexError):
+        K.max_pool2d_backward(gy, np.array([[[[16]]]]), 4, 4)
+
+
+def test_max_pool2d_unbatched():
+    x = np.arange(2 * 4 * 4, dtype=np.float64).reshape(2, 4, 4)
+    y, idx = K.max_pool2d(x, 2, 2, 2, 2, 0, 0, 1, 1, False)
+    assert y.shape == (2, 2, 2)
+    np.testing.assert_array_equal(y[1], [[21, 23], [29, 31]])
+    np.testing.assert_array_equal(idx[0], [[5, 7], [13, 15]])
+
+
+AVG = [  # (N, C, H, W, kh, kw, sh, sw, ph, pw, ceil_mode, count_include_pad, divisor_override)
+    (2, 3, 8, 8, 2, 2, 2, 2, 0, 0, False, True, None),
+    (2, 3, 7, 9, 3, 3, 2, 2, 1, 1, False, True, None),
+    (2, 3, 7, 9, 3, 3, 2, 2, 1, 1, False, False, None),
+    (2, 3, 7, 9, 3, 3, 2, 2, 1, 1, True, True, None),
+    (2, 3, 7, 9, 3, 3, 2, 2, 1, 1, True, False, None),
+    (1, 2, 7, 6, 3, 2, 2, 1, 1, 1, True, True, 5),
+    (1, 2, 5, 5, 2, 2, 3, 3, 1, 1, True, True, None),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("g", AVG)
+def test_avg_pool2d_matches_reference_and_torch(g, dtype, rng):
+    N, C, H, W, *k = g
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    y = K.avg_pool2d(x, *k)
+    np.testing.assert_allclose(y, avg_pool_ref(x, *k), **tol(dtype))
+    kh, kw, sh, sw, ph, pw, ceil, cip, dov = k
+    xt = torch.from_numpy(x).requires_grad_()
+    yt = F.avg_pool2d(xt, (kh, kw), (sh, sw), (ph, pw), ceil, cip, dov)
+    np.testing.assert_allclose(y, yt.detach().numpy(), **tol(dtype))
+    gy = rng.standard_normal(y.shape).astype(dtype)
+    yt.backward(torch.from_numpy(gy))
+    gx = K.avg_pool2d_backward(gy, H, W, *k)
+    np.testing.assert_allclose(gx, xt.grad.numpy(), **tol(dtype))
+    # the backward is the forward's transpose: <avg(x), gy> == <x, avg_backward(gy)>
+    assert np.vdot(y.astype(np.float64), gy) == pytest.approx(
+        np.vdot(x.astype(np.float64), gx), rel=1e-4)
+
+
+# ---- element-wise ----------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [7, 100_003])  # one thread, and both
+def test_elementwise_kernels(dtype, n, rng):
+    x = (rng.standard_normal(n) * 3).astype(dtype)
+    x[:3] = [0.0, -0.0, np.nan] if n > 3 else x[:3]
+    gy = rng.standard_normal(n).astype(dtype)
+    t = tol(dtype)
+    np.testing.assert_array_equal(K.relu(x), np.where(x < 0, 0, x))
+    y = np.maximum(x, 0)
+    np.testing.assert_array_equal(K.relu_backward(y, gy), gy * (y > 0))
+    np.testing.assert_allclose(K.leaky_relu(x, 0.1), np.where(x > 0, x, x * dtype(0.1)), **t)
+    np.testing.assert_allclose(K.leaky_relu_backward(x, gy, 0.1),
+                               np.where(x > 0, gy, gy * dtype(0.1)), **t)
+    s = 1 / (1 + np.exp(-x.astype(np.float64)))
+    np.testing.assert_allclose(K.sigmoid(x), s, rtol=1e-6 if dtype == np.float32 else 1e-14,
+                               atol=1e-7 if dtype == np.float32 else 1e-15)
+    s = s.astype(dtype)
+    np.testing.assert_allclose(K.sigmoid_backward(s, gy), gy * s * (1 - s), **t)
+    th = np.tanh(x)
+    np.testing.assert_allclose(K.tanh(x), th, rtol=1e-6 if dtype == np.float32 else 1e-14,
+                               atol=1e-7 if dtype == np.float32 else 1e-15)
+    np.testing.assert_allclose(K.tanh_backward(th, gy), gy * (1 - th * th), **t)
+
+
+def test_sigmoid_extremes():
+    # exp(-x) overflows to inf for very negative x: the result is the limit 0, not NaN
+    x = np.array([-1000, -100, 0, 100, 1000], np.float32)
+    np.testing.assert_array_equal(K.sigmoid(x), [0, 0, 0.5, 1, 1])
+    np.testing.assert_array_equal(K.sigmoid(x.astype(np.float64))[[0, 2, 3, 4]], [0, 0.5, 1, 1])
+
+
+def test_elementwise_keeps_shape():
+    x = np.arange(-6, 6, dtype=np.float32).reshape(3, 2, 2)
+    assert K.relu(x).shape == (3, 2, 2)
+    assert K.relu_backward(x, x).shape == (3, 2, 2)
+
+
+# ---- softmax family --------------------------------------------------------------------
+SHAPES_DIMS = [((5, 10), 1), ((5, 10), 0), ((5, 10), -1), ((4, 3, 5, 6), 1),
+               ((2, 3, 70, 2), 2), ((300, 1000), 1), ((7,), 0), ((3, 200, 130), 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,dim", SHAPES_DIMS)
+def test_softmax_family(shape, dim, dtype, rng):
+    x = (rng.standard_normal(shape) * 5).astype(dtype)
+    x.flat[0] = 80  # large logits stay finite (stable)
+    t = dict(rtol=2e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-11, atol=1e-12)
+    y = K.softmax(x, dim)
+    np.testing.assert_allclose(y, softmax_ref(x.astype(np.float64), dim), **t)
+    ly = K.log_softmax(x, dim)
+    np.testing.assert_allclose(ly, log_softmax_ref(x.astype(np.float64), dim), **t)
+    gy = rng.standard_normal(shape).astype(dtype)
+    y64, gy64 = y.astype(np.float64), gy.astype(np.float64)
+    np.testing.assert_allclose(K.softmax_backward(y, gy, dim),
+                               y64 * (gy64 - (gy64 * y64).sum(dim, keepdims=True)), **t)
+    np.testing.assert_allclose(K.log_softmax_backward(ly, gy, dim),
+                               gy64 - np.exp(ly.astype(np.float64)) * gy64.sum(dim, keepdims=True),
+                               **t)
+
+
+def test_softmax_extremes():
+    x = np.array([[1000.0, 0.0, -1000.0], [-np.inf, 0.0, 0.0]], np.float32)
+    np.testing.assert_allclose(K.softmax(x, 1), [[1, 0, 0], [0, 0.5, 0.5]])
+    ly = K.log_softmax(x, 1)
+    assert ly[0, 0] == 0 and ly[0, 2] == -2000 and ly[1, 0] == -np.inf
+    x = np.array([[1.0, np.nan]], np.float64)
+    assert np.isnan(K.softmax(x, 1)).all()
+
+
+def test_softmax_bad_dim():
+    with pytest.raises(IndexError):
+        K.softmax(np.zeros((2, 3), np.float32), 2)
+
+
+CE = [  # (N, C, weighted, ignore_index, label_smoothing)
+    (8, 5, False, -100, 0.0),
+    (8, 5, True, -100, 0.0),
+    (8, 5, False, 2, 0.0),
+    (8, 5, True, 2, 0.0),
+    (8, 5, False, -100, 0.1),
+    (8, 5, True, 1, 0.25),
+    (500, 1000, True, 3, 0.1),  # both threads
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CE)
+def test_cross_entropy_matches_reference_and_torch(case, dtype, rng):
+    N, C, weighted, ignore, eps = case
+    x = (rng.standard_normal((N, C)) * 4).astype(dtype)
+    t = rng.integers(0, C, N)
+    t[1] = ignore if ignore >= 0 else t[1]
+    w = rng.uniform(0.5, 2, C).astype(dtype) if weighted else None
+    losses, dl = K.cross_entropy(x, t, w, ignore, eps)
+    lr, dr = cross_entropy_ref(x, t, w, ignore, eps)
+    tl = dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-13)
+    np.testing.assert_allclose(losses, lr, **tl)
+    np.testing.assert_allclose(dl, dr, **tl)
+    # PyTorch: per-row losses, and the gradient of their sum is dlogits row by row
+    xt = torch.from_numpy(x).requires_grad_()
+    lt = F.cross_entropy(xt, torch.from_numpy(t), None if w is None else torch.from_numpy(w),
+                         ignore_index=ignore, reduction="none", label_smoothing=eps)
+    lt.sum().backward()
+    np.testing.assert_allclose(losses, lt.detach().numpy(), **tl)
+    np.testing.assert_allclose(dl, xt.grad.numpy(), **tl)
+    # and the mean reduction's divisor is sum(weight[target]) over kept rows (contract)
+    keep = t != ignore
+    div = (w[t[keep]].sum() if weighted else keep.sum())
+    mean_t = F.cross_entropy(torch.from_numpy(x), torch.from_numpy(t),
+                             None if w is None else torch.from_numpy(w), ignore_index=ignore,
+                             label_smoothing=eps)
+    assert losses.astype(np.float64).sum() / div == pytest.approx(mean_t.item(), rel=1e-5)
+
+
+def test_cross_entropy_target_out_of_range():
+    with pytest.raises(IndexError, match="out of bounds"):
+        K.cross_entropy(np.zeros((2, 3), np.float32), np.array([0, 3]), None, -100, 0.0)
+
+
+def test_cross_entropy_int32_target(rng):
+    x = rng.standard_normal((4, 3))
+    t = np.array([0, 1, 2, 1], np.int32)
+    l32, _ = K.cross_entropy(x, t, None, -100, 0.0)
+    l64, _ = K.cross_entropy(x, t.astype(np.int64), None, -100, 0.0)
+    np.testing.assert_array_equal(l32, l64)
