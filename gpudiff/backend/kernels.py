@@ -50,6 +50,15 @@ padding, dilation are (h, w) pairs:
   adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs | None, steps, lr, beta1,
             beta2, eps, weight_decay, amsgrad, decoupled_weight_decay, maximize) -> None
 
+  dropout(x, p, seed, group) -> y
+      y[i] = x[i] * keep(i // group) / (1 - p)  (group 1: F.dropout; H*W: F.dropout2d), with
+      the counter-based keep(j) = (h(j) >> 8) >= ceil(p * 2^24) (uint32 arithmetic):
+        h(j) = mix(mix(lo32(j) ^ k0) + k1 + hi32(j)),
+        k0 = mix(lo32(seed) ^ 0x9e3779b9), k1 = mix(hi32(seed) ^ 0x85ebca6b),
+        mix(v): v ^= v >> 16; v *= 0x21f0aaad; v ^= v >> 15; v *= 0x735a2d97; v ^= v >> 15
+      Every device computes the same mask from the same seed (gpudiff/ops/norm.py holds the
+      xp reference); the backward is the same call on gy, so nothing is stored.
+
 Further kernels add their names here when they land.
 """
 import contextlib

@@ -1,0 +1,417 @@
+"""2-D pooling (NCHW, or unbatched CHW): max, average, adaptive average, adaptive max.
+
+Primitive ops (registry names in quotes) and their gradients:
+
+  'max_pool2d'           (y, indices)   indices: int64 flat h*W + w of each max in its plane,
+  'adaptive_max_pool2d'  (y, indices)     ties to the first tap, a NaN wins (as PyTorch)
+  'max_pool2d_backward'  gx = scatter-add of gy at indices   (its own gradient: a gather)
+  'avg_pool2d'  <->  'avg_pool2d_backward'                   (each the other's adjoint)
+  'adaptive_avg_pool2d'  <->  'adaptive_avg_pool2d_backward'
+
+Each forward asks the device for its kernel (``ctx.kernel``) and otherwise runs the xp
+reference here. Output sizes are PyTorch's: floor((n + 2p - d(k-1) - 1) / s) + 1, or ceil
+with the last window required to start inside the input or its left padding; adaptive bin
+i of n_out over n covers [floor(i*n/n_out), ceil((i+1)*n/n_out)).
+"""
+import numpy as np
+
+from . import Op
+
+
+# ---- geometry -------------------------------------------------------------------------
+def _pair(v, name, what):
+    if isinstance(v, (tuple, list)):
+        if len(v) == 1:
+            return int(v[0]), int(v[0])
+        if len(v) != 2:
+            raise ValueError(f"{name}: {what} must be a single int or a pair, got {v!r}")
+        return int(v[0]), int(v[1])
+    return int(v), int(v)
+
+
+def pool_output_size(n, k, s, p, d, ceil_mode):
+    span = n + 2 * p - d * (k - 1) - 1
+    out = (-(-span // s) if ceil_mode else span // s) + 1
+    if ceil_mode and (out - 1) * s >= n + p:  # the last window would start in the padding
+        out -= 1
+    return out
+
+
+def _as4d(xp_array):
+    """(N, C, H, W) view of a 3-D or 4-D array and whether it was unbatched."""
+    return (xp_array[None], True) if xp_array.ndim == 3 else (xp_array, False)
+
+
+def _first_taps(n, out, k, s, p, d):
+    """Per output position: the first tap inside [0, n) of its window (PyTorch's start)."""
+    start = np.arange(out) * s - p
+    first = np.where(start >= 0, 0, (-start + d - 1) // d)
+    return start + first * d
+
+
+def _bins(n, n_out):
+    i = np.arange(n_out)
+    return (i * n) // n_out, ((i + 1) * n + n_out - 1) // n_out
+
+
+# ---- xp references --------------------------------------------------------------------
+def max_pool2d_ref(xp, x, kh, kw, sh, sw, ph, pw, dh, dw, ceil_mode):
+    """Running max over the kh*kw strided views of the -inf padded input."""
+    x4, unbatched = _as4d(x)
+    N, C, H, W = x4.shape
+    OH, OW = pool_output_size(H, kh, sh, ph, dh, ceil_mode), pool_output_size(W, kw, sw, pw,
+                                                                              dw, ceil_mode)
+    need_h, need_w = (OH - 1) * sh + (kh - 1) * dh + 1, (OW - 1) * sw + (kw - 1) * dw + 1
+    pad = ((0, 0), (0, 0), (ph, max(0, need_h - H - ph)), (pw, max(0, need_w - W - pw)))
+    xpad = xp.pad(x4, pad, constant_values=-np.inf)
+    y = xp.full((N, C, OH, OW), -np.inf, x.dtype)
+    first = (_first_taps(H, OH, kh, sh, ph, dh)[:, None] * W
+             + _first_taps(W, OW, kw, sw, pw, dw)[None, :])
+    idx = xp.broadcast_to(xp.asarray(first, dtype=np.int64), (N, C, OH, OW)).copy()
+    hs, ws = np.arange(OH) * sh - ph, np.arange(OW) * sw - pw
+    for i in range(kh):
+        for j in range(kw):
+            v = xpad[:, :, i * dh: i * dh + sh * (OH - 1) + 1: sh,
+                     j * dw: j * dw + sw * (OW - 1) + 1: sw]
+            at = xp.asarray((hs[:, None] + i * dh) * W + ws[None, :] + j * dw, dtype=np.int64)
+            take = (v > y) | xp.isnan(v)       # strict: ties keep the first tap
+            y = xp.where(take, v, y)
+            idx = xp.where(take, at, idx)
+    return (y[0], idx[0]) if unbatched else (y, idx)
+
+
+def max_pool2d_backward_ref(xp, gy, indices, H, W):
+    """gx[plane, indices] += gy: a bincount over the flat (plane, h*W + w) positions."""
+    lead = gy.shape[:-2]
+    planes = int(np.prod(lead, dtype=np.int64))
+    flat = (indices.reshape(planes, -1)
+            + xp.arange(planes, dtype=np.int64)[:, None] * (H * W)).ravel()
+    gx = xp.bincount(flat, weights=gy.reshape(-1), minlength=planes * H * W)
+    return gx.astype(gy.dtype, copy=False).reshape(lead + (H, W))
+
+
+def _avg_divisors(H, W, OH, OW, kh, kw, sh, sw, ph, pw, count_include_pad, divisor_override):
+    """(OH, OW) array of each window's divisor (0 for a window wholly in the padding)."""
+    def axis(n, out, k, s, p):
+        start = np.arange(out) * s - p
+        end = np.minimum(start + k, n + p)
+        size = end - start                      # window clipped to the padded input
+        inside = np.minimum(end, n) - np.maximum(start, 0)
+        return size, inside
+    size_h, in_h = axis(H, OH, kh, sh, ph)
+    size_w, in_w = axis(W, OW, kw, sw, pw)
+    if divisor_override:
+        div = np.full((OH, OW), float(divisor_override))
+    elif count_include_pad:
+        div = (size_h[:, None] * size_w[None, :]).astype(float)
+    else:
+        div = (in_h[:, None] * in_w[None, :]).astype(float)
+    empty = (in_h[:, None] <= 0) | (in_w[None, :] <= 0)
+    return np.where(empty, 0.0, div)
+
+
+def _avg_pad(H, W, OH, OW, kh, kw, sh, sw, ph, pw):
+    need_h, need_w = (OH - 1) * sh + kh, (OW - 1) * sw + kw
+    return ((0, 0), (0, 0), (ph, max(0, need_h - H - ph)), (pw, max(0, need_w - W - pw)))
+
+
+def avg_pool2d_ref(xp, x, kh, kw, sh, sw, ph, pw, ceil_mode, count_include_pad, divisor_override):
+    x4, unbatched = _as4d(x)
+    N, C, H, W = x4.shape
+    OH, OW = pool_output_size(H, kh, sh, ph, 1, ceil_mode), pool_output_size(W, kw, sw, pw, 1,
+                                                                             ceil_mode)
+    xpad = xp.pad(x4, _avg_pad(H, W, OH, OW, kh, kw, sh, sw, ph, pw))
+    s = xp.zeros((N, C, OH, OW), x.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            s += xpad[:, :, i: i + sh * (OH - 1) + 1: sh, j: j + sw * (OW - 1) + 1: sw]
+    div = _avg_divisors(H, W, OH, OW, kh, kw, sh, sw, ph, pw, count_include_pad,
+                        divisor_override)
+    scale = xp.asarray(np.where(div > 0, 1 / np.where(div > 0, div, 1), 0), dtype=x.dtype)
+    y = s * scale
+    return y[0] if unbatched else y
+
+
+def avg_pool2d_backward_ref(xp, gy, H, W, kh, kw, sh, sw, ph, pw, ceil_mode, count_include_pad,
+                            divisor_override):
+    gy4, unbatched = _as4d(gy)
+    N, C, OH, OW = gy4.shape
+    div = _avg_divisors(H, W, OH, OW, kh, kw, sh, sw, ph, pw, count_include_pad,
+                        divisor_override)
+    scale = xp.asarray(np.where(div > 0, 1 / np.where(div > 0, div, 1), 0), dtype=gy.dtype)
+    g = gy4 * scale
+    pad = _avg_pad(H, W, OH, OW, kh, kw, sh, sw, ph, pw)
+    gxp = xp.zeros((N, C, H + pad[2][0] + pad[2][1], W + pad[3][0] + pad[3][1]), gy.dtype)
+    for i in range(kh):
+        for j in range(kw):
+            gxp[:, :, i: i + sh * (OH - 1) + 1: sh, j: j + sw * (OW - 1) + 1: sw] += g
+    gx = xp.ascontiguousarray(gxp[:, :, ph: ph + H, pw: pw + W])
+    return gx[0] if unbatched else gx
+
+
+def _bin_matrix(xp, n, n_out, dtype):
+    """(n_out, n): row i averages bin i, so y = Ph @ x @ Pw^T is the adaptive average."""
+    start, end = _bins(n, n_out)
+    pos = np.arange(n)
+    m = ((pos[None, :] >= start[:, None]) & (pos[None, :] < end[:, None])) / (end - start)[:, None]
+    return xp.asarray(m, dtype=dtype)
+
+
+def adaptive_avg_pool2d_ref(xp, x, oh, ow):
+    H, W = x.shape[-2:]
+    return xp.matmul(xp.matmul(_bin_matrix(xp, H, oh, x.dtype), x),
+                     _bin_matrix(xp, W, ow, x.dtype).T)
+
+
+def adaptive_avg_pool2d_backward_ref(xp, gy, H, W):
+    oh, ow = gy.shape[-2:]
+    return xp.ascontiguousarray(xp.matmul(xp.matmul(_bin_matrix(xp, H, oh, gy.dtype).T, gy),
+                                          _bin_matrix(xp, W, ow, gy.dtype)))
+
+
+def adaptive_max_pool2d_ref(xp, x, oh, ow):
+    H, W = x.shape[-2:]
+    lead = x.shape[:-2]
+    y = xp.empty(lead + (oh, ow), x.dtype)
+    idx = xp.empty(lead + (oh, ow), np.int64)
+    (h0s, h1s), (w0s, w1s) = _bins(H, oh), _bins(W, ow)
+    for i in range(oh):
+        h0, h1 = int(h0s[i]), int(h1s[i])
+        for j in range(ow):
+            w0, w1 = int(w0s[j]), int(w1s[j])
+            win = x[..., h0:h1, w0:w1].reshape(lead + (-1,))
+            a = xp.argmax(win, axis=-1)          # the first max (a NaN counts as the max)
+            y[..., i, j] = xp.take_along_axis(win, a[..., None], axis=-1)[..., 0]
+            idx[..., i, j] = (h0 + a // (w1 - w0)) * W + w0 + a % (w1 - w0)
+    return y, idx
+
+
+# ---- the ops --------------------------------------------------------------------------
+class MaxPool2dOp(Op):
+    name = "max_pool2d"
+
+    def forward(ctx, x, *, kernel_size, stride, padding, dilation, ceil_mode):
+        ctx.hw = x.shape[-2:]
+        args = kernel_size + stride + padding + dilation + (ceil_mode,)
+        k = ctx.kernel("max_pool2d")
+        out = k(x, *args) if k else None
+        y, idx = max_pool2d_ref(ctx.xp, x, *args) if out is None else out
+        ctx.mark_non_differentiable(idx)
+        ctx.save_for_backward(idx)
+        return y, idx
+
+    def backward(ctx, gy, gidx):
+        idx, = ctx.saved_tensors
+        return MaxPool2dBackward.apply(gy, idx, H=ctx.hw[0], W=ctx.hw[1])
+
+
+class AdaptiveMaxPool2dOp(Op):
+    name = "adaptive_max_pool2d"
+
+    def forward(ctx, x, *, output_size):
+        ctx.hw = x.shape[-2:]
+        k = ctx.kernel("adaptive_max_pool2d")
+        out = k(x, *output_size) if k else None
+        y, idx = adaptive_max_pool2d_ref(ctx.xp, x, *output_size) if out is None else out
+        ctx.mark_non_differentiable(idx)
+        ctx.save_for_backward(idx)
+        return y, idx
+
+    def backward(ctx, gy, gidx):
+        idx, = ctx.saved_tensors
+        return MaxPool2dBackward.apply(gy, idx, H=ctx.hw[0], W=ctx.hw[1])
+
+
+class MaxPool2dBackward(Op):
+    """gx (.., H, W): gy routed to the saved argmax positions (summed where they repeat)."""
+
+    name = "max_pool2d_backward"
+
+    def forward(ctx, gy, indices, *, H, W):
+        ctx.save_for_backward(indices)
+        k = ctx.kernel("max_pool2d_backward")
+        gx = k(gy, indices, H, W) if k else None
+        return max_pool2d_backward_ref(ctx.xp, gy, indices, H, W) if gx is None else gx
+
+    def backward(ctx, ggx):
+        idx, = ctx.saved_tensors
+        # the adjoint of a scatter-add is the gather at the same positions
+        ggy = ggx.flatten(-2).gather(-1, idx.flatten(-2)).reshape(idx.shape)
+        return ggy, None
+
+
+class AvgPool2dOp(Op):
+    name = "avg_pool2d"
+
+    def forward(ctx, x, *, kernel_size, stride, padding, ceil_mode, count_include_pad,
+                divisor_override):
+        ctx.p = dict(kernel_size=kernel_size, stride=stride, padding=padding,
+                     ceil_mode=ceil_mode, count_include_pad=count_include_pad,
+                     divisor_override=divisor_override)
+        ctx.hw = x.shape[-2:]
+        args = kernel_size + stride + padding + (ceil_mode, count_include_pad, divisor_override)
+        k = ctx.kernel("avg_pool2d")
+        y = k(x, *args) if k else None
+        return avg_pool2d_ref(ctx.xp, x, *args) if y is None else y
+
+    def backward(ctx, gy):
+        return AvgPool2dBackward.apply(gy, input_size=ctx.hw, **ctx.p)
+
+
+class AvgPool2dBackward(Op):
+    name = "avg_pool2d_backward"
+
+    def forward(ctx, gy, *, input_size, kernel_size, stride, padding, ceil_mode,
+                count_include_pad, divisor_override):
+        ctx.p = dict(kernel_size=kernel_size, stride=stride, padding=padding,
+                     ceil_mode=ceil_mode, count_include_pad=count_include_pad,
+                     divisor_override=divisor_override)
+        args = tuple(input_size) + kernel_size + stride + padding + (
+            ceil_mode, count_include_pad, divisor_override)
+        k = ctx.kernel("avg_pool2d_backward")
+        gx = k(gy, *args) if k else None
+        return avg_pool2d_backward_ref(ctx.xp, gy, *args) if gx is None else gx
+
+    def backward(ctx, ggx):
+        return AvgPool2dOp.apply(ggx, **ctx.p)
+
+
+class AdaptiveAvgPool2dOp(Op):
+    name = "adaptive_avg_pool2d"
+
+    def forward(ctx, x, *, output_size):
+        ctx.hw = x.shape[-2:]
+        k = ctx.kernel("adaptive_avg_pool2d")
+        y = k(x, *output_size) if k else None
+        return adaptive_avg_pool2d_ref(ctx.xp, x, *output_size) if y is None else y
+
+    def backward(ctx, gy):
+        return AdaptiveAvgPool2dBackward.apply(gy, input_size=ctx.hw)
+
+
+class AdaptiveAvgPool2dBackward(Op):
+    name = "adaptive_avg_pool2d_backward"
+
+    def forward(ctx, gy, *, input_size):
+        ctx.out = gy.shape[-2:]
+        k = ctx.kernel("adaptive_avg_pool2d_backward")
+        gx = k(gy, *input_size) if k else None
+        return adaptive_avg_pool2d_backward_ref(ctx.xp, gy, *input_size) if gx is None else gx
+
+    def backward(ctx, ggx):
+        return AdaptiveAvgPool2dOp.apply(ggx, output_size=ctx.out)
+
+
+# ---- public functions (torch.nn.functional signatures) ---------------------------------
+def _check_input(name, input):
+    if input.ndim not in (3, 4):
+        raise RuntimeError(f"{name}: expected a 3-D (unbatched) or 4-D (batched) input, got "
+                           f"shape {tuple(input.shape)}")
+    if input.dtype.kind != "f":
+        raise RuntimeError(f"{name}: expected a floating input, got {input.dtype}")
+    if min(input.shape[-2:]) < 1 or (input.ndim == 4 and input.shape[1] < 1):
+        raise RuntimeError(f"{name}: expected non-empty spatial and channel dimensions, got "
+                           f"input of shape {tuple(input.shape)}")
+
+
+def _window(name, input, kernel_size, stride, padding, dilation, ceil_mode, effective):
+    kernel = _pair(kernel_size, name, "kernel_size")
+    stride = kernel if (stride is None or (isinstance(stride, (tuple, list)) and not stride)) \
+        else _pair(stride, name, "stride")
+    padding = _pair(padding, name, "padding")
+    dilation = _pair(dilation, name, "dilation")
+    if min(kernel) < 1 or min(stride) < 1 or min(dilation) < 1:
+        raise RuntimeError(f"{name}: kernel_size, stride and dilation must be positive, got "
+                           f"kernel_size={kernel}, stride={stride}, dilation={dilation}")
+    for p, k, d in zip(padding, kernel, dilation):
+        half = ((k - 1) * d + 1) // 2 if effective else k // 2
+        if p < 0 or p > half:
+            raise RuntimeError(f"{name}: pad should be at most half of "
+                               f"{'effective ' if effective else ''}kernel size, but got "
+                               f"pad={padding}, kernel_size={kernel} and dilation={dilation}")
+    H, W = input.shape[-2:]
+    OH = pool_output_size(H, kernel[0], stride[0], padding[0], dilation[0], ceil_mode)
+    OW = pool_output_size(W, kernel[1], stride[1], padding[1], dilation[1], ceil_mode)
+    if OH < 1 or OW < 1:
+        raise RuntimeError(f"{name}: Given input size: ({'x'.join(map(str, input.shape[-3:]))}). "
+                           f"Calculated output size: ({input.shape[-3]}x{OH}x{OW}). Output size "
+                           f"is too small")
+    return kernel, stride, padding, dilation
+
+
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False):
+    """2-D max pooling, as torch.nn.functional.max_pool2d; with ``return_indices`` also the
+    int64 flat (h * W + w) position of each maximum in its plane.
+
+    >>> import gpudiff, gpudiff.nn.functional as F
+    >>> F.max_pool2d(gpudiff.arange(16.).reshape(1, 1, 4, 4), 2).tolist()
+    [[[[5.0, 7.0], [13.0, 15.0]]]]
+    """
+    name = "max_pool2d"
+    _check_input(name, input)
+    kernel, stride, padding, dilation = _window(name, input, kernel_size, stride, padding,
+                                                dilation, ceil_mode, effective=True)
+    y, idx = MaxPool2dOp.apply(input, kernel_size=kernel, stride=stride, padding=padding,
+                               dilation=dilation, ceil_mode=bool(ceil_mode))
+    return (y, idx) if return_indices else y
+
+
+def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
+               count_include_pad=True, divisor_override=None):
+    """2-D average pooling, as torch.nn.functional.avg_pool2d.
+
+    >>> import gpudiff, gpudiff.nn.functional as F
+    >>> F.avg_pool2d(gpudiff.arange(16.).reshape(1, 1, 4, 4), 2).tolist()
+    [[[[2.5, 4.5], [10.5, 12.5]]]]
+    """
+    name = "avg_pool2d"
+    _check_input(name, input)
+    if divisor_override is not None and int(divisor_override) == 0:
+        raise RuntimeError(f"{name}: divisor must be not zero")
+    kernel, stride, padding, _ = _window(name, input, kernel_size, stride, padding, 1,
+                                         ceil_mode, effective=False)
+    return AvgPool2dOp.apply(input, kernel_size=kernel, stride=stride, padding=padding,
+                             ceil_mode=bool(ceil_mode), count_include_pad=bool(count_include_pad),
+                             divisor_override=None if divisor_override is None
+                             else int(divisor_override))
+
+
+def _adaptive_size(name, input, output_size):
+    if isinstance(output_size, (tuple, list)):
+        if len(output_size) != 2:
+            raise ValueError(f"{name}: output_size must be an int or a pair, got {output_size!r}")
+        size = tuple(input.shape[-2 + i] if s is None else int(s)
+                     for i, s in enumerate(output_size))
+    else:
+        size = (int(output_size), int(output_size))
+    if min(size) < 1:
+        raise RuntimeError(f"{name}: output_size must be positive, got {size}")
+    return size
+
+
+def adaptive_avg_pool2d(input, output_size):
+    """Average over PyTorch's adaptive bins to an (oh, ow) output (None keeps that size).
+
+    >>> import gpudiff, gpudiff.nn.functional as F
+    >>> F.adaptive_avg_pool2d(gpudiff.ones(2, 3, 5, 7), (2, 3)).shape
+    (2, 3, 2, 3)
+    """
+    name = "adaptive_avg_pool2d"
+    _check_input(name, input)
+    size = _adaptive_size(name, input, output_size)
+    return AdaptiveAvgPool2dOp.apply(input, output_size=size)
+
+
+def adaptive_max_pool2d(input, output_size, return_indices=False):
+    """Max over PyTorch's adaptive bins (uneven where the sizes do not divide).
+
+    >>> import gpudiff, gpudiff.nn.functional as F
+    >>> F.adaptive_max_pool2d(gpudiff.arange(25.).reshape(1, 1, 5, 5), 2).tolist()
+    [[[[12.0, 14.0], [22.0, 24.0]]]]
+    """
+    name = "adaptive_max_pool2d"
+    _check_input(name, input)
+    size = _adaptive_size(name, input, output_size)
+    y, idx = AdaptiveMaxPool2dOp.apply(input, output_size=size)
+    return (y, idx) if return_indices else y
