@@ -309,3 +309,57 @@ def test_training_a_model_with_each_optimizer_lowers_the_loss():
             first = float(loss) if first is None else first
         # Adadelta starts with steps of ~sqrt(eps): it only gets going later
         assert float(loss) < (0.8 if cls is optim.Adadelta else 0.5) * first, cls.__name__
+
+
+# ---- devices: the CUDA path (emulated unless GPUDIFF_TEST_REAL_GPU=1) -------------------
+needs_cuda = pytest.mark.skipif(not gpudiff.cuda.is_available(),
+                                reason="no CUDA device (real or emulated)")
+
+
+@needs_cuda
+@pytest.mark.parametrize("name, kwargs", CASES, ids=[ids(c) for c in CASES])
+def test_cuda_steps_equal_cpu_steps(name, kwargs, monkeypatch):
+    """SGD and Adam/AdamW go through the fused multi-tensor kernels on 'cuda' (checked by
+    counting calls); every optimizer gives the CPU's parameters."""
+    from gpudiff.backend import kernels
+    calls = []
+    for kname in ("sgd_step", "adam_step"):
+        k = kernels.KERNELS["cuda"].get(kname)
+        if k is not None:
+            def counting(*a, _k=k, _n=kname, **kw):
+                calls.append(_n)
+                return _k(*a, **kw)
+            monkeypatch.setitem(kernels.KERNELS["cuda"], kname, counting)
+    init, grads = make_data(5)
+    cls = getattr(optim, name)
+    cpu, _ = run(gpudiff, cls, kwargs, init, grads[:6])
+    ps = [gpudiff.tensor(a.copy(), device="cuda", requires_grad=True) for a in init]
+    opt = cls(ps, **kwargs)
+    for gs in grads[:6]:
+        for p, g in zip(ps, gs):
+            p.grad = gpudiff.tensor(g.copy(), device="cuda")
+        opt.step()
+    for a, b in zip(cpu, ps):
+        assert b.device.type == "cuda"
+        np.testing.assert_allclose(b.detach().cpu().numpy(), a.detach().numpy(), rtol=1e-6,
+                                   atol=1e-7)
+    for st in opt.state.values():
+        for k, v in st.items():
+            if isinstance(v, gpudiff.Tensor):
+                assert v.device.type == ("cpu" if k == "step" else "cuda"), k
+    fused = {"SGD": "sgd_step", "Adam": "adam_step", "AdamW": "adam_step"}.get(name)
+    if fused in kernels.KERNELS["cuda"]:
+        assert calls.count(fused) >= 5  # SGD's first momentum step takes the reference path
+    else:
+        assert calls == []
+
+
+@needs_cuda
+def test_load_state_dict_moves_state_to_the_parameters_device():
+    init, grads = make_data(6)
+    _, opt = run(gpudiff, optim.Adam, {"lr": 0.01}, init, grads[:3])
+    ps = [gpudiff.tensor(a, device="cuda", requires_grad=True) for a in init]
+    opt2 = optim.Adam(ps, lr=0.01)
+    opt2.load_state_dict(opt.state_dict())
+    st = opt2.state[ps[0]]
+    assert st["exp_avg"].device.type == "cuda" and st["step"].device.type == "cpu"
