@@ -29,6 +29,9 @@
 #include <vector>
 
 #include "emulator.h"
+#include "trace.h"
+
+#define GD_HOST_INLINE inline __attribute__((always_inline))
 
 // ---- qualifiers -------------------------------------------------------------------------
 #define __global__
@@ -124,9 +127,11 @@ class gptr {
     template <typename U, typename = std::enable_if_t<std::is_convertible<U*, T*>::value>>
     gptr(const gptr<U>& o) : p_(o.get()), lo_(o.lo()), hi_(o.hi()), arg_(o.arg()) {}
 
-    T& operator[](std::ptrdiff_t i) const { return *check(p_ + i); }
-    T& operator*() const { return *check(p_); }
-    T* operator->() const { return check(p_); }
+    // always inlined: with tracing on, each access site calls trace_access() from its own
+    // place in the kernel's code, which is how the tracer tells the sites apart
+    GD_HOST_INLINE T& operator[](std::ptrdiff_t i) const { return *check(p_ + i); }
+    GD_HOST_INLINE T& operator*() const { return *check(p_); }
+    GD_HOST_INLINE T* operator->() const { return check(p_); }
     gptr operator+(std::ptrdiff_t i) const { return gptr(p_ + i, lo_, hi_, arg_); }
     gptr operator-(std::ptrdiff_t i) const { return gptr(p_ - i, lo_, hi_, arg_); }
     friend gptr operator+(std::ptrdiff_t i, const gptr& p) { return p + i; }
@@ -144,9 +149,10 @@ class gptr {
     int arg() const { return arg_; }
 
   private:
-    T* check(T* q) const {
+    GD_HOST_INLINE T* check(T* q) const {
         const char* c = reinterpret_cast<const char*>(q);
         if (c < lo_ || c + sizeof(T) > hi_) out_of_bounds(arg_, lo_, hi_, q, sizeof(T));
+        if (g_trace_on) trace_access(arg_, lo_, q, sizeof(T));  // bench/cuda_memory_report.py
         return q;
     }
     T* p_ = nullptr;

@@ -13,6 +13,7 @@
 // Arrays are copied into buffers with guard zones on both sides (filled with a pattern),
 // checked after the launch, then copied back where the kernel may write. See docs/EMULATOR.md.
 #include "emulator.h"
+#include "trace.h"
 
 #include <sys/mman.h>
 #include <ucontext.h>
@@ -204,6 +205,7 @@ void resume(Run& r, int t) {
     }
     g_cur = t;
     threadIdx = r.threads[t].idx;
+    if (g_trace_on) trace_resume();  // trace.h: a new sync epoch for this thread
     r.threads[t].started = true;
     ++r.stats.resumes;
     swapcontext(&g_scheduler, &f.ctx);

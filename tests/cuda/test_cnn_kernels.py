@@ -588,3 +588,34 @@ def test_fused_optimizer_declines_non_contiguous_state():
     np.testing.assert_array_equal(p, -0.1 * np.ones((4, 4), np.float32))  # grad copy used
     assert cc.adam_step([p], [g], [np.zeros_like(p)], [np.zeros_like(p)], None, [1.0], 0.1,
                         0.9, 0.99, 1e-8, 0, True, False, False) is NotImplemented
+
+
+# ================================ memory-traffic tracer =======================================
+def test_tracer_counts_sectors_like_a_gpu():
+    from gpudiff.backend import cuda_trace
+    x = rand((64, 100), np.float32)
+    y = np.empty_like(x)
+    # float4 loads of consecutive lanes: 16 sectors per request, nothing wasted
+    r = cuda_trace.traced_launch("activations.cu", "relu_fwd<float>", 4, 256,
+                                 (x, y, np.int64(x.size)))
+    assert r["sector_efficiency"] == 1.0 and r["sectors_per_request"] == 16.0
+    assert r["unique_bytes"] == {0: x.nbytes, 1: y.nbytes}
+    # a column walk of a (N, C) matrix by consecutive lanes (channel-per-block batch norm on a
+    # 2-D input would do this): each float in its own sector, 1/8 efficient
+    xt = rand((256, 8), np.float32)
+    r = cuda_trace.traced_launch(
+        "batch_norm.cu", "batch_norm_fwd_train_plane<float>", 1, 32,
+        (xt.reshape(256, 8, 1), np.zeros(1, np.float32), np.zeros(1, np.float32),
+         np.zeros(1, np.float32), np.zeros(1, np.float32), np.empty((256, 8, 1), np.float32),
+         np.empty(8, np.float32), np.empty(8, np.float32), np.int32(256), np.int32(8),
+         np.int64(1), np.float32(0.1), np.float32(1e-5), np.int32(0), np.int32(0),
+         np.int32(0)))
+    assert r["sectors_per_request"] > 20 and r["sector_efficiency"] < 0.2
+    # ... which is why the (N, C) layout has its own kernel: a warp reads 32 channels of a row
+    r = cuda_trace.traced_launch(
+        "batch_norm.cu", "batch_norm_fwd_train_cols<float>", 1, (32, 8),
+        (rand((256, 32), np.float32), np.zeros(1, np.float32), np.zeros(1, np.float32),
+         np.zeros(1, np.float32), np.zeros(1, np.float32), np.empty((256, 32), np.float32),
+         np.empty(32, np.float32), np.empty(32, np.float32), np.int32(256), np.int32(32),
+         np.float32(0.1), np.float32(1e-5), np.int32(0), np.int32(0), np.int32(0)))
+    assert r["sector_efficiency"] > 0.95
