@@ -82,7 +82,7 @@ class Function:
                 if isinstance(o, Tensor) and id(o) not in ctx._non_diff \
                         and o.dtype.kind == "f":
                     o.grad_fn, o._output_nr, o._requires_grad = node, i, True
-            ctx._saved = tuple(_save(t) for t in ctx._to_save)
+            ctx._saved = tuple(_save(t, node) for t in ctx._to_save)
         ctx._to_save = ()
         return outs if multi else outs[0]
 
@@ -95,7 +95,7 @@ class Function:
         raise NotImplementedError
 
 
-def _save(t):
+def _save(t, node):
     if t is None:
         return None
-    return SavedTensor(t.array, t.device, tensor=t)
+    return SavedTensor(t.array, t.device, tensor=t, owner=node)

@@ -11,6 +11,7 @@ saved arrays unless ``retain_graph``. Backward rules are written in gpudiff ops,
 """
 import heapq
 import itertools
+import weakref
 
 import numpy as np
 
@@ -28,9 +29,9 @@ class SavedTensor:
     """
 
     __slots__ = ("array", "version", "saved_version", "leaf", "grad_fn", "output_nr",
-                 "requires_grad", "device")
+                 "requires_grad", "device", "weak")
 
-    def __init__(self, array, device, tensor=None, grad_fn=None, output_nr=0):
+    def __init__(self, array, device, tensor=None, grad_fn=None, output_nr=0, owner=None):
         self.array = array
         self.device = device
         self.leaf = None
@@ -47,6 +48,13 @@ class SavedTensor:
             elif grad_fn is None:
                 self.grad_fn, self.output_nr = tensor.grad_fn, tensor._output_nr
             self.requires_grad = self.grad_fn is not None or self.leaf is not None
+        # an output saved by the node that made it: a strong link would be a reference
+        # cycle (node -> ctx -> saved -> node) keeping a graph that is never backwarded
+        # (and its arrays) alive until the cyclic GC runs. The node runs its own backward,
+        # so it is alive whenever this is unpacked.
+        self.weak = owner is not None and self.grad_fn is owner
+        if self.weak:
+            self.grad_fn = weakref.ref(owner)
 
     def unpack(self, op_name):
         from ..tensor import Tensor
@@ -59,8 +67,9 @@ class SavedTensor:
                 f"Use an out-of-place op (or .clone()) before modifying it.")
         if self.leaf is not None:
             return self.leaf
-        t = Tensor._make(self.array, self.device, self.grad_fn, self.output_nr)
-        t._requires_grad = self.requires_grad and self.grad_fn is not None
+        grad_fn = self.grad_fn() if self.weak else self.grad_fn
+        t = Tensor._make(self.array, self.device, grad_fn, self.output_nr)
+        t._requires_grad = self.requires_grad and grad_fn is not None
         if self.version is not None:
             t._version = self.version
         return t

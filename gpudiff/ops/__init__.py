@@ -170,7 +170,8 @@ def _save(a, inputs, outputs, node):
             return SavedTensor(a, t.device, tensor=t)
     for i, t in enumerate(outputs):
         if t.array is a:
-            return SavedTensor(a, t.device, tensor=t, grad_fn=t.grad_fn, output_nr=i)
+            return SavedTensor(a, t.device, tensor=t, grad_fn=t.grad_fn, output_nr=i,
+                               owner=node)
     return SavedTensor(a, outputs[0].device)
 
 
