@@ -192,6 +192,7 @@ class MaxPool2dOp(Op):
 
     def forward(ctx, x, *, kernel_size, stride, padding, dilation, ceil_mode):
         ctx.hw = x.shape[-2:]
+        ctx.window = kernel_size + stride + padding + dilation
         args = kernel_size + stride + padding + dilation + (ceil_mode,)
         k = ctx.kernel("max_pool2d")
         out = k(x, *args) if k else None
@@ -202,7 +203,7 @@ class MaxPool2dOp(Op):
 
     def backward(ctx, gy, gidx):
         idx, = ctx.saved_tensors
-        return MaxPool2dBackward.apply(gy, idx, H=ctx.hw[0], W=ctx.hw[1])
+        return MaxPool2dBackward.apply(gy, idx, H=ctx.hw[0], W=ctx.hw[1], window=ctx.window)
 
 
 class AdaptiveMaxPool2dOp(Op):
@@ -219,18 +220,30 @@ class AdaptiveMaxPool2dOp(Op):
 
     def backward(ctx, gy, gidx):
         idx, = ctx.saved_tensors
-        return MaxPool2dBackward.apply(gy, idx, H=ctx.hw[0], W=ctx.hw[1])
+        return MaxPool2dBackward.apply(gy, idx, H=ctx.hw[0], W=ctx.hw[1], window="adaptive")
 
 
 class MaxPool2dBackward(Op):
-    """gx (.., H, W): gy routed to the saved argmax positions (summed where they repeat)."""
+    """gx (.., H, W): gy routed to the saved argmax positions (summed where they repeat).
+
+    ``window`` (kh, kw, sh, sw, ph, pw, dh, dw) or 'adaptive' lets a device gather instead of
+    scatter (each input element visits only the outputs whose window can cover it: the CUDA
+    kernels, deterministic without atomics); without it the contract's kernel is used."""
 
     name = "max_pool2d_backward"
 
-    def forward(ctx, gy, indices, *, H, W):
+    def forward(ctx, gy, indices, *, H, W, window=None):
         ctx.save_for_backward(indices)
-        k = ctx.kernel("max_pool2d_backward")
-        gx = k(gy, indices, H, W) if k else None
+        gx = None
+        if window == "adaptive":
+            k = ctx.kernel("adaptive_max_pool2d_backward")
+            gx = k(gy, indices, H, W) if k else None
+        elif window is not None:
+            k = ctx.kernel("max_pool2d_with_indices_backward")
+            gx = k(gy, indices, H, W, *window) if k else None
+        if gx is None:
+            k = ctx.kernel("max_pool2d_backward")
+            gx = k(gy, indices, H, W) if k else None
         return max_pool2d_backward_ref(ctx.xp, gy, indices, H, W) if gx is None else gx
 
     def backward(ctx, ggx):

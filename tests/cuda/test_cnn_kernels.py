@@ -619,3 +619,50 @@ def test_tracer_counts_sectors_like_a_gpu():
          np.empty(32, np.float32), np.empty(32, np.float32), np.int32(256), np.int32(32),
          np.float32(0.1), np.float32(1e-5), np.int32(0), np.int32(0), np.int32(0)))
     assert r["sector_efficiency"] > 0.95
+
+
+# ================================ ops on the emulated device ===================================
+def _op_grads(dev, fn, *arrays):
+    import gpudiff
+    ts = [gpudiff.tensor(a, device=dev, requires_grad=True) for a in arrays]
+    y = fn(*ts)
+    (y * y).sum().backward()
+    return [y.detach().cpu().numpy()] + [t.grad.cpu().numpy() for t in ts]
+
+
+@pytest.mark.parametrize("name", ["max", "max-dilated-ceil", "avg", "adaptive_max",
+                                  "adaptive_avg", "batch_norm2d", "batch_norm1d"])
+def test_pool_and_norm_ops_on_cuda_match_cpu(name, monkeypatch):
+    import gpudiff.nn.functional as gF
+    launched, modes = [], []
+    launch = cc.launch
+
+    def spy(f, n, grid, block, args, *a, **k):
+        launched.append(n)
+        if n.startswith("max_pool2d_bwd"):
+            modes.append(int(args[8]))  # 0: window gather, 1: adaptive, 2: geometry unknown
+        return launch(f, n, grid, block, args, *a, **k)
+
+    monkeypatch.setattr(cc, "launch", spy)
+    x = rand((2, 3, 9, 8), np.float32)
+    fns = {
+        "max": lambda t: gF.max_pool2d(t, 3, 2, 1),
+        "max-dilated-ceil": lambda t: gF.max_pool2d(t, (2, 3), (2, 1), (1, 1), (2, 1), True),
+        "avg": lambda t: gF.avg_pool2d(t, 3, 2, 1, ceil_mode=True, count_include_pad=False),
+        "adaptive_max": lambda t: gF.adaptive_max_pool2d(t, (4, 3)),
+        "adaptive_avg": lambda t: gF.adaptive_avg_pool2d(t, (4, 3)),
+        "batch_norm2d": lambda t: gF.batch_norm(t, None, None, training=True),
+        "batch_norm1d": lambda t: gF.batch_norm(t.reshape(6, -1), None, None, training=True),
+    }
+    cuda = _op_grads("cuda", fns[name], x)
+    cpu = _op_grads("cpu", fns[name], x)
+    for a, b in zip(cuda, cpu):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    # the CUDA kernels ran, and the max-pool backward gathered with the window known
+    want = {"max": "max_pool2d_bwd<float>", "max-dilated-ceil": "max_pool2d_bwd<float>",
+            "avg": "avg_pool2d_bwd<float>", "adaptive_max": "max_pool2d_bwd<float>",
+            "adaptive_avg": "adaptive_avg_pool2d_bwd<float>",
+            "batch_norm2d": "batch_norm_bwd_plane<float>",
+            "batch_norm1d": "batch_norm_bwd_cols<float>"}[name]
+    assert want in launched
+    assert modes == ({"max": [0], "max-dilated-ceil": [0], "adaptive_max": [1]}).get(name, [])
