@@ -40,6 +40,10 @@ padding, dilation are (h, w) pairs:
   conv2d_backward_weight(gy, x, w_shape, stride, padding, dilation, groups) -> gw
   adaptive_avg_pool2d(x, oh, ow) -> y          adaptive_avg_pool2d_backward(gy, H, W) -> gx
   adaptive_max_pool2d(x, oh, ow) -> (y, indices)   (backward: max_pool2d_backward)
+  max_pool2d_with_indices_backward(gy, indices, H, W, kh, kw, sh, sw, ph, pw, dh, dw) -> gx
+  adaptive_max_pool2d_backward(gy, indices, H, W) -> gx
+      the max-pool backward with its window known: a device can gather (each input visits
+      only the outputs that can cover it) instead of scattering; ops try these first
   batch_norm_forward(x, weight | None, bias | None, running_mean | None, running_var | None,
                      training, momentum, eps) -> (y, save_mean (C,), save_invstd (C,))
       training: batch statistics, and running stats updated in place (unbiased var);
