@@ -17,9 +17,12 @@ def _k(device, name):
 
 def _run(ctx, name, *args):
     """The device's fast kernel ``name`` on ``args``, or None: no kernel, or one that declined
-    (a dtype or layout it does not handle). The op then runs its reference code."""
+    (a dtype or layout it does not handle). The op then runs its reference code. 0-d arrays
+    never go to a kernel (no speed to gain, and kernels may assume ndim >= 1)."""
     k = ctx.kernel(name)
-    return k(*args) if k else None
+    if k is None or any(getattr(a, "ndim", 1) == 0 for a in args):
+        return None
+    return k(*args)
 
 
 # ---- activations ----------------------------------------------------------------------
