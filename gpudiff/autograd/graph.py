@@ -15,7 +15,7 @@ import weakref
 
 import numpy as np
 
-from .grad_mode import enable_grad, is_anomaly_enabled, no_grad
+from .grad_mode import enable_grad, is_anomaly_enabled, no_grad, set_detect_anomaly
 
 _seq = itertools.count()
 
@@ -202,7 +202,14 @@ def run_backward(roots, grad_roots, retain_graph=False, create_graph=False, inpu
                     f"arrays are freed after backward(); specify retain_graph=True on the first "
                     f"backward() call if you need to backward through the graph again.")
             gys = [g if g is not None else _zeros(*node.out_meta[i]) for i, g in enumerate(gys)]
-            grads = node.backward_fn(node.ctx, *gys)
+            if anomaly:  # check the node's gradients as a whole (below), naming the node,
+                set_detect_anomaly(False)  # not the ops its backward formula runs
+                try:
+                    grads = node.backward_fn(node.ctx, *gys)
+                finally:
+                    set_detect_anomaly(True)
+            else:
+                grads = node.backward_fn(node.ctx, *gys)
             if not isinstance(grads, (tuple, list)):
                 grads = (grads,)
             if len(grads) < len(node.next):
