@@ -324,6 +324,10 @@ def test_elementwise_keeps_shape():
     x = np.arange(-6, 6, dtype=np.float32).reshape(3, 2, 2)
     assert K.relu(x).shape == (3, 2, 2)
     assert K.relu_backward(x, x).shape == (3, 2, 2)
+    s = np.array(0.5)  # 0-d stays 0-d
+    assert K.sigmoid(s).shape == () and K.sigmoid_backward(s, s).shape == ()
+    assert K.sigmoid_backward(s, s) == 0.125
+    assert K.softmax(s, 0).shape == () and K.softmax(s, 0) == 1
 
 
 # ---- softmax family --------------------------------------------------------------------

@@ -36,7 +36,12 @@ def _floats(*arrays):
                for a in arrays)
 
 
-_c = np.ascontiguousarray
+def _c(a, dtype=None):
+    """``a`` as a C-contiguous array (of ``dtype``), copying only when needed. Unlike
+    np.ascontiguousarray this keeps 0-d arrays 0-d."""
+    if dtype is not None and a.dtype != dtype:
+        return np.array(a, dtype=dtype, order="C")
+    return a if a.flags.c_contiguous else np.array(a, order="C")
 
 
 def _as_4d(x):

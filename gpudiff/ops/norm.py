@@ -5,9 +5,9 @@ Primitive ops (registry names in quotes):
   'batch_norm'            y = (x - mean) * invstd * w + b per channel (dim 1); training uses
                           the batch statistics and updates the running ones in place
                           (momentum, unbiased variance), eval uses the running ones
-  'batch_norm_backward'   the fused training gradient (gx, gw, gb) of a first backward; with
-                          create_graph=True batch_norm's backward is written in gpudiff ops
-                          instead, so double backward works
+                          (its first backward is one fused kernel call; with
+                          create_graph=True it is written in gpudiff ops, so double
+                          backward works)
   'dropout'               y = x * keep(i // group) / (1 - p): group 1 is F.dropout, group
                           H*W is F.dropout2d (one draw per channel); linear in x, so its
                           gradient is the same op with the same seed
@@ -88,26 +88,24 @@ class BatchNormOp(Op):
         x, w, mean, invstd = ctx.saved_tensors
         nx, nw, nb = ctx.needs_input_grad[:3]
         if ctx.training and not is_grad_enabled():   # a first backward: the fused kernel
-            gx, gw, gb = BatchNormBackward.apply(gy, x, w, mean, invstd)
+            gx, gw, gb = _batch_norm_backward_fused(gy, x, w, mean, invstd)
         else:  # create_graph (or eval): composite, differentiable in x, w and gy
             gx, gw, gb = _batch_norm_backward_composite(gy, x, w, mean, invstd, ctx.training,
                                                         ctx.eps)
         return (gx if nx else None, gw if nw else None, gb if nb else None, None, None)
 
 
-class BatchNormBackward(Op):
-    """(gx, gw, gb) of training-mode batch_norm; runs only where no graph is recorded."""
-
-    name = "batch_norm_backward"
-    differentiable = False
-
-    def forward(ctx, gy, x, weight, mean, invstd):
-        k = ctx.kernel("batch_norm_backward")
-        out = k(gy, x, weight, mean, invstd) if k else None
-        if out is None:
-            out = batch_norm_backward_ref(ctx.xp, gy, x, weight, mean, invstd)
-        gx, gw, gb = out
-        return gx, gw.astype(x.dtype, copy=False), gb.astype(x.dtype, copy=False)
+def _batch_norm_backward_fused(gy, x, w, mean, invstd):
+    """(gx, gw, gb) of training-mode batch norm in one kernel call (no graph is recorded
+    here: the engine runs a first backward under no_grad)."""
+    from ..tensor import Tensor
+    dev = x.device
+    arrays = (gy.array, x.array, None if w is None else w.array, mean.array, invstd.array)
+    k = backend.kernel(dev, "batch_norm_backward")
+    out = k(*arrays) if k else None
+    if out is None:
+        out = batch_norm_backward_ref(dev.xp, *arrays)
+    return tuple(Tensor._make(a.astype(x.dtype, copy=False), dev) for a in out)
 
 
 def _batch_norm_backward_composite(gy, x, w, mean, invstd, training, eps):
