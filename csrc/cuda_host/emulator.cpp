@@ -1,7 +1,8 @@
 // emulator.cpp: runs CUDA kernels (compiled for the host through cuda_host.h) on the CPU.
 //
-// A launch runs its blocks one after another. The threads of a block are fibers (ucontext),
-// one per thread, resumed by a scheduler in passes: each pass resumes every runnable thread
+// A launch runs its blocks one after another. The threads of a block are fibers, one per
+// thread (ucontext; on x86-64 a small assembly routine switches between them, as glibc's
+// swapcontext makes a system call per switch), resumed by a scheduler in passes: each pass resumes every runnable thread
 // once, in the chosen order (forward, reverse or random), and a thread runs until it
 // reaches a sync point (__syncthreads, a warp intrinsic) or returns. A barrier releases its
 // threads when the whole block arrived; a warp intrinsic completes when every lane of its
@@ -24,6 +25,7 @@
 #include <cstdio>
 #include <cstring>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <random>
 #include <string>
@@ -84,10 +86,51 @@ struct Warp {
     std::vector<Collective> pending;
 };
 
+// ---- fibers: creation and switching ------------------------------------------------------
+#if defined(__x86_64__) && !defined(GPUDIFF_EMULATOR_UCONTEXT)
+#define GD_FAST_SWITCH 1
+// gd_switch(save, to): push the callee-saved registers (and the SSE / x87 control words) on
+// the current stack, store the stack pointer in *save, switch to stack `to` and pop what a
+// previous gd_switch pushed there (or what fiber_init laid out). SysV x86-64 ABI.
+extern "C" void gd_switch(void** save, void* to);
+asm(R"(
+    .text
+    .p2align 4
+    .type gd_switch, @function
+gd_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size gd_switch, .-gd_switch
+)");
+#endif
+
 struct Fiber {
+#ifdef GD_FAST_SWITCH
+    void* sp = nullptr;  // saved stack pointer while suspended
+#else
     ucontext_t ctx;
-    void* mapping = nullptr;
-    bool fresh = true;  // needs makecontext before it can be resumed
+#endif
+    void* mapping = nullptr;  // guard page + stack
+    bool fresh = true;        // must be (re)initialised before it is resumed
 };
 
 // the guard-zoned copy of one argument array (shared by arguments that pass the same array)
@@ -118,8 +161,14 @@ struct Run {
 
 Run* g_run = nullptr;
 int g_cur = -1;  // index of the running thread in its block
+#ifdef GD_FAST_SWITCH
+void* g_scheduler_sp = nullptr;
+#else
 ucontext_t g_scheduler;
-std::vector<Fiber> g_fibers;
+#endif
+// unique_ptr: a suspended fiber's saved state must not move when the pool grows (a
+// ucontext_t points into itself)
+std::vector<std::unique_ptr<Fiber>> g_fibers;
 std::mutex g_launch_mutex;
 
 unsigned char guard_byte(size_t k) {  // a pattern a kernel is unlikely to write by accident
@@ -148,7 +197,14 @@ std::string where() {
                dim_str(blockIdx).c_str(), dim_str(r.threads[g_cur].idx).c_str());
 }
 
-void yield() { swapcontext(&g_fibers[g_cur].ctx, &g_scheduler); }
+// from the running fiber back to the scheduler
+void yield() {
+#ifdef GD_FAST_SWITCH
+    gd_switch(&g_fibers[g_cur]->sp, g_scheduler_sp);
+#else
+    swapcontext(&g_fibers[g_cur]->ctx, &g_scheduler);
+#endif
+}
 
 void thread_exit() {
     Run& r = *g_run;
@@ -187,28 +243,51 @@ void ensure_fibers(int n) {
                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
         if (m == MAP_FAILED) throw std::runtime_error("emulator: cannot map a fiber stack");
         mprotect(m, page, PROT_NONE);  // a stack overflow faults instead of corrupting memory
-        g_fibers.emplace_back();
-        g_fibers.back().mapping = m;
+        g_fibers.push_back(std::make_unique<Fiber>());
+        g_fibers.back()->mapping = m;
     }
 }
 
+// make fiber f start fiber_main at its next resume
+void fiber_init(Fiber& f) {
+    const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
+    char* stack = static_cast<char*>(f.mapping) + page;
+#ifdef GD_FAST_SWITCH
+    // lay out what gd_switch pops: control words, r15..r12, rbx, rbp, then the "return
+    // address" fiber_main, placed so that fiber_main starts with rsp = 8 (mod 16) as after
+    // a call
+    auto top = (reinterpret_cast<uintptr_t>(stack) + kStackBytes) & ~uintptr_t(15);
+    auto* ret = reinterpret_cast<uint64_t*>(top - 16);
+    ret[0] = reinterpret_cast<uint64_t>(&fiber_main);
+    ret[1] = 0;
+    uint64_t* sp = ret - 7;
+    std::memset(sp, 0, 7 * sizeof(uint64_t));
+    uint32_t* control = reinterpret_cast<uint32_t*>(sp);
+    __asm__ volatile("stmxcsr %0" : "=m"(control[0]));  // the scheduler's FP modes
+    __asm__ volatile("fnstcw %0" : "=m"(control[1]));
+    f.sp = sp;
+#else
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = stack;
+    f.ctx.uc_stack.ss_size = kStackBytes;
+    f.ctx.uc_link = nullptr;
+    makecontext(&f.ctx, fiber_main, 0);
+#endif
+    f.fresh = false;
+}
+
 void resume(Run& r, int t) {
-    Fiber& f = g_fibers[t];
-    if (f.fresh) {
-        const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-        getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = static_cast<char*>(f.mapping) + page;
-        f.ctx.uc_stack.ss_size = kStackBytes;
-        f.ctx.uc_link = nullptr;
-        makecontext(&f.ctx, fiber_main, 0);
-        f.fresh = false;
-    }
+    Fiber& f = *g_fibers[t];
+    if (f.fresh) fiber_init(f);
     g_cur = t;
     threadIdx = r.threads[t].idx;
-    if (g_trace_on) trace_resume();  // trace.h: a new sync epoch for this thread
     r.threads[t].started = true;
     ++r.stats.resumes;
+#ifdef GD_FAST_SWITCH
+    gd_switch(&g_scheduler_sp, f.sp);
+#else
     swapcontext(&g_scheduler, &f.ctx);
+#endif
 }
 
 std::string lanes_str(unsigned m) { return fmt("0x%08x", m); }
@@ -583,7 +662,7 @@ LaunchStats launch(const std::string& name, dim3 grid, dim3 block, size_t shared
     if (r.failed) {
         // threads stopped inside the kernel keep a half-run stack: start those fibers afresh
         for (int t = 0; t < r.nthreads; ++t)
-            if (r.threads[t].started && r.threads[t].state != State::Done) g_fibers[t].fresh = true;
+            if (r.threads[t].started && r.threads[t].state != State::Done) g_fibers[t]->fresh = true;
     }
     g_run = nullptr;
     g_cur = -1;

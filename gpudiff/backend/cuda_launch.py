@@ -226,7 +226,9 @@ def cupy_module(source_file, device_id):
 def _launch_cupy(source_file, name, grid, block, args, shared_mem, some_array):
     cupy = importlib.import_module("cupy")
     dev = some_array.device.id
-    for a in args:
+    for i, a in enumerate(args):
+        if isinstance(a, np.ndarray):
+            raise TypeError(f"{name}: argument {i} is a NumPy array among CuPy arrays")
         if _is_cupy(a) and a.device.id != dev:
             raise ValueError(f"{name}: arrays on devices cuda:{dev} and cuda:{a.device.id}")
     kernel = cupy_module(source_file, dev).get_function(name)

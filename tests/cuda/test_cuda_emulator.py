@@ -225,3 +225,16 @@ def test_softmax_backward_64x1000_with_256_thread_blocks_is_fast():
     assert cuda_launch.last_emulator_stats["threads"] == 64 * 256
     np.testing.assert_allclose(gx, y * (gy - (gy * y).sum(1, keepdims=True)), atol=1e-6)
     assert elapsed < 0.5, f"took {elapsed:.3f} s"
+
+
+def test_emulator_settings_from_the_environment_syntax():
+    before = cuda_launch.emulator_settings()
+    with cuda_launch.emulator():
+        cuda_launch._settings_from_env("order=reverse, seed=3,shuffle_blocks=1")
+        assert cuda_launch.emulator_settings() == {"order": "reverse", "seed": 3,
+                                                   "shuffle_blocks": True}
+        with pytest.raises(ValueError, match="unknown setting 'speed'"):
+            cuda_launch._settings_from_env("speed=2")
+        with pytest.raises(ValueError, match="order must be one of"):
+            cuda_launch.set_emulator(order="sideways")
+    assert cuda_launch.emulator_settings() == before  # restored

@@ -60,6 +60,8 @@ def test_activation_forward_and_backward(where, name, dtype):
         gy = rand(n + 1, dtype, seed=n + 1)
         # whole arrays (16-byte aligned: vector path + tail) and views one element in
         # (misaligned: the scalar path)
+        if not where.gpu:  # NumPy's allocations are 16-byte aligned, the views are not
+            assert x.ctypes.data % 16 == 0 and x[1:].ctypes.data % 16 != 0
         for xs, gys in ((x[:n], gy[:n]), (x[1:], gy[1:])):
             y = where.get(fwd(where.put(xs), *extra))
             np.testing.assert_allclose(y, fwd_ref(xs), **tol(dtype))
