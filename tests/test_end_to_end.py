@@ -14,10 +14,10 @@ import pytest
 import torch as real_torch
 
 import gpudiff
-import gpudiff.nn  # noqa: F401  (so that `torch.nn` resolves on the gpudiff module)
+import gpudiff.nn
 import gpudiff.nn.functional as F
-import gpudiff.optim  # noqa: F401
-import gpudiff.optim.lr_scheduler  # noqa: F401
+import gpudiff.optim
+import gpudiff.optim.lr_scheduler
 import gpudiff.utils.data
 from gpudiff.datasets import Digits
 

@@ -5,9 +5,9 @@
 >>> model(gpudiff.randn(3, 4)).shape
 (3, 2)
 """
-from .parameter import Parameter, Buffer
-from .modules import *  # noqa: F401,F403
+from . import functional, init, utils
+from .modules import *
 from .modules import __all__ as _modules_all
-from . import functional, init, utils  # noqa: F401
+from .parameter import Buffer, Parameter
 
 __all__ = ["Parameter", "Buffer", "functional", "init", "utils"] + list(_modules_all)

@@ -448,7 +448,7 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
     if weight.requires_grad and (padding_idx is not None or scale_grad_by_freq):
         s = xp.ones(a.shape, dtype=weight.dtype)
         if scale_grad_by_freq:
-            ids, inverse, counts = xp.unique(a, return_inverse=True, return_counts=True)
+            _, inverse, counts = xp.unique(a, return_inverse=True, return_counts=True)
             s = s / counts[inverse.reshape(a.shape)].astype(weight.dtype)
         if padding_idx is not None:
             s = xp.where(a == padding_idx, xp.zeros((), dtype=weight.dtype), s)

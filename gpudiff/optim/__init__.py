@@ -3,13 +3,13 @@
 >>> opt = gpudiff.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
 >>> opt.zero_grad(); loss.backward(); opt.step()
 """
-from .optimizer import Optimizer
-from .sgd import SGD
-from .adam import Adam, AdamW
-from .rmsprop import RMSprop
-from .adagrad import Adagrad
+from . import lr_scheduler
 from .adadelta import Adadelta
-from . import lr_scheduler  # noqa: F401
+from .adagrad import Adagrad
+from .adam import Adam, AdamW
+from .optimizer import Optimizer
+from .rmsprop import RMSprop
+from .sgd import SGD
 
-__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "Adadelta",
+__all__ = ["SGD", "Adadelta", "Adagrad", "Adam", "AdamW", "Optimizer", "RMSprop",
            "lr_scheduler"]

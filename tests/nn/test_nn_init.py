@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gpudiff
-import gpudiff.nn as nn
+from gpudiff import nn
 from gpudiff.nn import init
 
 

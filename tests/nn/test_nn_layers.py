@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import gpudiff
-import gpudiff.nn as nn
 import gpudiff.nn.functional as F
+from gpudiff import nn
 
 
 def has_F(*names):
@@ -289,6 +289,7 @@ def test_max_pool_return_indices():
     x = rand(1, 2, 4, 4)
     yt, it = torch.nn.MaxPool2d(2, return_indices=True)(torch.tensor(x))
     yg, ig = nn.MaxPool2d(2, return_indices=True)(gpudiff.tensor(x))
+    np.testing.assert_array_equal(yg.numpy(), yt.numpy())
     np.testing.assert_array_equal(ig.numpy(), it.numpy())
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import gpudiff
-import gpudiff.nn as nn
+from gpudiff import nn
 
 
 def make_net(nn, lib):
@@ -91,7 +91,7 @@ def test_setattr_rules_and_errors():
     m.bias = None  # allowed: parameter removed from the state
     assert list(m.state_dict()) == ["weight"]
     with pytest.raises(AttributeError, match="'Linear' object has no attribute 'nope'"):
-        m.nope
+        _ = m.nope
 
     class Early(nn.Module):
         def __init__(self):

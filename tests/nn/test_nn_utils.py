@@ -6,9 +6,13 @@ import pytest
 import torch
 
 import gpudiff
-import gpudiff.nn as nn
-from gpudiff.nn.utils import (clip_grad_norm_, clip_grad_value_, parameters_to_vector,
-                              vector_to_parameters)
+from gpudiff import nn
+from gpudiff.nn.utils import (
+    clip_grad_norm_,
+    clip_grad_value_,
+    parameters_to_vector,
+    vector_to_parameters,
+)
 
 
 def pairs(scale=1.0):

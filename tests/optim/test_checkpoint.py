@@ -3,9 +3,8 @@ resumes training exactly where it stopped."""
 import numpy as np
 
 import gpudiff
-import gpudiff.nn as nn
 import gpudiff.nn.functional as F
-import gpudiff.optim as optim
+from gpudiff import nn, optim
 
 
 def build():

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import gpudiff
-import gpudiff.optim as optim
+from gpudiff import optim
 from gpudiff.optim import lr_scheduler
 
 

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 import gpudiff
-import gpudiff.nn as nn
-import gpudiff.optim as optim
+from gpudiff import nn, optim
 
 SHAPES = [(5, 3), (3,), (2, 2, 2)]
 N_STEPS = 25

@@ -1,26 +1,89 @@
 """The layer classes of gpudiff.nn, one file per group as in PyTorch."""
-from .module import Module
-from .container import Sequential, ModuleList, ModuleDict, ParameterList, ParameterDict
-from .linear import Identity, Linear, Bilinear
-from .conv import Conv2d, ConvTranspose2d
-from .pooling import MaxPool2d, AvgPool2d, AdaptiveAvgPool2d, AdaptiveMaxPool2d
+from .activation import (
+                         ELU,
+                         GELU,
+                         Hardtanh,
+                         LeakyReLU,
+                         LogSigmoid,
+                         LogSoftmax,
+                         ReLU,
+                         ReLU6,
+                         Sigmoid,
+                         SiLU,
+                         Softmax,
+                         Softmin,
+                         Softplus,
+                         Tanh,
+)
 from .batchnorm import BatchNorm1d, BatchNorm2d
-from .normalization import LayerNorm
+from .container import ModuleDict, ModuleList, ParameterDict, ParameterList, Sequential
+from .conv import Conv2d, ConvTranspose2d
 from .dropout import Dropout, Dropout2d
 from .flatten import Flatten, Unflatten
+from .linear import Bilinear, Identity, Linear
+from .loss import (
+                         BCELoss,
+                         BCEWithLogitsLoss,
+                         CrossEntropyLoss,
+                         HuberLoss,
+                         KLDivLoss,
+                         L1Loss,
+                         MSELoss,
+                         MultiMarginLoss,
+                         NLLLoss,
+                         SmoothL1Loss,
+)
+from .module import Module
+from .normalization import LayerNorm
+from .pooling import AdaptiveAvgPool2d, AdaptiveMaxPool2d, AvgPool2d, MaxPool2d
 from .sparse import Embedding
-from .activation import (ReLU, LeakyReLU, ELU, GELU, SiLU, Sigmoid, Tanh, Softmax, LogSoftmax,
-                         Softmin, LogSigmoid, Softplus, Hardtanh, ReLU6)
-from .loss import (L1Loss, MSELoss, SmoothL1Loss, HuberLoss, NLLLoss, CrossEntropyLoss,
-                   BCELoss, BCEWithLogitsLoss, MultiMarginLoss, KLDivLoss)
 
 __all__ = [
-    "Module", "Sequential", "ModuleList", "ModuleDict", "ParameterList", "ParameterDict",
-    "Identity", "Linear", "Bilinear", "Conv2d", "ConvTranspose2d", "MaxPool2d", "AvgPool2d",
-    "AdaptiveAvgPool2d", "AdaptiveMaxPool2d", "BatchNorm1d", "BatchNorm2d", "LayerNorm",
-    "Dropout", "Dropout2d", "Flatten", "Unflatten", "Embedding", "ReLU", "LeakyReLU", "ELU",
-    "GELU", "SiLU", "Sigmoid", "Tanh", "Softmax", "LogSoftmax", "Softmin", "LogSigmoid",
-    "Softplus", "Hardtanh", "ReLU6", "L1Loss", "MSELoss", "SmoothL1Loss", "HuberLoss",
-    "NLLLoss", "CrossEntropyLoss", "BCELoss", "BCEWithLogitsLoss", "MultiMarginLoss",
-    "KLDivLoss",
+                         "ELU",
+                         "GELU",
+                         "AdaptiveAvgPool2d",
+                         "AdaptiveMaxPool2d",
+                         "AvgPool2d",
+                         "BCELoss",
+                         "BCEWithLogitsLoss",
+                         "BatchNorm1d",
+                         "BatchNorm2d",
+                         "Bilinear",
+                         "Conv2d",
+                         "ConvTranspose2d",
+                         "CrossEntropyLoss",
+                         "Dropout",
+                         "Dropout2d",
+                         "Embedding",
+                         "Flatten",
+                         "Hardtanh",
+                         "HuberLoss",
+                         "Identity",
+                         "KLDivLoss",
+                         "L1Loss",
+                         "LayerNorm",
+                         "LeakyReLU",
+                         "Linear",
+                         "LogSigmoid",
+                         "LogSoftmax",
+                         "MSELoss",
+                         "MaxPool2d",
+                         "Module",
+                         "ModuleDict",
+                         "ModuleList",
+                         "MultiMarginLoss",
+                         "NLLLoss",
+                         "ParameterDict",
+                         "ParameterList",
+                         "ReLU",
+                         "ReLU6",
+                         "Sequential",
+                         "SiLU",
+                         "Sigmoid",
+                         "SmoothL1Loss",
+                         "Softmax",
+                         "Softmin",
+                         "Softplus",
+                         "Tanh",
+                         "Unflatten",
 ]

@@ -53,8 +53,9 @@ class Sequential(Module):
 
     def __add__(self, other):
         if not isinstance(other, Sequential):
-            raise ValueError(f"add operator supports only objects of Sequential class, but "
-                             f"{type(other)} is given.")
+            raise ValueError(  # noqa: TRY004 (PyTorch's exception type)
+                f"add operator supports only objects of Sequential class, but {type(other)} "
+                f"is given.")
         ret = Sequential()
         for layer in list(self) + list(other):
             ret.append(layer)
@@ -62,8 +63,9 @@ class Sequential(Module):
 
     def __iadd__(self, other):
         if not isinstance(other, Sequential):
-            raise ValueError(f"add operator supports only objects of Sequential class, but "
-                             f"{type(other)} is given.")
+            raise ValueError(  # noqa: TRY004 (PyTorch's exception type)
+                f"add operator supports only objects of Sequential class, but {type(other)} "
+                f"is given.")
         return self.extend(list(other))
 
     def __mul__(self, n):
@@ -85,7 +87,8 @@ class Sequential(Module):
 
     def insert(self, index, module):
         if not isinstance(module, Module):
-            raise AssertionError(f"module should be of type: {Module}")
+            raise AssertionError(  # noqa: TRY004 (PyTorch's exception type)
+                f"module should be of type: {Module}")
         n = len(self._modules)
         if not -n <= index <= n:
             raise IndexError(f"Index out of range: {index}")

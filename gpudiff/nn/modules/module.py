@@ -349,7 +349,7 @@ class Module:
                 raise AttributeError(f"{mod._get_name()} has no attribute `{item}`")
             mod = getattr(mod, item)
             if not isinstance(mod, Module):
-                raise AttributeError(f"`{item}` is not an nn.Module")
+                raise AttributeError(f"`{item}` is not an nn.Module")  # noqa: TRY004
         return mod
 
     def get_parameter(self, target):
@@ -370,7 +370,7 @@ class Module:
     def train(self, mode=True):
         """Set training mode here and in every submodule (Dropout, BatchNorm care)."""
         if not isinstance(mode, bool):
-            raise ValueError("training mode is expected to be boolean")
+            raise ValueError("training mode is expected to be boolean")  # noqa: TRY004
         self.training = mode
         for m in self.children():
             m.train(mode)
