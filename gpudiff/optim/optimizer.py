@@ -219,21 +219,25 @@ class Optimizer:
         for p in params:
             buckets.setdefault((p.device, p.dtype), []).append(p)
         for (dev, _), ps in buckets.items():
-            states = [self._state_for(p, group) for p in ps]
-            if self._fused_step(dev, group, ps, states) is not NotImplemented:
-                for p in ps:
-                    p._version[0] += 1
-                continue
+            with backend.on_device(dev):  # new state arrays land on the parameters' GPU
+                self._step_bucket(dev, group, ps)
+
+    def _step_bucket(self, dev, group, ps):
+        for p in ps:
+            if p.grad.shape != p.shape:
+                raise RuntimeError(f"{type(self).__name__}: gradient shape "
+                                   f"{tuple(p.grad.shape)} does not match parameter shape "
+                                   f"{tuple(p.shape)}")
+            if p.grad.device != p.device:
+                raise RuntimeError(f"{type(self).__name__}: the gradient is on {p.grad.device} "
+                                   f"but the parameter on {p.device}")
+        states = [self._state_for(p, group) for p in ps]
+        if self._fused_step(dev, group, ps, states) is NotImplemented:
             for p, st in zip(ps, states):
-                g = p.grad.array
-                if g.shape != p.shape:
-                    raise RuntimeError(f"{type(self).__name__}: gradient shape "
-                                       f"{tuple(g.shape)} does not match parameter shape "
-                                       f"{tuple(p.shape)}")
-                if group.get("maximize", False):
-                    g = -g
+                g = -p.grad.array if group.get("maximize", False) else p.grad.array
                 self._update(p, g, st, group)
-                p._version[0] += 1  # saved-for-backward checks see the in-place update
+        for p in ps:
+            p._version[0] += 1  # saved-for-backward checks see the in-place update
 
     def _state_for(self, p, group):
         """This parameter's state dict, initialised on first use."""
