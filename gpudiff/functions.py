@@ -146,12 +146,13 @@ def fmod(input, other):
 
 def pow(input, exponent):
     if not isinstance(input, Tensor):  # number ** tensor
-        return E.rpow_scalar.apply(_float_if_int(exponent), base=input)
+        dt = _scalar_dtype(exponent, input)  # as torch: 2 ** int64 is int64, 2.0 ** it float
+        return E.rpow_scalar.apply(exponent if dt == exponent.dtype else exponent.to(dt),
+                                   base=input)
     if isinstance(exponent, Tensor):
         return E.pow.apply(*_binary_args("pow", input, exponent))
-    if isinstance(exponent, float) and input.dtype.kind != "f":
-        input = input.to(get_default_dtype())
-    return E.pow_scalar.apply(input, exponent=exponent)
+    dt = _scalar_dtype(input, exponent)  # as torch: bool ** 2 is int64, int64 ** 0.5 float
+    return E.pow_scalar.apply(input if dt == input.dtype else input.to(dt), exponent=exponent)
 
 
 def _float_if_int(t):

@@ -85,7 +85,9 @@ class pow_scalar(Op):
     def forward(ctx, a, *, exponent):
         ctx.exponent = exponent
         ctx.save_for_backward(a)
-        return ctx.xp.power(a, a.dtype.type(exponent)) if a.dtype.kind == "f" else a ** exponent
+        if a.dtype.kind == "f":
+            return ctx.xp.power(a, a.dtype.type(exponent))
+        return (a ** exponent).astype(a.dtype, copy=False)  # NumPy: bool ** True is int8
 
     def backward(ctx, gy):
         a, = ctx.saved_tensors
