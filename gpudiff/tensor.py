@@ -478,13 +478,19 @@ class Tensor:
     # ---- printing ---------------------------------------------------------------------
     def __repr__(self):
         a = backend.to_numpy(self.array)
+        # as torch: integral floats as "1.", others with 4 decimals ("1.5000")
+        mode = "maxprec_equal"
+        if a.dtype.kind == "f" and a.size:
+            finite = a[np.isfinite(a)]
+            if finite.size and bool((finite != np.round(finite)).any()):
+                mode = "fixed"
         body = np.array2string(a, separator=", ", prefix="tensor(",
-                               precision=4, floatmode="maxprec_equal")
+                               precision=4, floatmode=mode)
         extras = []
         if self.device.type != "cpu":
             extras.append(f"device='{self.device}'")
         if a.dtype not in (get_default_dtype(), np.dtype("int64"), np.dtype("bool")) \
-                or a.size == 0:
+                or (a.size == 0 and a.dtype != get_default_dtype()):  # "[]" reads as float
             extras.append(f"dtype=gpudiff.{a.dtype}")
         if self.grad_fn is not None:
             extras.append(f"grad_fn=<{self.grad_fn.name}Backward>")
