@@ -2,14 +2,14 @@
 //
 // A launch runs its blocks one after another. The threads of a block are fibers, one per
 // thread (ucontext; on x86-64 a small assembly routine switches between them, as glibc's
-// swapcontext makes a system call per switch), resumed by a scheduler in passes: each pass resumes every runnable thread
-// once, in the chosen order (forward, reverse or random), and a thread runs until it
-// reaches a sync point (__syncthreads, a warp intrinsic) or returns. A barrier releases its
-// threads when the whole block arrived; a warp intrinsic completes when every lane of its
-// mask arrived, and then each lane gets its result (the lanes really exchange values). So
-// the code between two sync points runs thread after thread in the chosen order, and a
-// missing barrier shows up as a wrong result in some order. A pass with nothing runnable
-// while threads remain is a deadlock, reported with who waits where.
+// swapcontext makes a system call per switch), resumed by a scheduler in passes: each pass
+// resumes every runnable thread once, in the chosen order (forward, reverse or random), and
+// a thread runs until it reaches a sync point (__syncthreads, a warp intrinsic) or returns.
+// A barrier releases its threads when the whole block arrived; a warp intrinsic completes
+// when every lane of its mask arrived, and then each lane gets its result (the lanes really
+// exchange values). So the code between two sync points runs thread after thread in the
+// chosen order, and a missing barrier shows up as a wrong result in some order. A pass with
+// nothing runnable while threads remain is a deadlock, reported with who waits where.
 //
 // Arrays are copied into buffers with guard zones on both sides (filled with a pattern),
 // checked after the launch, then copied back where the kernel may write. See docs/EMULATOR.md.

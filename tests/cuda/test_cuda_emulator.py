@@ -21,7 +21,7 @@ def _run_rotate(where, x, with_barrier):
     return where.get(y)
 
 
-@pytest.mark.parametrize("n", [32, 100, 256])
+@pytest.mark.parametrize("n", [32, 100, 256, 1024])
 def test_barrier_orders_shared_memory_in_every_thread_order(where, n):
     x = np.random.default_rng(n).standard_normal((3, n)).astype(np.float32)
     np.testing.assert_array_equal(_run_rotate(where, x, True), np.roll(x, -1, axis=1))
@@ -175,6 +175,15 @@ def test_shuffle_from_a_lane_outside_the_mask_is_an_error(host):
     with pytest.raises(host.KernelError, match=r"lane \d+ reads lane 20, which is not in the "
                                                 r"mask 0x0000ffff"):
         launch(ST, "shfl_outside_mask", 1, 32, (y,))
+
+
+def test_full_mask_in_a_partial_warp_is_an_error(host):
+    # 48 threads: the second warp has lanes 0-15 only, so 0xffffffff names missing lanes
+    out = np.zeros((8, 48), np.int32)
+    with pytest.raises(host.KernelError, match=r"warp_ops.*mask 0xffffffff names lanes that do "
+                                                r"not exist in this block \(this warp has lanes "
+                                                r"0x0000ffff\)"):
+        launch(ST, "warp_ops", 1, 48, (np.zeros(48, np.int32), out, np.int32(32)))
 
 
 def test_emulator_recovers_after_a_fault(host):
