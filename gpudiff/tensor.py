@@ -365,7 +365,16 @@ class Tensor:
         if isinstance(other, Tensor) and other.device != self.device:
             raise RuntimeError(f"{ufunc.__name__}_: expected all tensors to be on the same "
                                f"device, but found {self.device} and {other.device}")
-        ufunc(self.array, o, out=self.array, casting="unsafe")
+        try:
+            ufunc(self.array, o, out=self.array, casting="unsafe")
+        except ValueError:  # NumPy's words are about "operands": say it as torch does
+            try:
+                shape = np.broadcast_shapes(self.shape, np.shape(o))
+            except ValueError:
+                raise RuntimeError(f"{ufunc.__name__}_: shapes {tuple(self.shape)} and "
+                                   f"{tuple(np.shape(o))} cannot be broadcast together") from None
+            raise RuntimeError(f"{ufunc.__name__}_: output with shape {tuple(self.shape)} "
+                               f"doesn't match the broadcast shape {shape}") from None
         self._version[0] += 1
         return self
 
@@ -472,7 +481,13 @@ class Tensor:
             self._inplace(lambda s: _setitem(s, key, value))
             return
         v = value.array if isinstance(value, Tensor) else value
-        self.array[_index_key(self, key)] = v
+        k = _index_key(self, key)
+        try:
+            self.array[k] = v
+        except ValueError:
+            raise RuntimeError(f"setitem: shape mismatch: value of shape {tuple(np.shape(v))} "
+                               f"cannot be broadcast to the indexed shape "
+                               f"{tuple(self.array[k].shape)}") from None
         self._version[0] += 1
 
     # ---- printing ---------------------------------------------------------------------
