@@ -19,8 +19,10 @@ flatten = fn.flatten
 
 
 # ---- activations ----------------------------------------------------------------------
+# inplace=True passes a function to Tensor._inplace: the op then runs on a stand-in copy, so
+# the input it saves for backward is not the buffer the in-place write overwrites
 def relu(input, inplace=False):
-    return input._inplace(N.relu.apply(input)) if inplace else N.relu.apply(input)
+    return input._inplace(N.relu.apply) if inplace else N.relu.apply(input)
 
 
 def relu6(input, inplace=False):
@@ -28,13 +30,15 @@ def relu6(input, inplace=False):
 
 
 def leaky_relu(input, negative_slope=0.01, inplace=False):
-    out = N.leaky_relu.apply(input, negative_slope=negative_slope)
-    return input._inplace(out) if inplace else out
+    def f(x):
+        return N.leaky_relu.apply(x, negative_slope=negative_slope)
+    return input._inplace(f) if inplace else f(input)
 
 
 def elu(input, alpha=1.0, inplace=False):
-    out = N.elu.apply(input, alpha=alpha)
-    return input._inplace(out) if inplace else out
+    def f(x):
+        return N.elu.apply(x, alpha=alpha)
+    return input._inplace(f) if inplace else f(input)
 
 
 def gelu(input, approximate="none"):
@@ -45,8 +49,9 @@ def gelu(input, approximate="none"):
 
 
 def silu(input, inplace=False):
-    out = input * input.sigmoid()
-    return input._inplace(out) if inplace else out
+    def f(x):
+        return x * x.sigmoid()
+    return input._inplace(f) if inplace else f(input)
 
 
 def softplus(input, beta=1.0, threshold=20.0):
@@ -54,8 +59,9 @@ def softplus(input, beta=1.0, threshold=20.0):
 
 
 def hardtanh(input, min_val=-1.0, max_val=1.0, inplace=False):
-    out = input.clamp(min_val, max_val)
-    return input._inplace(out) if inplace else out
+    def f(x):
+        return x.clamp(min_val, max_val)
+    return input._inplace(f) if inplace else f(input)
 
 
 def logsigmoid(input):
