@@ -44,6 +44,10 @@ ACTIVATIONS = [
     _act("F.tanh", lambda m, x: F(m).tanh(x), ("tanh", "tanh_backward"),
          kernels=("tanh", "tanh_backward")),
     _act("F.logsigmoid", lambda m, x: F(m).logsigmoid(x), ("softplus", "neg")),
+    # inplace=True on a non-leaf (x * 1.0): the graph must stay correct
+    _act("F.inplace", lambda m, x: [getattr(F(m), f)(x * 1.0, inplace=True) for f in
+                                    ("relu", "leaky_relu", "elu", "hardtanh", "relu6", "silu")],
+         ("relu", "leaky_relu", "elu", "clamp", "sigmoid"), kinks=(0.0, 1.0, -1.0)),
     OpInfo("F.softmax", op=lambda m, x, d: F(m).softmax(x, d), covers=("softmax",),
            kernels=("softmax", "softmax_backward"),
            samples=lambda make: [S(make(3, 4), 1), S(make(2, 3, 4), -1)]),
