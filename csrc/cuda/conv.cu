@@ -9,7 +9,7 @@
 // 1. Implicit GEMM. Per group g, each pass is one matrix product whose operands are
 //    gathered on the fly from x / w / gy: the im2col matrix is never written to memory.
 //      forward  y[k, p]  = sum_r  w[k, r]      * col[r, p]       p = (n, oh, ow), r = (c, i, j)
-//      dgrad    gx[c, q] = sum_s  w^T[c, s]    * gycol[s, q]     q = (n, ih, iw), s = (k, i, j)
+//      dgrad    gx[c, q] = sum_s  wt[c, s]     * gycol[s, q]     q = (n, ih, iw), s = (k, i, j)
 //      wgrad    gw[k, r] = sum_p  gy[k, p]     * col^T[p, r]
 //    A block computes a BM x BN tile of the product; the reduction runs in BK-deep steps.
 //    Each step's A (BM x BK) and B (BK x BN) tiles are gathered from global memory into
@@ -117,29 +117,31 @@ GD_UNROLL
 // with threads running along n: column t % BN, k = t / BN + s * (NT / BN); the column's
 // decoding is done once. Wgrad's B loader runs along k (its memory order) instead.
 
-// forward A: w of group g as a row-major (Kg, R) matrix, R = Cg*KH*KW; rows m0.. of the tile
+// A from a row-major matrix: A[m][k] = a[(row0 + m) * R + k] for m < rows_left. Forward: w
+// of group g as (Kg, Cg*KH*KW); dgrad: the transposed weights wt (G*Cg, Kg*KH*KW) that
+// cuda_cnn.py prepares (a tiny copy: then this load is as coalesced as the forward's).
 template <typename T, class S>
-struct FwdWeightLoader {
-    gptr<const T> w;
-    long long row0;  // first weight row of the tile: g*Kg + m0
-    int rows_left;   // Kg - m0
+struct RowMajorLoader {
+    gptr<const T> a;
+    long long row0;  // first row of the tile
+    int rows_left;   // rows of this group from row0 on
     int R, kk;
     int m[S::A_PER];
     T reg[S::A_PER];
-    __device__ __forceinline__ FwdWeightLoader(gptr<const T> w_, const Geom& q, int g, int m0)
-        : w(w_), row0((long long)g * q.Kg() + m0), rows_left(q.Kg() - m0),
-          R(q.Cg() * q.KHW()), kk(threadIdx.x % S::BK) {
-GD_UNROLL
+    __device__ __forceinline__ RowMajorLoader(gptr<const T> a_, long long row0_, int rows_left_,
+                                              int R_)
+        : a(a_), row0(row0_), rows_left(rows_left_), R(R_), kk(threadIdx.x % S::BK) {
+        GD_UNROLL
         for (int s = 0; s < S::A_PER; ++s) m[s] = threadIdx.x / S::BK + s * (S::NT / S::BK);
     }
     __device__ __forceinline__ void fetch(int k0, int k_end) {
         const int k = k0 + kk;
-GD_UNROLL
+        GD_UNROLL
         for (int s = 0; s < S::A_PER; ++s)
-            reg[s] = (m[s] < rows_left && k < k_end) ? w[(row0 + m[s]) * R + k] : T(0);
+            reg[s] = (m[s] < rows_left && k < k_end) ? a[(row0 + m[s]) * R + k] : T(0);
     }
     __device__ __forceinline__ void stash(T* tile) const {
-GD_UNROLL
+        GD_UNROLL
         for (int s = 0; s < S::A_PER; ++s) tile[kk * S::LDA + m[s]] = reg[s];
     }
 };
@@ -181,35 +183,6 @@ GD_UNROLL
 GD_UNROLL
         for (int s = 0; s < S::B_PER; ++s)
             tile[(threadIdx.x / S::BN + s * (S::NT / S::BN)) * S::LDB + n_local] = reg[s];
-    }
-};
-
-// dgrad A: w^T of group g: A[c, s] = w[g*Kg + k, c, i, j], s = (k, i, j)
-template <typename T, class S>
-struct DgradWeightLoader {
-    gptr<const T> w;
-    int Kg, Cg, KHW, kk, c_left;
-    long long gbase;  // offset of w[g*Kg, c0, 0, 0]
-    int c[S::A_PER];
-    T reg[S::A_PER];
-    __device__ __forceinline__ DgradWeightLoader(gptr<const T> w_, const Geom& q, int g, int c0)
-        : w(w_), Kg(q.Kg()), Cg(q.Cg()), KHW(q.KHW()), kk(threadIdx.x % S::BK),
-          c_left(q.Cg() - c0) {
-        gbase = ((long long)g * Kg * Cg + c0) * KHW;
-GD_UNROLL
-        for (int s = 0; s < S::A_PER; ++s) c[s] = threadIdx.x / S::BK + s * (S::NT / S::BK);
-    }
-    __device__ __forceinline__ void fetch(int k0, int k_end) {
-        const int sidx = k0 + kk;
-        const int k = sidx / KHW, ij = sidx - k * KHW;
-        const long long off = gbase + (long long)k * Cg * KHW + ij;
-GD_UNROLL
-        for (int s = 0; s < S::A_PER; ++s)
-            reg[s] = (c[s] < c_left && sidx < k_end) ? w[off + (long long)c[s] * KHW] : T(0);
-    }
-    __device__ __forceinline__ void stash(T* tile) const {
-GD_UNROLL
-        for (int s = 0; s < S::A_PER; ++s) tile[kk * S::LDA + c[s]] = reg[s];
     }
 };
 
@@ -366,7 +339,8 @@ __global__ void __launch_bounds__((BM / TM) * (BN / TN))
     const conv::Geom q{N, C, H, W, K, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, G};
     const int g = blockIdx.z;
     const int m0 = blockIdx.y * BM, p0 = blockIdx.x * BN;
-    conv::FwdWeightLoader<T, S> la(w, q, g, m0);
+    conv::RowMajorLoader<T, S> la(w, (long long)g * q.Kg() + m0, q.Kg() - m0,
+                                  q.Cg() * q.KHW());
     conv::FwdImageLoader<T, S> lb(x, q, g, p0);
     T acc[TM][TN];
     conv::zero(acc);
@@ -389,17 +363,19 @@ GD_UNROLL
     }
 }
 
-// gx = conv2d input gradient. gy (N, K, OH, OW), w (K, C/G, KH, KW), gx (N, C, H, W).
+// gx = conv2d input gradient. gy (N, K, OH, OW); wt (G, C/G, K/G, KH, KW): the weights
+// w (K, C/G, KH, KW) with each group's (k, c) axes swapped; gx (N, C, H, W).
 template <typename T, int BM, int BN, int BK, int TM, int TN>
 __global__ void __launch_bounds__((BM / TM) * (BN / TN))
-    conv2d_dgrad_igemm(gptr<const T> gy, gptr<const T> w, gptr<T> gx, int N, int C, int H, int W,
+    conv2d_dgrad_igemm(gptr<const T> gy, gptr<const T> wt, gptr<T> gx, int N, int C, int H, int W,
                        int K, int OH, int OW, int KH, int KW, int SH, int SW, int PH, int PW,
                        int DH, int DW, int G) {
     using S = conv::TileShape<BM, BN, BK, TM, TN>;
     const conv::Geom q{N, C, H, W, K, OH, OW, KH, KW, SH, SW, PH, PW, DH, DW, G};
     const int g = blockIdx.z;
     const int m0 = blockIdx.y * BM, q0 = blockIdx.x * BN;
-    conv::DgradWeightLoader<T, S> la(w, q, g, m0);
+    conv::RowMajorLoader<T, S> la(wt, (long long)g * q.Cg() + m0, q.Cg() - m0,
+                                  q.Kg() * q.KHW());
     conv::DgradGradLoader<T, S> lb(gy, q, g, q0);
     T acc[TM][TN];
     conv::zero(acc);

@@ -80,6 +80,45 @@ __device__ __forceinline__ T window_max(gptr<const T> x, long long plane, int W,
     return m;
 }
 
+// Two adjacent elements in one load (8 bytes for float, 16 for double).
+template <typename T> struct PairOf;
+template <> struct PairOf<float> { using type = float2; };
+template <> struct PairOf<double> { using type = double2; };
+
+// Windows exactly two wide and two apart, starting at even columns of even-width rows
+// (2x2 stride-2 pooling, the common case): each window row is one aligned pair load, so a
+// warp's loads are contiguous (one float every 8 bytes would waste half of every sector).
+template <typename T>
+__device__ __forceinline__ bool pair_windows(gptr<const T> x, int W, int KW, int SW, int PW,
+                                             int DW) {
+    return KW == 2 && SW == 2 && DW == 1 && PW == 0 && W % 2 == 0 &&
+           gd::address_of(x) % sizeof(typename PairOf<T>::type) == 0;
+}
+
+// max over rows h0 + a*dh (a < nh) of the pair at column w0 (even)
+template <typename T>
+__device__ __forceinline__ T pair_window_max(gptr<const T> x, long long plane, int W, int h0,
+                                             int dh, int nh, int w0, long long& at) {
+    using P = typename PairOf<T>::type;
+    gptr<const P> xp = gd::gptr_cast<const P>(x);
+    T m = gd::Limits<T>::neg_inf();
+    long long best = -1;
+    for (int a = 0; a < nh; ++a) {
+        const long long row = (long long)(h0 + a * dh) * W + w0;
+        const P v = xp[(plane + row) / 2];
+        if (v.x > m || v.x != v.x) {
+            m = v.x;
+            best = row;
+        }
+        if (v.y > m || v.y != v.y) {
+            m = v.y;
+            best = row + 1;
+        }
+    }
+    at = best >= 0 ? best : (long long)h0 * W + w0;
+    return m;
+}
+
 }  // namespace pool
 
 // x (NC, H, W) -> y, idx (NC, OH, OW); idx int64 flat h*W + w within the plane
@@ -88,6 +127,7 @@ __global__ void max_pool2d_fwd(gptr<const T> x, gptr<T> y, gptr<long long> idx, 
                                int H, int W, int OH, int OW, int KH, int KW, int SH, int SW,
                                int PH, int PW, int DH, int DW) {
     const long long total = NC * OH * OW;
+    const bool pairs = pool::pair_windows(x, W, KW, SW, PW, DW);  // uniform
     for (long long e = pool::first_index(); e < total; e += pool::grid_stride()) {
         const int ow = (int)(e % OW);
         const long long t = e / OW;
@@ -98,8 +138,11 @@ __global__ void max_pool2d_fwd(gptr<const T> x, gptr<T> y, gptr<long long> idx, 
         pool::tap_range(hs, DH, KH, H, ilo, ihi);
         pool::tap_range(ws, DW, KW, W, jlo, jhi);
         long long at;
-        y[e] = pool::window_max(x, plane, W, hs + ilo * DH, DH, ihi - ilo, ws + jlo * DW, DW,
-                                jhi - jlo, at);
+        if (pairs && jhi - jlo == 2)
+            y[e] = pool::pair_window_max(x, plane, W, hs + ilo * DH, DH, ihi - ilo, ws, at);
+        else
+            y[e] = pool::window_max(x, plane, W, hs + ilo * DH, DH, ihi - ilo, ws + jlo * DW,
+                                    DW, jhi - jlo, at);
         idx[e] = at;
     }
 }
@@ -183,7 +226,9 @@ template <typename T>
 __global__ void avg_pool2d_fwd(gptr<const T> x, gptr<T> y, long long NC, int H, int W, int OH,
                                int OW, int KH, int KW, int SH, int SW, int PH, int PW,
                                int count_include_pad, long long divisor_override) {
+    using P = typename pool::PairOf<T>::type;
     const long long total = NC * OH * OW;
+    const bool pairs = pool::pair_windows(x, W, KW, SW, PW, 1);  // uniform
     for (long long e = pool::first_index(); e < total; e += pool::grid_stride()) {
         const int ow = (int)(e % OW);
         const long long t = e / OW;
@@ -192,8 +237,17 @@ __global__ void avg_pool2d_fwd(gptr<const T> x, gptr<T> y, long long NC, int H, 
         const pool::AvgWindow<T> win(oh, ow, H, W, KH, KW, SH, SW, PH, PW, count_include_pad,
                                      divisor_override);
         T s = T(0);
-        for (int h = win.h0; h < win.h1; ++h)
-            for (int w = win.w0; w < win.w1; ++w) s += x[plane + (long long)h * W + w];
+        if (pairs && win.w1 - win.w0 == 2) {  // one aligned pair per row, same sum order
+            gptr<const P> xp = gd::gptr_cast<const P>(x);
+            for (int h = win.h0; h < win.h1; ++h) {
+                const P v = xp[(plane + (long long)h * W + win.w0) / 2];
+                s += v.x;
+                s += v.y;
+            }
+        } else {
+            for (int h = win.h0; h < win.h1; ++h)
+                for (int w = win.w0; w < win.w1; ++w) s += x[plane + (long long)h * W + w];
+        }
         y[e] = s * win.scale;
     }
 }
@@ -246,6 +300,35 @@ __global__ void adaptive_avg_pool2d_fwd(gptr<const T> x, gptr<T> y, long long NC
     }
 }
 
+// The same for large windows (global average pooling: 8x8 -> 1x1): a warp per output, the
+// lanes striding over the window (coalesced along its rows) and a fixed butterfly sum.
+// blockDim (32, R); warps grid-strided over the outputs.
+template <typename T>
+__global__ void adaptive_avg_pool2d_fwd_warp(gptr<const T> x, gptr<T> y, long long NC, int H,
+                                             int W, int OH, int OW) {
+    const long long total = NC * OH * OW;
+    const int lane = threadIdx.x;
+    for (long long e = (long long)blockIdx.x * blockDim.y + threadIdx.y; e < total;
+         e += (long long)gridDim.x * blockDim.y) {  // uniform over the warp
+        const int ow = (int)(e % OW);
+        const long long t = e / OW;
+        const int oh = (int)(t % OH);
+        const long long plane = (t / OH) * H * W;
+        const int h0 = (int)((long long)oh * H / OH);
+        const int h1 = (int)(((long long)(oh + 1) * H + OH - 1) / OH);
+        const int w0 = (int)((long long)ow * W / OW);
+        const int w1 = (int)(((long long)(ow + 1) * W + OW - 1) / OW);
+        const int kw = w1 - w0, area = (h1 - h0) * kw;
+        gd::Sum<T> acc = gd::Sum<T>::identity();
+        for (int i = lane; i < area; i += 32) {
+            const int h = h0 + i / kw, w = w0 + i % kw;
+            acc.v += x[plane + (long long)h * W + w];
+        }
+        acc = gd::warp_allreduce(acc);
+        if (lane == 0) y[e] = acc.v / T(area);
+    }
+}
+
 // gy (NC, OH, OW) -> gx (NC, H, W)
 template <typename T>
 __global__ void adaptive_avg_pool2d_bwd(gptr<const T> gy, gptr<T> gx, long long NC, int H,
@@ -284,5 +367,7 @@ GPUDIFF_KERNEL(avg_pool2d_bwd<float>)
 GPUDIFF_KERNEL(avg_pool2d_bwd<double>)
 GPUDIFF_KERNEL(adaptive_avg_pool2d_fwd<float>)
 GPUDIFF_KERNEL(adaptive_avg_pool2d_fwd<double>)
+GPUDIFF_KERNEL(adaptive_avg_pool2d_fwd_warp<float>)
+GPUDIFF_KERNEL(adaptive_avg_pool2d_fwd_warp<double>)
 GPUDIFF_KERNEL(adaptive_avg_pool2d_bwd<float>)
 GPUDIFF_KERNEL(adaptive_avg_pool2d_bwd<double>)

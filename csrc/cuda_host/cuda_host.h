@@ -259,7 +259,9 @@ inline T* dynamic_shared() {
 
 #define GD_CAT2(a, b) a##b
 #define GD_CAT(a, b) GD_CAT2(a, b)
-#define GD_UNROLL  // common.cuh: `#pragma unroll` for nvcc, nothing here
+// common.cuh: `#pragma unroll` for nvcc. Unrolled here too, so that the host code has the
+// GPU's access sites (one per unrolled load), which the memory tracer (trace.h) relies on.
+#define GD_UNROLL _Pragma("GCC unroll 16")
 #define GPUDIFF_KERNEL(...) \
     static gd_host::Registrar GD_CAT(gd_registrar_, __COUNTER__)(#__VA_ARGS__, &__VA_ARGS__);
 

@@ -283,6 +283,8 @@ void resume(Run& r, int t) {
     threadIdx = r.threads[t].idx;
     r.threads[t].started = true;
     ++r.stats.resumes;
+    // the memory tracer groups a thread's accesses by sync epoch (trace.h): keep this call
+    if (g_trace_on) trace_resume();
 #ifdef GD_FAST_SWITCH
     gd_switch(&g_scheduler_sp, f.sp);
 #else

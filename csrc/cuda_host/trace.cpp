@@ -157,10 +157,12 @@ void trace_access(int arg, const void* lo, const void* at, size_t bytes) {
 }  // namespace gd_host
 
 // ---- the Python side's interface (ctypes: gpudiff/backend/cuda_trace.py) ------------------
+// Exported by name (pybind11 builds with -fvisibility=hidden).
+#define GD_TRACE_API __attribute__((visibility("default")))
 extern "C" {
 
 // Start a trace session: clear all counters.
-void gd_trace_start() {
+GD_TRACE_API void gd_trace_start() {
     auto& t = gd_host::tracer();
     t.streams.clear();
     t.have_block = false;
@@ -170,7 +172,7 @@ void gd_trace_start() {
 }
 
 // Stop tracing; out[0..4] = accesses, requests, sectors, requested bytes, useful bytes.
-void gd_trace_stop(double* out) {
+GD_TRACE_API void gd_trace_stop(double* out) {
     auto& t = gd_host::tracer();
     t.flush();
     gd_host::g_trace_on = false;
@@ -182,7 +184,7 @@ void gd_trace_stop(double* out) {
 }
 
 // Distinct sectors the last session touched in argument `arg` (-1: table pointers).
-double gd_trace_unique_sectors(int arg) {
+GD_TRACE_API double gd_trace_unique_sectors(int arg) {
     auto& t = gd_host::tracer();
     auto it = t.unique.find(arg);
     return it == t.unique.end() ? 0.0 : double(it->second.size());

@@ -320,8 +320,18 @@ def conv2d_backward_input(gy, w, x_shape, stride, padding, dilation, groups):
                 tile = _tile(geom.Cg)
                 launch("conv.cu", _igemm_name("conv2d_dgrad_igemm", t, tile),
                        _igemm_grid(geom.N * geom.H * geom.W, geom.Cg, geom.G, tile),
-                       _igemm_threads(tile), (gy, w, gx) + geom.args())
+                       _igemm_threads(tile), (gy, _dgrad_weights(w, geom), gx) + geom.args())
     return gx[0] if unbatched else gx
+
+
+def _dgrad_weights(w, geom):
+    """wt (G, Cg, Kg, KH, KW): w (K, Cg, KH, KW) = (G, Kg, Cg, KH, KW) with (Kg, Cg) swapped,
+    so that dgrad's A tiles (rows c, depth (k, i, j)) load contiguously. A copy of the
+    weights only: small next to the activations."""
+    g = geom
+    xp = array_module(w)
+    return xp.ascontiguousarray(
+        w.reshape(g.G, g.Kg, g.Cg, g.KH, g.KW).transpose(0, 2, 1, 3, 4))
 
 
 def _dgrad_im2col(gy, w, gx, geom, t):
@@ -461,6 +471,7 @@ def col2im(cols, C, H, W, kh, kw, sh, sw, ph, pw, dh, dw):
 
 
 # ---- pooling --------------------------------------------------------------------------------
+ADAPTIVE_WARP_MIN_WINDOW = 16  # adaptive avg windows this big get a warp per output
 def pooling_output_size(n, k, s, p, d, ceil_mode):
     """PyTorch's pooling output size (csrc/cpu/common.h pooling_output_size)."""
     span = n + 2 * p - d * (k - 1) - 1 + (s - 1 if ceil_mode else 0)
@@ -622,7 +633,12 @@ def adaptive_avg_pool2d(x, oh, ow):
         return None
     xp = array_module(x)
     y = xp.empty((n, c, oh, ow), x.dtype)
-    if y.size:
+    if y.size and (h // oh) * (w // ow) >= ADAPTIVE_WARP_MIN_WINDOW:
+        # big windows (global pooling): a warp per output, coalesced over the window
+        launch("pool.cu", f"adaptive_avg_pool2d_fwd_warp<{t}>",
+               max(1, min(math.ceil(y.size / 8), _wave_blocks(x, 256))), (32, 8),
+               (x, y, np.int64(n * c)) + _i32(h, w, oh, ow))
+    elif y.size:
         launch("pool.cu", f"adaptive_avg_pool2d_fwd<{t}>", _grid_1d(y.size, x), THREADS,
                (x, y, np.int64(n * c)) + _i32(h, w, oh, ow))
     return y[0] if unbatched else y

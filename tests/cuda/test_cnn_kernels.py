@@ -351,6 +351,9 @@ POOL_CASES = [
     ((1, 2, 8, 7), (3, 2), (2, 2), (1, 1), (1, 1), True),
     ((1, 1, 1, 1), (1, 1), (1, 1), (0, 0), (1, 1), False),
     ((2, 3, 13, 5), (5, 3), (3, 2), (2, 1), (1, 1), False),
+    # 2x2 stride 2 on even widths: the pair-load path (odd height: ceil_mode clips rows)
+    ((2, 3, 6, 8), (2, 2), (2, 2), (0, 0), (1, 1), False),
+    ((1, 2, 7, 8), (2, 2), (2, 2), (0, 0), (1, 1), True),
 ]
 
 
@@ -398,7 +401,9 @@ def test_avg_pool2d_forward_backward(order, case, count_include_pad, divisor):
 
 
 # (input H, W) -> (output H, W): shrinking, equal, growing, to 1x1
-ADAPTIVE_CASES = [((9, 11), (4, 5)), ((5, 7), (5, 7)), ((3, 4), (7, 5)), ((6, 13), (1, 1))]
+# (the last two: windows of >= 16 elements, the warp-per-output forward)
+ADAPTIVE_CASES = [((9, 11), (4, 5)), ((5, 7), (5, 7)), ((3, 4), (7, 5)), ((6, 13), (1, 1)),
+                  ((17, 9), (2, 1))]
 
 
 @pytest.mark.parametrize("hw,out", ADAPTIVE_CASES)
@@ -666,3 +671,18 @@ def test_pool_and_norm_ops_on_cuda_match_cpu(name, monkeypatch):
             "batch_norm1d": "batch_norm_bwd_cols<float>"}[name]
     assert want in launched
     assert modes == ({"max": [0], "max-dilated-ceil": [0], "adaptive_max": [1]}).get(name, [])
+
+
+def test_tracer_groups_requests_by_sync_epoch():
+    # the implicit-GEMM forward re-loads its tiles after every barrier: grouped per epoch
+    # (emulator.cpp resume() -> trace_resume) its gathers are ~98% efficient; a tracer that
+    # lost the epochs would mix the steps of a whole block and report far less
+    from gpudiff.backend import cuda_trace
+    x, w = rand((2, 16, 32, 32), np.float32), rand((16, 16, 3, 3), np.float32, 1)
+    g = cc.ConvGeom(x.shape, w.shape, 1, 1, 1, 1)
+    y = np.empty((2, 16, 32, 32), np.float32)
+    r = cuda_trace.traced_launch("conv.cu", cc._igemm_name("conv2d_fwd_igemm", "float", cc.TILE_S),
+                                 cc._igemm_grid(2 * 32 * 32, 16, 1, cc.TILE_S), 256,
+                                 (x, w, np.zeros(1, np.float32), y) + g.args() + (np.int32(0),))
+    assert r["sector_efficiency"] > 0.95
+    assert r["unique_bytes"] == {0: x.nbytes, 1: w.nbytes, 3: y.nbytes}  # bias not read
