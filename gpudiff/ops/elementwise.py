@@ -257,9 +257,9 @@ class sqrt(Op):
 
 class rsqrt(Op):
     def forward(ctx, x):
-        y = 1 / ctx.xp.sqrt(x)
-        ctx.save_for_backward(y)
-        return y.astype(x.dtype, copy=False)
+        y = (1 / ctx.xp.sqrt(x)).astype(x.dtype, copy=False)
+        ctx.save_for_backward(y)  # the returned object itself: saved as the op's output
+        return y
 
     def backward(ctx, gy):
         y, = ctx.saved_tensors
