@@ -1,39 +1,40 @@
-"""The benchmark suite: one implementation behind ``gpudiff bench`` and the bench/ scripts.
+"""The benchmark suite: the one implementation behind ``gpudiff bench`` and bench/bench_cpu.py.
 
-Each case is written once against the PyTorch-style API and run on every *backend*: gpudiff
-on each requested device, and PyTorch (when importable) on the CPU (and on CUDA when its
-build has one). Times are wall-clock per call with the device synchronised before and after
-each call; we report the min and the median of ``repeat`` calls after ``warmup`` calls.
+Every case is written once against the PyTorch-style API and run on each *backend*: gpudiff
+on each requested device, and PyTorch (when importable) on the CPU, and on CUDA when its
+build has it. Cases are whole training steps of the model zoo (zero_grad, forward, loss,
+backward, SGD step; the same initial weights in every backend) and single ops (forward, or
+forward + backward) at the shapes those models use.
 
->>> results = run(quick=True, devices=["cpu"], torch=False, repeat=2, cases=["relu"])
->>> [r["backend"] for r in results]
-['gpudiff cpu']
+Timing: for each case the backends take turns, one call each per round, the order rotating
+every round, so that all of them see the same machine load (a shared machine is noisy); each
+call is timed wall clock with the device synchronised before and after. We report the min,
+the median and the interquartile range of ``repeat`` rounds after ``warmup`` rounds, and
+the ratios gpudiff/PyTorch (same device) and CPU/GPU (gpudiff; a real GPU only).
 
 The emulated CUDA device (GPUDIFF_CUDA=emulate) runs our .cu kernels on the CPU emulator: its
-times are labelled "emulated" everywhere and never used as GPU numbers (no CPU-vs-GPU ratio).
+times are labelled "emulated" everywhere and never enter a CPU/GPU ratio.
+
+>>> results = run(quick=True, devices=["cpu"], torch=False, repeat=2, only=["relu"])
+>>> [r["backend"] for r in results]
+['gpudiff cpu']
 """
+import cProfile
 import dataclasses
 import datetime
 import importlib
+import io
 import json
 import os
 import platform
+import pstats
 import statistics
 import time
 
 import numpy as np
 
-__all__ = [
-    "CASES",
-    "BenchError",
-    "Case",
-    "machine_info",
-    "plot",
-    "run",
-    "run_cli",
-    "table",
-    "write_json",
-]
+__all__ = ["BenchError", "Case", "cases", "machine_info", "plot", "profile_step", "run",
+           "run_cli", "table", "write_json"]
 
 
 class BenchError(ValueError):
@@ -70,165 +71,208 @@ class Backend:
 # ---- cases ------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Case:
-    """One timed thing: ``setup(backend, quick, rng)`` returns a zero-argument callable that
-    runs one iteration (forward, or forward + backward, or a whole training step)."""
+    """One timed thing. ``setup(backend, shared)`` returns a zero-argument callable running
+    one iteration; ``shared`` is a dict the backends of one case share (the same input data
+    and initial weights), filled by the first backend that needs it."""
     name: str
-    kind: str                 # "op" | "train step"
-    shape: callable           # quick -> a short description of the sizes
+    kind: str                 # "train step" | "op fwd" | "op fwd+bwd"
+    shape: str                # the sizes, for the table
     setup: callable
 
 
-def _randn(rng, *shape):
-    return rng.standard_normal(shape).astype(np.float32)
+def _data(shared, key, make):
+    if key not in shared:
+        shared[key] = make()
+    return shared[key]
 
 
-def _fwd_bwd(b, fn, *inputs):
-    """A callable running ``fn(*inputs)`` forward and backward (grads reset each time)."""
-    ones = None
-
-    def step():
-        nonlocal ones
-        for t in inputs:
-            t.grad = None
-        y = fn(*inputs)
-        if ones is None:
-            ones = b.tensor(np.ones(tuple(y.shape), np.float32))
-        y.backward(ones)
-    return step
+def _rng(shared):
+    return _data(shared, "rng", lambda: np.random.default_rng(0))
 
 
-def _conv_shape(quick):
-    return (8, 16, 16, 16, 16) if quick else (64, 32, 32, 32, 64)   # N, C, H, W, C_out
+# -- one op, forward or forward + backward
+def _op_case(name, shape_text, make_inputs, call, backward):
+    """make_inputs(rng) -> list of numpy arrays (float ones get requires_grad for backward);
+    call(F, *tensors) -> the output tensor."""
+
+    def setup(b, shared):
+        arrays = _data(shared, "inputs", lambda: make_inputs(_rng(shared)))
+        ts = [b.tensor(a, backward and a.dtype.kind == "f") for a in arrays]
+        if not backward:
+            def fwd():
+                with b.lib.no_grad():
+                    call(b.F, *ts)
+            return fwd
+        out_shape = tuple(call(b.F, *ts).shape)
+        gy = b.tensor(_data(shared, "gy", lambda: _rng(shared).standard_normal(out_shape)
+                            .astype(np.float32)))
+
+        def fwd_bwd():
+            for t in ts:
+                t.grad = None
+            call(b.F, *ts).backward(gy)
+        return fwd_bwd
+
+    kind = "op fwd+bwd" if backward else "op fwd"
+    return Case(f"{name} {'fwd+bwd' if backward else 'fwd'}", kind, shape_text, setup)
 
 
-def _setup_conv_fwd(b, quick, rng):
-    n, c, h, w, co = _conv_shape(quick)
-    x, wt, bias = (b.tensor(_randn(rng, n, c, h, w)), b.tensor(_randn(rng, co, c, 3, 3)),
-                   b.tensor(_randn(rng, co)))
-    return lambda: b.F.conv2d(x, wt, bias, padding=1)
+def _randn(*shape, scale=1.0):
+    return lambda rng: rng.standard_normal(shape).astype(np.float32) * np.float32(scale)
 
 
-def _setup_conv_fwd_bwd(b, quick, rng):
-    n, c, h, w, co = _conv_shape(quick)
-    x, wt, bias = (b.tensor(_randn(rng, n, c, h, w), True),
-                   b.tensor(_randn(rng, co, c, 3, 3), True), b.tensor(_randn(rng, co), True))
-    return _fwd_bwd(b, lambda x, wt, bias: b.F.conv2d(x, wt, bias, padding=1), x, wt, bias)
+def _conv(name, n, c, h, co, k, stride=1, padding=0, both=True):
+    """conv2d cases: input (n, c, h, h), weight (co, c, k, k)."""
+    def inputs(rng):
+        return [_randn(n, c, h, h)(rng), _randn(co, c, k, k, scale=0.1)(rng)]
+
+    def call(F, x, w):
+        return F.conv2d(x, w, stride=stride, padding=padding)
+    text = f"{n}x{c}x{h}x{h}, {co}x{c}x{k}x{k}" + (f" /{stride}" if stride > 1 else "") + \
+        (f" pad {padding}" if padding else "")
+    cs = [_op_case(f"conv2d {name}", text, inputs, call, True)]
+    if both:
+        cs.insert(0, _op_case(f"conv2d {name}", text, inputs, call, False))
+    return cs
 
 
-def _act_shape(quick):
-    return (8, 16, 16, 16) if quick else (64, 64, 32, 32)
+def _pool(name, n, c, h, both=True):
+    def inputs(rng):
+        return [_randn(n, c, h, h)(rng)]
+
+    def call(F, x):
+        return F.max_pool2d(x, 2)
+    cs = [_op_case(f"max_pool2d {name}", f"{n}x{c}x{h}x{h}, 2x2", inputs, call, True)]
+    if both:
+        cs.insert(0, _op_case(f"max_pool2d {name}", f"{n}x{c}x{h}x{h}, 2x2", inputs, call,
+                              False))
+    return cs
 
 
-def _setup_maxpool(b, quick, rng):
-    x = b.tensor(_randn(rng, *_act_shape(quick)), True)
-    return _fwd_bwd(b, lambda x: b.F.max_pool2d(x, 2), x)
+def _other_ops(n, c, h, mm, ce):
+    act = f"{n}x{c}x{h}x{h}"
+
+    def bn_call(F, x, w, bias):
+        return F.batch_norm(x, None, None, w, bias, training=True)
+    return [
+        _op_case("batch_norm2d", act, lambda r: [_randn(n, c, h, h)(r),
+                                                 np.ones(c, np.float32), np.zeros(c, np.float32)],
+                 bn_call, True),
+        _op_case("relu", act, lambda r: [_randn(n, c, h, h)(r)], lambda F, x: F.relu(x), True),
+        _op_case("matmul", f"{mm}x{mm} @ {mm}x{mm}",
+                 lambda r: [_randn(mm, mm)(r), _randn(mm, mm)(r)], lambda F, x, y: x @ y, True),
+        _op_case("cross_entropy", f"{ce[0]}x{ce[1]}",
+                 lambda r: [_randn(*ce)(r), r.integers(0, ce[1], ce[0])],
+                 lambda F, x, t: F.cross_entropy(x, t), True),
+    ]
 
 
-def _setup_batchnorm(b, quick, rng):
-    n, c, h, w = _act_shape(quick)
-    x = b.tensor(_randn(rng, n, c, h, w), True)
-    bn = b.nn.BatchNorm2d(c).to(b.device)
-    return _fwd_bwd(b, bn, x)
-
-
-def _setup_relu(b, quick, rng):
-    x = b.tensor(_randn(rng, *_act_shape(quick)), True)
-    return _fwd_bwd(b, b.F.relu, x)
-
-
-def _mm_size(quick):
-    return 128 if quick else 1024
-
-
-def _setup_matmul(b, quick, rng):
-    n = _mm_size(quick)
-    x, y = b.tensor(_randn(rng, n, n), True), b.tensor(_randn(rng, n, n), True)
-    return _fwd_bwd(b, lambda x, y: x @ y, x, y)
-
-
-def _setup_cross_entropy(b, quick, rng):
-    n, k = (64, 10) if quick else (1024, 1000)
-    x = b.tensor(_randn(rng, n, k), True)
-    t = b.lib.tensor(rng.integers(0, k, n), device=b.device)
-    return _fwd_bwd(b, lambda x: b.F.cross_entropy(x, t), x)
-
-
-# the training steps: (model, channels, image size, batch) quick / full
-_STEPS = {
-    "lenet": ((1, 28, 16), (1, 28, 64)),
-    "mnist-cnn": ((1, 28, 16), (1, 28, 64)),
-    "resnet-small": ((3, 32, 16), (3, 32, 64)),
+# -- a whole training step of a zoo model
+# name: (zoo model, channels, image size, extra constructor arguments)
+STEP_MODELS = {
+    "lenet": ("lenet", 1, 28, {}),
+    "mnist-cnn": ("mnist-cnn", 1, 28, {}),
+    "resnet-small": ("resnet-small", 3, 32, {}),            # ResNet-8
+    "resnet-20": ("resnet-small", 3, 32, {"blocks": 3}),    # the CIFAR ResNet-20
 }
 
 
-def _step_shape(model):
-    def shape(quick):
-        c, s, n = _STEPS[model][0 if quick else 1]
-        return f"{n}x{c}x{s}x{s}"
-    return shape
+def _step_case(model, batch):
+    zoo_name, c, s, kw = STEP_MODELS[model]
 
-
-def _setup_step(model):
-    def setup(b, quick, rng):
+    def setup(b, shared):
         from .models import create_model
-        c, s, n = _STEPS[model][0 if quick else 1]
-        net = create_model(model, c, s, 10, nn=b.nn).to(b.device)
+        b.lib.manual_seed(0)
+        net = create_model(zoo_name, c, s, 10, nn=b.nn, **kw)
+        # the same initial weights everywhere: the first backend's, copied
+        state = _data(shared, "state", lambda: {
+            k: np.array(v.detach().cpu().numpy()) for k, v in net.state_dict().items()})
+        net.load_state_dict({k: b.lib.tensor(v) for k, v in state.items()})
+        net = net.to(b.device)
+        rng = _rng(shared)
+        x = b.tensor(_data(shared, "x", lambda: rng.standard_normal((batch, c, s, s))
+                           .astype(np.float32)))
+        y = b.lib.tensor(_data(shared, "y", lambda: rng.integers(0, 10, batch)),
+                         device=b.device)
+        # a sanity check that the backends compute the same network: the eval-mode loss
+        net.eval()
+        with b.lib.no_grad():
+            shared.setdefault("eval_loss", {})[b.label] = b.F.cross_entropy(net(x), y).item()
         net.train()
         opt = b.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-        x = b.tensor(_randn(rng, n, c, s, s))
-        y = b.lib.tensor(rng.integers(0, 10, n), device=b.device)
 
         def step():
             opt.zero_grad()
             loss = b.F.cross_entropy(net(x), y)
             loss.backward()
             opt.step()
+        step.model = net
         return step
-    return setup
+
+    return Case(f"{model} train step", "train step", f"{batch}x{c}x{s}x{s}", setup)
 
 
-def _fmt(*dims):
-    return "x".join(str(d) for d in dims)
-
-
-CASES = [
-    Case("conv2d 3x3 fwd", "op", lambda q: _fmt(*_conv_shape(q)[:4]) + f" -> {_conv_shape(q)[4]}",
-         _setup_conv_fwd),
-    Case("conv2d 3x3 fwd+bwd", "op",
-         lambda q: _fmt(*_conv_shape(q)[:4]) + f" -> {_conv_shape(q)[4]}", _setup_conv_fwd_bwd),
-    Case("max_pool2d 2x2 fwd+bwd", "op", lambda q: _fmt(*_act_shape(q)), _setup_maxpool),
-    Case("batch_norm2d fwd+bwd", "op", lambda q: _fmt(*_act_shape(q)), _setup_batchnorm),
-    Case("relu fwd+bwd", "op", lambda q: _fmt(*_act_shape(q)), _setup_relu),
-    Case("matmul fwd+bwd", "op", lambda q: _fmt(_mm_size(q), _mm_size(q)), _setup_matmul),
-    Case("cross_entropy fwd+bwd", "op", lambda q: "64x10" if q else "1024x1000",
-         _setup_cross_entropy),
-] + [Case(f"{m} train step", "train step", _step_shape(m), _setup_step(m)) for m in _STEPS]
+def cases(quick=False):
+    """The benchmark cases: small shapes when ``quick``, the zoo models' shapes otherwise."""
+    if quick:
+        return ([_step_case(m, 16) for m in ("lenet", "mnist-cnn", "resnet-small")]
+                + _conv("3x3", 8, 16, 16, 16, 3, padding=1) + _pool("2x2", 8, 16, 16)
+                + _other_ops(8, 16, 16, 128, (64, 10)))
+    n = 64
+    return ([_step_case(m, n) for m in STEP_MODELS]
+            # the convolutions and pools of the models above, at batch 64
+            + _conv("mnist conv1", n, 1, 28, 32, 3) + _conv("mnist conv2", n, 32, 26, 64, 3)
+            + _conv("lenet conv1", n, 1, 28, 6, 5, padding=2) + _conv("lenet conv2", n, 6, 14,
+                                                                       16, 5)
+            + _conv("resnet 3x3 s1", n, 16, 32, 16, 3, padding=1)
+            + _conv("resnet 3x3 /2", n, 16, 32, 32, 3, stride=2, padding=1)
+            + _conv("resnet 3x3 s3", n, 64, 8, 64, 3, padding=1)
+            + _conv("resnet 1x1 /2", n, 32, 16, 64, 1, stride=2)
+            + _pool("mnist", n, 64, 24) + _pool("lenet", n, 6, 28)
+            + _other_ops(n, 64, 32, 1024, (1024, 1000)))
 
 
 # ---- timing -----------------------------------------------------------------------------
-def time_calls(fn, sync, repeat, warmup=1):
-    """Seconds per call of ``fn`` (``repeat`` of them, after ``warmup`` untimed calls)."""
+def time_interleaved(fns, syncs, repeat, warmup=1):
+    """Seconds per call of each fn: rounds in which every fn runs once, in rotating order."""
+    k = len(fns)
     for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
+        for fn, sync in zip(fns, syncs):
+            fn()
+            sync()
+    times = [[] for _ in fns]
+    for r in range(repeat):
+        for j in range(k):
+            i = (j + r) % k
+            syncs[i]()
+            t0 = time.perf_counter()
+            fns[i]()
+            syncs[i]()
+            times[i].append(time.perf_counter() - t0)
     return times
 
 
-def _torch_backends(devices):
-    try:
-        import torch
-    except ImportError:
-        return []
-    out = [Backend("torch", "cpu")] if "cpu" in devices else []
-    if "cuda" in devices and torch.cuda.is_available():
-        out.append(Backend("torch", "cuda"))
-    torch.set_num_threads(os.cpu_count() or 1)
+def _summary(times):
+    ms = np.asarray(times) * 1e3
+    q75, q25 = np.percentile(ms, [75, 25])
+    return {"times_ms": [round(float(t), 4) for t in ms],
+            "min_ms": round(float(ms.min()), 4),
+            "median_ms": round(float(statistics.median(ms.tolist())), 4),
+            "iqr_ms": round(float(q75 - q25), 4)}
+
+
+def backends(devices, torch=True):
+    """gpudiff on each device, then PyTorch on the devices it has (if importable)."""
+    out = [Backend("gpudiff", d) for d in devices]
+    if torch:
+        try:
+            import torch as _torch
+        except ImportError:
+            return out
+        if "cpu" in devices:
+            out.append(Backend("torch", "cpu"))
+        if "cuda" in devices and _torch.cuda.is_available():
+            out.append(Backend("torch", "cuda"))
     return out
 
 
@@ -244,57 +288,103 @@ def parse_devices(spec):
     for d in devs:
         if d not in ("cpu", "cuda"):
             raise BenchError(f"--device: unknown device {d!r} (use cpu, cuda or cpu,cuda)")
+    if not devs:
+        raise BenchError("--device: no device given (use cpu, cuda or cpu,cuda)")
     if "cuda" in devs and not gpudiff.cuda.is_available():
         raise BenchError("--device cuda: CUDA is not available here (no NVIDIA GPU or no CuPy); "
                          "use --device cpu, or set GPUDIFF_CUDA=emulate for the CUDA emulator")
-    if not devs:
-        raise BenchError("--device: no device given")
     return list(dict.fromkeys(devs))
 
 
-def run(quick=False, devices=("cpu",), torch=True, repeat=None, warmup=1, cases=None,
-        log=None, seed=0):
+def select(all_cases, only):
+    """The cases whose name starts with one of ``only`` (all when None)."""
+    if only is None:
+        return list(all_cases)
+    chosen = [c for c in all_cases if any(c.name.startswith(p) for p in only)]
+    if not chosen:
+        raise BenchError(f"--only {','.join(only)}: no case matches (cases: "
+                         f"{', '.join(c.name for c in all_cases)})")
+    return chosen
+
+
+def run(quick=False, devices=("cpu",), torch=True, repeat=None, warmup=None, only=None,
+        log=None, profile=False):
     """Run the cases on every backend; returns one dict per (case, backend).
 
-    cases: names (or name prefixes) to run; None runs them all.
+    only: case-name prefixes to keep (None: all). profile: also cProfile one gpudiff CPU
+    training step per model (in the result of that case and backend, key "profile").
     """
-    backends = [Backend("gpudiff", d) for d in devices]
-    if torch:
-        backends += _torch_backends(devices)
+    bs = backends(devices, torch)
     repeat = repeat or (5 if quick else 20)
-    selected = [c for c in CASES if cases is None or any(c.name.startswith(n) for n in cases)]
-    if not selected:
-        raise BenchError(f"no benchmark case matches {cases}")
+    warmup = (1 if quick else 3) if warmup is None else warmup
     results = []
-    for case in selected:
-        for b in backends:
-            rng = np.random.default_rng(seed)
-            fn = case.setup(b, quick, rng)
-            times = time_calls(fn, b.sync, repeat, warmup)
-            r = {"case": case.name, "kind": case.kind, "shape": case.shape(quick),
-                 "backend": b.label, "framework": b.framework, "device": b.device,
-                 "emulated": b.emulated, "repeat": repeat,
-                 "times_ms": [round(t * 1e3, 4) for t in times],
-                 "min_ms": round(min(times) * 1e3, 4),
-                 "median_ms": round(statistics.median(times) * 1e3, 4)}
+    for case in select(cases(quick), only):
+        shared = {}
+        fns = [case.setup(b, shared) for b in bs]
+        times = time_interleaved(fns, [b.sync for b in bs], repeat, warmup)
+        for b, fn, t in zip(bs, fns, times):
+            r = {"case": case.name, "kind": case.kind, "shape": case.shape, "backend": b.label,
+                 "framework": b.framework, "device": b.device, "emulated": b.emulated,
+                 "repeat": repeat, "warmup": warmup, **_summary(t)}
+            if "eval_loss" in shared:
+                r["eval_loss"] = shared["eval_loss"][b.label]
+            if profile and case.kind == "train step" and b.label == "gpudiff cpu":
+                r["profile"], text = profile_step(fn)
+                if log is not None:
+                    log(f"-- cProfile of one gpudiff {case.name} --\n{text}")
             results.append(r)
             if log is not None:
-                log(f"  {case.name:<26} {b.label:<24} median {r['median_ms']:10.3f} ms")
+                log(f"  {case.name:<34} {b.label:<24} median {r['median_ms']:10.3f} ms  "
+                    f"min {r['min_ms']:10.3f} ms")
+        losses = shared.get("eval_loss", {})
+        if len(losses) > 1 and max(losses.values()) - min(losses.values()) > \
+                1e-3 * max(1.0, abs(min(losses.values()))) and log is not None:
+            log(f"  warning: {case.name}: the backends disagree on the eval loss {losses}")
     return results
 
 
-# ---- reporting ----------------------------------------------------------------------------
-def machine_info():
-    """The machine the numbers come from: CPU model, GPU name, versions, date."""
-    import gpudiff
+def profile_step(step, top=25):
+    """cProfile of one call of ``step``: (summary dict, text of the top functions)."""
+    step()
+    prof = cProfile.Profile()
+    prof.enable()
+    step()
+    prof.disable()
+    s = io.StringIO()
+    stats = pstats.Stats(prof, stream=s)
+    stats.sort_stats("tottime").print_stats(top)
+    total = sum(v[2] for v in stats.stats.values())
+    rows = []
+    for (file, line, fn), (_, nc, tt, _, _) in sorted(stats.stats.items(),
+                                                     key=lambda kv: -kv[1][2])[:top]:
+        rows.append({"function": f"{os.path.basename(file)}:{line}({fn})", "calls": nc,
+                     "tottime_ms": round(tt * 1e3, 3), "share": round(tt / max(total, 1e-12), 3)})
+    return {"total_ms": round(total * 1e3, 3), "top": rows}, s.getvalue()
 
-    from .train import _cpu_model
+
+# ---- reporting ----------------------------------------------------------------------------
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def machine_info():
+    """The machine the numbers come from: CPU model, GPU name, versions, load, date."""
+    import gpudiff
     info = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": _cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+        "cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
         "python": platform.python_version(), "numpy": np.__version__,
-        "gpudiff": gpudiff.__version__, "gpu": None, "gpu_emulated": False, "torch": None,
-        "cpu_extension": gpudiff.backend._C is not None,
+        "gpudiff": gpudiff.__version__, "cpu_extension": gpudiff.backend._C is not None,
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "gpu": None, "gpu_emulated": False, "torch": None, "torch_threads": None,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if gpudiff.cuda.is_available():
         info["gpu_emulated"] = gpudiff.cuda.is_emulated()
@@ -302,6 +392,7 @@ def machine_info():
     try:
         import torch
         info["torch"] = torch.__version__
+        info["torch_threads"] = torch.get_num_threads()
     except ImportError:
         pass
     return info
@@ -311,63 +402,86 @@ def _columns(results):
     return list(dict.fromkeys(r["backend"] for r in results))
 
 
+def ratio_columns(results):
+    """(title, numerator backend, denominator backend) for the ratios these results allow."""
+    cols = _columns(results)
+    out = []
+    for dev in ("cpu", "cuda"):
+        g, t = f"gpudiff {dev}", f"torch {dev}"
+        if g in cols and t in cols:
+            out.append((f"gpudiff/torch {dev}", g, t))
+    if "gpudiff cpu" in cols and "gpudiff cuda" in cols:   # never the emulator
+        out.append(("gpu speedup (cpu/cuda)", "gpudiff cpu", "gpudiff cuda"))
+    return out
+
+
+def ratios(results):
+    """{case: {ratio title: median ratio}} (a ratio > 1 means the numerator is slower)."""
+    by = {(r["case"], r["backend"]): r for r in results}
+    out = {}
+    for case in dict.fromkeys(r["case"] for r in results):
+        row = {}
+        for title, num, den in ratio_columns(results):
+            a, b = by.get((case, num)), by.get((case, den))
+            if a is not None and b is not None and b["median_ms"] > 0:
+                row[title] = round(a["median_ms"] / b["median_ms"], 3)
+        out[case] = row
+    return out
+
+
 def table(results):
     """The results as a text table: median (min) ms per backend, and the ratios that apply."""
     from tabulate import tabulate
     by = {(r["case"], r["backend"]): r for r in results}
     cols = _columns(results)
-    ratios = []   # (title, numerator backend, denominator backend)
-    for dev in ("cpu", "cuda"):
-        g, t = f"gpudiff {dev}", f"torch {dev}"
-        if g in cols and t in cols:
-            ratios.append((f"gpudiff/torch {dev}", g, t))
-    if "gpudiff cpu" in cols and "gpudiff cuda" in cols:   # a real GPU only
-        ratios.append(("gpu speedup (cpu/cuda)", "gpudiff cpu", "gpudiff cuda"))
-    headers = ["case", "shape"] + [f"{c}\nmedian (min) ms" for c in cols] + [r[0] for r in ratios]
+    rcols = ratio_columns(results)
+    rs = ratios(results)
+    headers = ["case", "shape"] + [f"{c}\nmedian (min) ms" for c in cols] + \
+        [t.replace(" (", "\n(") for t, _, _ in rcols]
     rows = []
     for case in dict.fromkeys(r["case"] for r in results):
-        first = next(r for r in results if r["case"] == case)
+        first = by[(case, cols[0])] if (case, cols[0]) in by else \
+            next(r for r in results if r["case"] == case)
         row = [case, first["shape"]]
         for c in cols:
             r = by.get((case, c))
             row.append("" if r is None else f"{r['median_ms']:.3f} ({r['min_ms']:.3f})")
-        for _, num, den in ratios:
-            a, b = by.get((case, num)), by.get((case, den))
-            row.append("" if a is None or b is None or b["median_ms"] == 0
-                       else f"{a['median_ms'] / b['median_ms']:.2f}x")
+        for title, _, _ in rcols:
+            v = rs[case].get(title)
+            row.append("" if v is None else f"{v:.2f}x")
         rows.append(row)
     return tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True)
 
 
-def write_json(path, results, settings):
-    doc = {"machine": machine_info(), "settings": settings, "results": results}
+def write_json(path, results, settings, machine=None):
+    doc = {"benchmark": "gpudiff.benchmark", "machine": machine or machine_info(),
+           "settings": settings, "results": results, "ratios": ratios(results)}
     with open(path, "w") as f:
-        json.dump(doc, f, indent=2)
+        json.dump(doc, f, indent=1)
         f.write("\n")
     return doc
 
 
 def plot(path, results, title="gpudiff bench"):
-    """A horizontal bar chart of median times per case and backend (log scale)."""
+    """Horizontal bars: median time per case and backend (log scale, emulated ones hatched)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    cases = list(dict.fromkeys(r["case"] for r in results))
+    names = list(dict.fromkeys(r["case"] for r in results))
     cols = _columns(results)
     by = {(r["case"], r["backend"]): r["median_ms"] for r in results}
-    fig = Figure(figsize=(10, 0.5 + 0.45 * len(cases) * max(1, len(cols)) / 2 + 1), dpi=100)
+    fig = Figure(figsize=(10, 1.5 + 0.22 * len(names) * max(2, len(cols))), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.subplots()
     height = 0.8 / max(1, len(cols))
-    ys = np.arange(len(cases))
+    ys = np.arange(len(names))
     for k, c in enumerate(cols):
-        vals = [by.get((case, c), np.nan) for case in cases]
-        ax.barh(ys + k * height, vals, height, label=c,
-                hatch="//" if "emulated" in c else None)
-    ax.set_yticks(ys + height * (len(cols) - 1) / 2, cases)
+        vals = [by.get((n, c), np.nan) for n in names]
+        ax.barh(ys + k * height, vals, height, label=c, hatch="//" if "emulated" in c else None)
+    ax.set_yticks(ys + height * (len(cols) - 1) / 2, names, fontsize="small")
     ax.invert_yaxis()
     ax.set_xscale("log")
-    ax.set_xlabel("median time per call (ms, log scale; shorter is faster)")
-    ax.set_title(title)
+    ax.set_xlabel("median time per call, ms (log scale; shorter is faster)")
+    ax.set_title(title, fontsize="medium")
     ax.grid(axis="x", alpha=0.3, which="both")
     ax.legend(fontsize="small")
     fig.tight_layout()
@@ -379,8 +493,9 @@ def default_out_dir(root="runs"):
 
 
 def run_cli(quick=False, devices=None, out=None, torch=True, repeat=None, log=print,
-            cases=None):
-    """``gpudiff bench``: run, print the table, write bench.json and bench.png into ``out``."""
+            only=None, warmup=None, profile=False, json_name="bench.json",
+            png_name="bench.png"):
+    """``gpudiff bench``: run, print the table, write the JSON and the PNG into ``out``."""
     devs = parse_devices(devices)
     if torch:
         try:
@@ -388,26 +503,31 @@ def run_cli(quick=False, devices=None, out=None, torch=True, repeat=None, log=pr
         except ImportError:
             log("PyTorch is not installed: timing gpudiff only (pip install torch to compare)")
             torch = False
+    select(cases(quick), only)       # a bad --only fails before anything runs
     out = out or default_out_dir()
     os.makedirs(out, exist_ok=True)
     m = machine_info()
     gpu = "none" if m["gpu"] is None else m["gpu"]
     log(f"gpudiff bench{' --quick' if quick else ''} | cpu: {m['cpu']} ({m['cpu_count']} "
-        f"threads) | gpu: {gpu} | devices: {','.join(devs)}")
+        f"threads) | gpu: {gpu} | devices: {','.join(devs)} | "
+        f"torch: {m['torch'] if torch else 'not compared'}")
     if "cuda" in devs and m["gpu_emulated"]:
         log("note: cuda is the CPU emulator (GPUDIFF_CUDA=emulate): its times are labelled "
             "'emulated' and say nothing about GPU speed")
     t0 = time.perf_counter()
-    results = run(quick=quick, devices=devs, torch=torch, repeat=repeat, cases=cases, log=log)
-    settings = {"quick": quick, "devices": devs, "torch": torch,
-                "repeat": results[0]["repeat"], "warmup": 1,
-                "timing": "wall clock per call, device synchronised; min and median"}
-    write_json(os.path.join(out, "bench.json"), results, settings)
-    plot(os.path.join(out, "bench.png"), results,
-         title=f"gpudiff bench ({m['cpu']}; gpu: {gpu})")
+    results = run(quick=quick, devices=devs, torch=torch, repeat=repeat, warmup=warmup,
+                  only=only, log=log, profile=profile)
+    m["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    settings = {"quick": quick, "devices": devs, "torch": torch, "only": only,
+                "repeat": results[0]["repeat"], "warmup": results[0]["warmup"],
+                "timing": "wall clock per call, device synchronised, backends interleaved; "
+                          "min, median and IQR over the repeats"}
+    write_json(os.path.join(out, json_name), results, settings, m)
+    plot(os.path.join(out, png_name), results, title=f"gpudiff bench: {m['cpu']}; gpu: {gpu}"
+         f"{' (emulated)' if m['gpu_emulated'] else ''}; {m['date'][:10]}")
     log("")
     log(table(results))
     log("")
-    log(f"{len(results)} timings in {time.perf_counter() - t0:.1f}s; wrote bench.json and "
-        f"bench.png to {out}")
+    log(f"{len(results)} timings in {time.perf_counter() - t0:.1f}s; wrote {json_name} and "
+        f"{png_name} to {out}")
     return 0

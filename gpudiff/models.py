@@ -163,15 +163,17 @@ def zoo(nn):
 _ZOOS = {}
 
 
-def create_model(name, in_channels=1, image_size=28, num_classes=10, nn=None):
+def create_model(name, in_channels=1, image_size=28, num_classes=10, nn=None, **kwargs):
     """Build the zoo model ``name`` ('lenet', 'mnist-cnn' or 'resnet-small') for the given input.
 
     nn: the framework's nn package (default gpudiff.nn; torch.nn builds the PyTorch twin).
+    kwargs: passed on to the class (``blocks=3`` makes resnet-small a ResNet-20).
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r} (choose from {', '.join(MODELS)})")
     cls = zoo(_nn if nn is None else nn)[name]
-    return cls(in_channels=in_channels, num_classes=num_classes, image_size=image_size)
+    return cls(in_channels=in_channels, num_classes=num_classes, image_size=image_size,
+               **kwargs)
 
 
 # the gpudiff classes

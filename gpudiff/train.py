@@ -43,14 +43,14 @@ SCHEDULERS = ("none", "step", "cosine")
 DEVICES = ("auto", "cpu", "cuda")
 
 # default learning rate per optimizer (Adam's family wants a much smaller step than SGD)
-DEFAULT_LR = {"sgd": 0.1, "adam": 0.01, "adamw": 0.01}
+DEFAULT_LR = {"sgd": 0.1, "adam": 0.001, "adamw": 0.001}
 
 CHECKPOINT = "checkpoint"
 
 # the settings a resumed run must share with the run that wrote the checkpoint: anything
 # else (epochs, device, data_dir, progress) may differ
 _RESUME_KEYS = ("model", "dataset", "batch_size", "lr", "optimizer", "momentum",
-                "weight_decay", "scheduler", "step_size", "gamma", "seed", "limit")
+                "weight_decay", "augment", "scheduler", "step_size", "gamma", "seed", "limit")
 
 
 class ConfigError(ValueError):
@@ -60,18 +60,20 @@ class ConfigError(ValueError):
 @dataclasses.dataclass
 class TrainConfig:
     """Everything that defines a run; the CLI's options map one to one onto these fields."""
-    model: str = "lenet"
+    # the defaults: ResNet-8 with SGD reaches ~96-97% on the Digits test set in 10 epochs
+    model: str = "resnet-small"
     dataset: str = "digits"
     data_dir: str = None
     epochs: int = 10
     batch_size: int = 64
     lr: float = None              # None: DEFAULT_LR[optimizer]
-    optimizer: str = "adam"
+    optimizer: str = "sgd"
     momentum: float = 0.9         # SGD only
-    weight_decay: float = None    # None: 0.01 for AdamW, else 0
+    weight_decay: float = None    # None: 5e-4 for SGD, 0.01 for AdamW, 0 for Adam
+    augment: bool = True          # random shifts (and flips for CIFAR-10) of training images
     scheduler: str = "step"       # StepLR / CosineAnnealingLR stepped once per epoch
-    step_size: int = 5            # StepLR: multiply the lr by gamma every step_size epochs
-    gamma: float = 0.5
+    step_size: int = 4            # StepLR: multiply the lr by gamma every step_size epochs
+    gamma: float = 0.25
     device: str = "auto"
     seed: int = 0
     out: str = None               # None: runs/<timestamp>
@@ -85,7 +87,7 @@ class TrainConfig:
         if c.lr is None:
             c.lr = DEFAULT_LR.get(c.optimizer, 0.01)
         if c.weight_decay is None:
-            c.weight_decay = 0.01 if c.optimizer == "adamw" else 0.0
+            c.weight_decay = {"sgd": 5e-4, "adamw": 0.01}.get(c.optimizer, 0.0)
         return c
 
 
@@ -171,18 +173,53 @@ class _BatchDataset(Dataset):
 
     Used with a BatchSampler as the DataLoader's sampler (and batch_size=None), so one batch
     is one fancy-index into the arrays rather than B tiny tensors stacked again.
+    ``augment(images, rng)``, when given, transforms each batch with random numbers from
+    ``rng`` (the shuffle generator: its state is in the checkpoint, so a resumed run draws
+    the same shifts).
     """
 
-    def __init__(self, images, labels):
+    def __init__(self, images, labels, augment=None, rng=None):
         self.images = images        # (N, C, H, W) float32, normalised
         self.labels = labels        # (N,) int64
+        self.augment = augment
+        self.rng = rng
 
     def __len__(self):
         return len(self.labels)
 
     def __getitem__(self, indices):
         idx = np.asarray(indices, dtype=np.int64)
-        return self.images[idx], self.labels[idx]
+        x = self.images[idx]
+        if self.augment is not None:
+            x = self.augment(x, self.rng)
+        return x, self.labels[idx]
+
+
+class RandomShift:
+    """Translate each image by up to ``pad`` pixels in x and y (a random crop of the image
+    padded with ``fill``), and mirror it left-right with probability 1/2 if ``flip``.
+
+    images: (B, C, H, W) -> (B, C, H, W); fill: (1, C, 1, 1), the value of a black pixel.
+    """
+
+    def __init__(self, pad, fill, flip=False):
+        self.pad, self.fill, self.flip = int(pad), fill, flip
+
+    def __call__(self, images, rng):
+        b, c, h, w = images.shape
+        p = self.pad
+        padded = np.empty((b, c, h + 2 * p, w + 2 * p), images.dtype)   # (B, C, H+2p, W+2p)
+        padded[...] = self.fill
+        padded[:, :, p:p + h, p:p + w] = images
+        dy = rng.integers(0, 2 * p + 1, b)                               # (B,) crop offsets
+        dx = rng.integers(0, 2 * p + 1, b)
+        rows = np.arange(h)[None, :] + dy[:, None]                        # (B, H)
+        cols = np.arange(w)[None, :] + dx[:, None]                        # (B, W)
+        if self.flip:
+            mirror = rng.random(b) < 0.5
+            cols = np.where(mirror[:, None], cols[:, ::-1], cols)
+        return padded[np.arange(b)[:, None, None, None], np.arange(c)[None, :, None, None],
+                      rows[:, None, :, None], cols[:, None, None, :]]
 
 
 def _to_arrays(ds):
@@ -211,9 +248,12 @@ def _open_dataset(name, data_dir, train):
         raise ConfigError(f"--dataset {name} --data-dir {data_dir}: {msg}") from None
 
 
-def load_data(name, data_dir=None, limit=None):
+def load_data(name, data_dir=None, limit=None, augment=False, rng=None):
     """(train, test) _BatchDatasets, normalised by the training set's per-channel mean/std.
 
+    augment: random shifts of up to 1/8 of the image size (1 pixel for 8x8 digits, 3 for
+    MNIST, 4 for CIFAR-10, whose images are also mirrored) on the training batches, drawn
+    from ``rng``.
     Returns (train, test, info) where info = dict(in_channels, image_size, num_classes, ...).
     """
     xs = {}
@@ -226,7 +266,11 @@ def load_data(name, data_dir=None, limit=None):
     # per-channel statistics of the (limited) training images: (1, C, 1, 1)
     mean = xtr.mean(axis=(0, 2, 3), keepdims=True, dtype=np.float64).astype(np.float32)
     std = xtr.std(axis=(0, 2, 3), keepdims=True, dtype=np.float64).astype(np.float32) + 1e-6
-    train = _BatchDataset((xs["train"][0] - mean) / std, xs["train"][1])
+    aug = None
+    if augment:
+        aug = RandomShift(max(1, xtr.shape[2] // 8), (0.0 - mean) / std,
+                          flip=(name == "cifar10"))
+    train = _BatchDataset((xs["train"][0] - mean) / std, xs["train"][1], aug, rng)
     test = _BatchDataset((xs["test"][0] - mean) / std, xs["test"][1])
     # ten classes in all four data sets (more only if the labels say so)
     num_classes = max(10, int(max(train.labels.max(), test.labels.max())) + 1)
@@ -419,13 +463,14 @@ def train(config, log=print, on_step=None, given=None):
 
     # -- build everything from the seed (a resume then overwrites it from the checkpoint)
     gpudiff.manual_seed(c.seed)
-    train_ds, test_ds, info = load_data(c.dataset, c.data_dir, c.limit)
+    # the data order and the augmentation have their own generator, so that its state can be
+    # saved and restored
+    shuffle_gen = np.random.default_rng(np.random.SeedSequence([c.seed, 1]))
+    train_ds, test_ds, info = load_data(c.dataset, c.data_dir, c.limit, c.augment, shuffle_gen)
     model = _models.create_model(c.model, info["in_channels"], info["image_size"],
                                  info["num_classes"]).to(device)
     opt = make_optimizer(c, model.parameters())
     sched = make_scheduler(c, opt)
-    # the data order has its own generator, so that its state can be saved and restored
-    shuffle_gen = np.random.default_rng(np.random.SeedSequence([c.seed, 1]))
     train_loader = make_loader(train_ds, c.batch_size, True, shuffle_gen)
     test_loader = make_loader(test_ds, 1000, False)
     n_batches = len(train_loader)
@@ -458,8 +503,10 @@ def train(config, log=print, on_step=None, given=None):
     wd = f" weight_decay={c.weight_decay:g}" if c.weight_decay else ""
     sch = {"none": "constant lr", "step": f"StepLR(step_size={c.step_size}, gamma={c.gamma:g})",
            "cosine": f"CosineAnnealingLR(T_max={c.epochs})"}[c.scheduler]
+    aug = " | augment: random shifts" + (", flips" if c.dataset == "cifar10" else "") \
+        if c.augment else ""
     log(f"optimizer {c.optimizer} lr={c.lr:g}{wd}, {sch} | batch {c.batch_size} | "
-        f"epochs {c.epochs} | seed {c.seed} | out {out}")
+        f"epochs {c.epochs}{aug} | seed {c.seed} | out {out}")
     if state is not None:
         where = f"epoch {start_epoch}" + (f", step {skip}/{n_batches}" if skip else "")
         log(f"resumed from {ckpt_path} ({where})")
