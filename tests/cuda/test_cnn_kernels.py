@@ -686,3 +686,28 @@ def test_tracer_groups_requests_by_sync_epoch():
                                  (x, w, np.zeros(1, np.float32), y) + g.args() + (np.int32(0),))
     assert r["sector_efficiency"] > 0.95
     assert r["unique_bytes"] == {0: x.nbytes, 1: w.nbytes, 3: y.nbytes}  # bias not read
+
+
+# ================================ the GPU suite, emulated ======================================
+@pytest.mark.slow
+def test_gpu_suite_runs_on_the_emulated_device(tmp_path):
+    # bench/gpu_suite.py is the one command for a real GPU; here it runs with tiny shapes on
+    # the emulator, so the script is known to work before a GPU ever sees it
+    import importlib.util
+    import json
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    spec = importlib.util.spec_from_file_location("gpu_suite",
+                                                  os.path.join(root, "bench", "gpu_suite.py"))
+    suite = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(suite)
+    res, text = suite.run(str(tmp_path), tiny=True)
+    assert res["emulated"] and "EMULATED" in text and "emulated" in res["device"]
+    assert res["all_ok"], text
+    saved = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert {r["ran"] for r in saved["conv"]} >= {"implicit_gemm", "direct"}
+    assert {r["op"] for r in saved["memory"]} >= {"max_pool2d bwd 2x2", "batch_norm bwd (train)",
+                                                  "sgd step (fused, 29 tensors)"}
+    assert [r["model"] for r in saved["train"]] == ["lenet", "resnet-small"]
+    assert saved["settings"]["tf32"].startswith("off")
+    assert (tmp_path / "gpu_suite.txt").read_text().startswith("gpudiff GPU suite")

@@ -1,0 +1,524 @@
+#!/usr/bin/env python
+"""The GPU suite in one command: ``python bench/gpu_suite.py --out DIR``.
+
+On a machine with an NVIDIA GPU and CuPy (``pip install -e ".[cuda,test]"``):
+
+  1. the ``gpu`` tests (pytest -m gpu, GPUDIFF_TEST_REAL_GPU=1): every CUDA kernel test on
+     the GPU;
+  2. each CNN kernel (and the elementwise / row kernels) against PyTorch CUDA on the same
+     shapes, the layers of the benchmark models: results checked, times of both. FP32 with
+     TF32 off on both sides (torch.backends.{cuda.matmul,cudnn}.allow_tf32 = False; CuPy's
+     matmul does not use TF32 unless CUPY_TF32=1, which the suite refuses), and
+     torch.backends.cudnn.benchmark = True (cuDNN picks its fastest algorithm), all stated in
+     the output;
+  3. achieved GB/s of the memory-bound kernels (compulsory bytes / time) against the
+     device's own copy bandwidth, measured first;
+  4. training steps of LeNet-5, the MNIST net and the small ResNet at batch 64 and 256:
+     gpudiff on the GPU vs PyTorch eager on the GPU vs gpudiff on the CPU.
+
+Without a GPU it runs the same code on the emulated device (GPUDIFF_CUDA=emulate: our .cu
+kernels on the CPU emulator, PyTorch on the CPU as the reference): with ``--tiny`` (tiny
+shapes, one repeat) CI runs it, so the script itself is known to work. Every number from the
+emulator is labelled "emulated" and means nothing about a GPU.
+
+Writes DIR/gpu_suite.json and DIR/gpu_suite.txt (the tables). Exit status 1 when a check
+fails (a gpu test, or a kernel result that disagrees with PyTorch).
+"""
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def _want_emulation():
+    """Emulate when asked, or when there is no usable GPU (decided before gpudiff loads)."""
+    if os.environ.get("GPUDIFF_CUDA", "").lower() == "emulate":
+        return True
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() < 1
+    except Exception:  # no cupy, no driver
+        return True
+
+
+if "gpudiff" not in sys.modules and _want_emulation():
+    os.environ["GPUDIFF_CUDA"] = "emulate"
+
+import numpy as np  # noqa: E402
+
+import gpudiff  # noqa: E402
+from gpudiff.backend import cuda_cnn as cc  # noqa: E402
+from gpudiff.backend import kernels  # noqa: E402
+
+TOL = {"float32": dict(rtol=2e-3, atol=2e-3)}  # FP32 vs cuDNN/cuBLAS: other summation orders
+
+
+# ---- devices and timing ---------------------------------------------------------------------
+class Env:
+    def __init__(self):
+        import torch
+        self.torch = torch
+        self.emulated = gpudiff.cuda.is_emulated()
+        if not gpudiff.cuda.is_available():
+            raise SystemExit("gpu_suite: no CUDA device and no emulation")
+        self.xp = gpudiff.device("cuda").xp
+        self.tdev = "cpu" if self.emulated else "cuda"
+        if not self.emulated:
+            if os.environ.get("CUPY_TF32") == "1":
+                raise SystemExit("gpu_suite: unset CUPY_TF32 (FP32 comparisons run without TF32)")
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cudnn.benchmark = True
+        self.device_name = gpudiff.cuda.get_device_name()
+        self.settings = {
+            "tf32": "off (torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn."
+                    "allow_tf32 = False; CuPy without CUPY_TF32)",
+            "cudnn.benchmark": True if not self.emulated else "n/a (PyTorch on the CPU)",
+            "dtype": "float32",
+            "reference": "PyTorch " + torch.__version__ + (" on the CPU" if self.emulated
+                                                         else " CUDA (cuDNN, cuBLAS)"),
+        }
+
+    def put(self, a):
+        return self.xp.asarray(a)
+
+    def get(self, a):
+        return a.get() if hasattr(a, "get") else np.asarray(a)
+
+    def tensor(self, a, grad=False):
+        t = self.torch.tensor(np.asarray(a), device=self.tdev)
+        return t.requires_grad_(grad)
+
+    def sync(self):
+        gpudiff.cuda.synchronize()
+        if not self.emulated:
+            self.torch.cuda.synchronize()
+
+    def time(self, fn, repeat, warmup=1):
+        """Median seconds per call (device synchronised around each call)."""
+        for _ in range(warmup):
+            fn()
+        self.sync()
+        ts = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            self.sync()
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+
+
+def copy_bandwidth(env, tiny):
+    """Device copy bandwidth in GB/s: read + write of a large buffer."""
+    n = (1 << 20) if tiny else (1 << 28)  # 4 MB / 1 GB of float32
+    a = env.xp.ones(n, np.float32)
+    b = env.xp.empty_like(a)
+
+    def copy():
+        b[...] = a
+    t = env.time(copy, repeat=3 if tiny else 20)
+    return 2 * a.nbytes / t / 1e9
+
+
+# ---- the kernel cases -----------------------------------------------------------------------
+def rand(shape, seed=0):
+    return np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+
+
+def conv_layers(batch, tiny):
+    """(name, x shape, w shape, stride, padding, groups) of the benchmark models' convs."""
+    if tiny:
+        return [("tiny 3x3", (batch, 3, 10, 9), (8, 3, 3, 3), 1, 1, 1),
+                ("tiny depthwise", (batch, 4, 8, 8), (4, 1, 3, 3), 1, 1, 4),
+                ("tiny 1x1 s2", (batch, 4, 8, 8), (6, 4, 1, 1), 2, 0, 1)]
+    b = batch
+    return [
+        ("lenet conv1", (b, 1, 28, 28), (6, 1, 5, 5), 1, 2, 1),
+        ("lenet conv2", (b, 6, 14, 14), (16, 6, 5, 5), 1, 0, 1),
+        ("mnist-cnn conv1", (b, 1, 28, 28), (32, 1, 3, 3), 1, 0, 1),
+        ("mnist-cnn conv2", (b, 32, 26, 26), (64, 32, 3, 3), 1, 0, 1),
+        ("resnet conv1", (b, 3, 32, 32), (16, 3, 3, 3), 1, 1, 1),
+        ("resnet 16->16", (b, 16, 32, 32), (16, 16, 3, 3), 1, 1, 1),
+        ("resnet 16->32 s2", (b, 16, 32, 32), (32, 16, 3, 3), 2, 1, 1),
+        ("resnet 32->32", (b, 32, 16, 16), (32, 32, 3, 3), 1, 1, 1),
+        ("resnet 1x1 16->32 s2", (b, 16, 32, 32), (32, 16, 1, 1), 2, 0, 1),
+        ("resnet 32->64 s2", (b, 32, 16, 16), (64, 32, 3, 3), 2, 1, 1),
+        ("resnet 64->64", (b, 64, 8, 8), (64, 64, 3, 3), 1, 1, 1),
+        ("bench conv 32->64", (b, 32, 32, 32), (64, 32, 3, 3), 1, 1, 1),
+    ]
+
+
+def check(env, ours, ref):
+    """Max abs error of ours vs PyTorch's result, and whether it is within tolerance."""
+    o = env.get(ours).astype(np.float64)
+    r = ref.detach().cpu().numpy().astype(np.float64)
+    err = float(np.abs(o - r).max()) if o.size else 0.0
+    scale = float(np.abs(r).max()) if r.size else 0.0
+    ok = o.shape == r.shape and err <= TOL["float32"]["atol"] + TOL["float32"]["rtol"] * scale
+    return err, bool(ok)
+
+
+def conv_cases(env, batch, tiny, repeat):
+    torch = env.torch
+    F = torch.nn.functional
+    rows = []
+    algos = ["auto"] if tiny else ["auto", "implicit_gemm", "im2col", "direct"]
+    for name, xs, ws, s, p, g in conv_layers(batch, tiny):
+        x, w = rand(xs), rand(ws, 1)
+        geom = cc.ConvGeom(xs, ws, s, p, 1, g)
+        gy = rand((geom.N, geom.K, geom.OH, geom.OW), 2)
+        dx, dw, dgy = env.put(x), env.put(w), env.put(gy)
+        tx, tw, tgy = env.tensor(x), env.tensor(w), env.tensor(gy)
+        ty = F.conv2d(tx, tw, None, s, p, 1, g)
+        tgx, tgw, _ = torch.ops.aten.convolution_backward(
+            tgy, tx, tw, None, [s, s], [p, p], [1, 1], False, [0, 0], g, [True, True, False])
+        t_ref = {
+            "forward": env.time(lambda: F.conv2d(tx, tw, None, s, p, 1, g), repeat),
+            "backward_input": env.time(lambda: torch.ops.aten.convolution_backward(
+                tgy, tx, tw, None, [s, s], [p, p], [1, 1], False, [0, 0], g,
+                [True, False, False]), repeat),
+            "backward_weight": env.time(lambda: torch.ops.aten.convolution_backward(
+                tgy, tx, tw, None, [s, s], [p, p], [1, 1], False, [0, 0], g,
+                [False, True, False]), repeat),
+        }
+        calls = {
+            "forward": (lambda: cc.conv2d(dx, dw, None, s, p, 1, g), ty),
+            "backward_input": (lambda: cc.conv2d_backward_input(dgy, dw, xs, s, p, 1, g), tgx),
+            "backward_weight": (lambda: cc.conv2d_backward_weight(dgy, dx, ws, s, p, 1, g),
+                                tgw),
+        }
+        for algo in algos:
+            for pass_, (fn, ref) in calls.items():
+                if algo == "direct" and not tiny and not geom.depthwise() and \
+                        pass_ == "backward_weight" and geom.K * geom.Cg > 64 * 64:
+                    continue  # a block per weight element: not a contender for wide layers
+                with cc.use_conv_algorithm(algo):
+                    err, ok = check(env, fn(), ref)
+                    t = env.time(fn, repeat)
+                    ran = cc.last_conv_algorithm[pass_]
+                rows.append({"op": f"conv2d {pass_}", "layer": name, "x": list(xs),
+                             "w": list(ws), "stride": s, "padding": p, "groups": g,
+                             "algorithm": algo, "ran": ran, "ms": 1e3 * t,
+                             "torch_ms": 1e3 * t_ref[pass_], "ratio_vs_torch": t / t_ref[pass_],
+                             "gflops": geom.flops() / t / 1e9, "max_err": err, "ok": ok})
+    return rows
+
+
+def memory_cases(env, batch, tiny):
+    """(name, ours (fn), torch (fn), ours' result fn, torch result, compulsory bytes)."""
+    b = batch
+    return (_pool_cases(env, (b, 4, 8, 8) if tiny else (b, 64, 32, 32))
+            + _bn_cases(env, (b, 4, 6, 6) if tiny else (b, 64, 32, 32))
+            + _table_cases(env, (b, 4, 8, 8) if tiny else (b, 64, 32, 32),
+                           (8, 10) if tiny else (1024, 1000)))
+
+
+def _pool_cases(env, shape):
+    F, aten = env.torch.nn.functional, env.torch.ops.aten
+    x = rand(shape)
+    dx, tx = env.put(x), env.tensor(x)
+    ty, ti = F.max_pool2d(tx, 2, 2, return_indices=True)
+    _, idx = cc.max_pool2d(dx, 2, 2, 2, 2, 0, 0, 1, 1, False)
+    gy = rand(ty.shape, 1)
+    dgy, tgy = env.put(gy), env.tensor(gy)
+    H, W = x.shape[2:]
+    nb = x.nbytes
+    win = (2, 2, 2, 2, 0, 0, 1, 1)
+
+    def max_fwd():
+        return cc.max_pool2d(dx, *win, False)
+
+    def max_bwd():
+        return cc.max_pool2d_with_indices_backward(dgy, idx, H, W, *win)
+
+    def t_max_bwd():
+        return aten.max_pool2d_with_indices_backward(tgy, tx, [2, 2], [2, 2], [0, 0], [1, 1],
+                                                     False, ti)
+
+    def avg_fwd():
+        return cc.avg_pool2d(dx, 2, 2, 2, 2, 0, 0, False, True, None)
+
+    def avg_bwd():
+        return cc.avg_pool2d_backward(dgy, H, W, 2, 2, 2, 2, 0, 0, False, True, None)
+
+    def t_avg_bwd():
+        return aten.avg_pool2d_backward(tgy, tx, [2, 2], [2, 2], [0, 0], False, True, None)
+
+    return [
+        # x read; y (4 B) + index (8 B) written per output (a quarter of x's elements)
+        ("max_pool2d fwd 2x2", max_fwd, lambda: F.max_pool2d(tx, 2, 2, return_indices=True),
+         lambda: max_fwd()[0], ty, nb + nb // 4 * 3),
+        ("max_pool2d bwd 2x2", max_bwd, t_max_bwd, max_bwd, t_max_bwd(), nb // 4 * 3 + nb),
+        ("avg_pool2d fwd 2x2", avg_fwd, lambda: F.avg_pool2d(tx, 2, 2), avg_fwd,
+         F.avg_pool2d(tx, 2, 2), nb + nb // 4),
+        ("avg_pool2d bwd 2x2", avg_bwd, t_avg_bwd, avg_bwd, t_avg_bwd(), nb // 4 + nb),
+        ("adaptive_avg_pool2d fwd ->1x1", lambda: cc.adaptive_avg_pool2d(dx, 1, 1),
+         lambda: F.adaptive_avg_pool2d(tx, 1), lambda: cc.adaptive_avg_pool2d(dx, 1, 1),
+         F.adaptive_avg_pool2d(tx, 1), nb),
+    ]
+
+
+def _bn_cases(env, shape):
+    aten = env.torch.ops.aten
+    x = rand(shape)
+    c = x.shape[1]
+    wgt, bias = rand(c, 3), rand(c, 4)
+    dx, dw, db = env.put(x), env.put(wgt), env.put(bias)
+    rm, rv = env.put(np.zeros(c, np.float32)), env.put(np.ones(c, np.float32))
+    tx, tw, tb = env.tensor(x), env.tensor(wgt), env.tensor(bias)
+    trm, trv = env.tensor(np.zeros(c, np.float32)), env.tensor(np.ones(c, np.float32))
+    ty, tmean, tinv = aten.native_batch_norm(tx, tw, tb, trm, trv, True, 0.1, 1e-5)
+    _, mean, invstd = cc.batch_norm_forward(dx, dw, db, rm, rv, True, 0.1, 1e-5)
+    gy = rand(x.shape, 5)
+    dgy, tgy = env.put(gy), env.tensor(gy)
+
+    def t_bwd():
+        return aten.native_batch_norm_backward(tgy, tx, tw, trm, trv, tmean, tinv, True, 1e-5,
+                                               [True, True, True])
+    nb = x.nbytes
+    return [
+        ("batch_norm fwd (train)",
+         lambda: cc.batch_norm_forward(dx, dw, db, rm, rv, True, 0.1, 1e-5),
+         lambda: aten.native_batch_norm(tx, tw, tb, trm, trv, True, 0.1, 1e-5),
+         lambda: cc.batch_norm_forward(dx, dw, db, None, None, True, 0.1, 1e-5)[0], ty, 2 * nb),
+        ("batch_norm bwd (train)", lambda: cc.batch_norm_backward(dgy, dx, dw, mean, invstd),
+         t_bwd, lambda: cc.batch_norm_backward(dgy, dx, dw, mean, invstd)[0], t_bwd()[0],
+         3 * nb),
+    ]
+
+
+def _table_cases(env, act_shape, row_shape):
+    """The elementwise and row kernels of the table (issue 8's), for the bandwidth picture."""
+    F = env.torch.nn.functional
+    table = kernels.KERNELS["cuda"]
+    x = rand(act_shape)
+    dx, tx = env.put(x), env.tensor(x)
+    r = rand(row_shape)
+    dr, tr = env.put(r), env.tensor(r)
+    return [
+        ("relu fwd", lambda: table["relu"](dx), lambda: F.relu(tx), lambda: table["relu"](dx),
+         F.relu(tx), 2 * x.nbytes),
+        ("softmax fwd", lambda: table["softmax"](dr, 1), lambda: F.softmax(tr, 1),
+         lambda: table["softmax"](dr, 1), F.softmax(tr, 1), 2 * r.nbytes),
+    ]
+
+
+def optimizer_cases(env, tiny):
+    """The fused optimizer steps over the small ResNet's parameters vs torch's fused/foreach."""
+    from gpudiff.models import create_model
+    torch = env.torch
+    net = create_model("resnet-small", 3, 8 if tiny else 32, 10)
+    shapes = [tuple(p.shape) for p in net.parameters()]
+    ps = [rand(s, i) for i, s in enumerate(shapes)]
+    gs = [rand(s, 100 + i) for i, s in enumerate(shapes)]
+    n_bytes = 4 * sum(int(np.prod(s)) for s in shapes)
+    out = []
+    for name in ("sgd", "adam"):
+        dp = [env.put(p) for p in ps]
+        dg = [env.put(g) for g in gs]
+        st1 = [env.put(np.zeros_like(p)) for p in ps]
+        st2 = [env.put(np.zeros_like(p)) for p in ps]
+        tp = [env.tensor(p) for p in ps]
+        for t, g in zip(tp, gs):
+            t.grad = env.tensor(g)
+        kw = {} if env.emulated else ({"foreach": True} if name == "sgd" else {"fused": True})
+        if name == "sgd":
+            ours = lambda: cc.sgd_step(dp, dg, st1, 0.01, 0.9, 0, 0, False, False)  # noqa: E731
+            topt = torch.optim.SGD(tp, lr=0.01, momentum=0.9, **kw)
+            bytes_ = 5 * n_bytes  # p, buf read+written, g read
+        else:
+            ours = lambda: cc.adam_step(dp, dg, st1, st2, None, [1.0] * len(dp), 1e-3,  # noqa
+                                        0.9, 0.999, 1e-8, 0, False, False, False)
+            topt = torch.optim.Adam(tp, lr=1e-3, **kw)
+            bytes_ = 7 * n_bytes
+        out.append((f"{name} step (fused, {len(ps)} tensors)", ours, topt.step, bytes_))
+    return out
+
+
+def memory_rows(env, batch, tiny, repeat, bandwidth):
+    rows = []
+    for name, ours, theirs, ours_result, ref, nbytes in memory_cases(env, batch, tiny):
+        err, ok = check(env, ours_result(), ref)
+        t, tt = env.time(ours, repeat), env.time(theirs, repeat)
+        rows.append({"op": name, "ms": 1e3 * t, "torch_ms": 1e3 * tt, "ratio_vs_torch": t / tt,
+                     "compulsory_MB": nbytes / 1e6, "GBps": nbytes / t / 1e9,
+                     "fraction_of_copy_bw": nbytes / t / 1e9 / bandwidth, "max_err": err,
+                     "ok": ok})
+    for name, ours, theirs, nbytes in optimizer_cases(env, tiny):
+        t, tt = env.time(ours, repeat), env.time(theirs, repeat)
+        rows.append({"op": name, "ms": 1e3 * t, "torch_ms": 1e3 * tt, "ratio_vs_torch": t / tt,
+                     "compulsory_MB": nbytes / 1e6, "GBps": nbytes / t / 1e9,
+                     "fraction_of_copy_bw": nbytes / t / 1e9 / bandwidth, "max_err": None,
+                     "ok": True})  # the fused steps' values are checked by the tests
+    return rows
+
+
+# ---- training steps ---------------------------------------------------------------------------
+MODELS = {"lenet": (1, 28), "mnist-cnn": (1, 28), "resnet-small": (3, 32)}
+
+
+def train_step_time(framework, device, model, batch, repeat, env, image=None):
+    import importlib
+    from gpudiff.models import create_model
+    lib = importlib.import_module(framework)
+    nn = importlib.import_module(framework + ".nn")
+    F = importlib.import_module(framework + ".nn.functional")
+    optim = importlib.import_module(framework + ".optim")
+    c, s = MODELS[model]
+    s = image or s
+    rng = np.random.default_rng(0)
+    net = create_model(model, c, s, 10, nn=nn).to(device)
+    net.train()
+    opt = optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    x = lib.tensor(rng.standard_normal((batch, c, s, s)).astype(np.float32), device=device)
+    y = lib.tensor(rng.integers(0, 10, batch), device=device)
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+
+    def sync():
+        if device == "cuda":
+            (gpudiff.cuda.synchronize if framework == "gpudiff" else lib.cuda.synchronize)()
+    step()
+    sync()
+    ts = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        step()
+        sync()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def train_rows(env, tiny, repeat):
+    rows = []
+    batches = [2] if tiny else [64, 256]
+    models = ["lenet", "resnet-small"] if tiny else list(MODELS)
+    for model in models:
+        image = 12 if (tiny and model == "resnet-small") else None
+        for b in batches:
+            g = train_step_time("gpudiff", "cuda", model, b, repeat, env, image)
+            t = train_step_time("torch", env.tdev, model, b, repeat, env, image)
+            cpu = train_step_time("gpudiff", "cpu", model, b, repeat, env, image)
+            rows.append({"model": model, "batch": b, "gpudiff_cuda_ms": 1e3 * g,
+                         "torch_ms": 1e3 * t, "gpudiff_cpu_ms": 1e3 * cpu,
+                         "ratio_vs_torch": g / t, "speedup_vs_gpudiff_cpu": cpu / g})
+    return rows
+
+
+# ---- the gpu tests ------------------------------------------------------------------------------
+def gpu_tests(env):
+    if env.emulated:
+        return {"status": "skipped: no GPU (the tests run on the emulator in CI instead)"}
+    envv = dict(os.environ, GPUDIFF_TEST_REAL_GPU="1")
+    envv.pop("GPUDIFF_CUDA", None)
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests"], cwd=ROOT,
+                       env=envv, capture_output=True, text=True)
+    tail = (p.stdout + p.stderr).strip().splitlines()[-1:] or [""]
+    return {"status": "passed" if p.returncode == 0 else "FAILED", "returncode": p.returncode,
+            "summary": tail[0]}
+
+
+# ---- output ---------------------------------------------------------------------------------
+def fmt_table(rows, cols):
+    head = " ".join(f"{h:>{w}}" if i else f"{h:<{w}}" for i, (h, _, w) in enumerate(cols))
+    out = [head, "-" * len(head)]
+    for r in rows:
+        cells = []
+        for i, (_, f, w) in enumerate(cols):
+            v = f(r)
+            cells.append(f"{v:<{w}}" if i == 0 else f"{v:>{w}}")
+        out.append(" ".join(cells))
+    return "\n".join(out)
+
+
+def report_text(res):
+    lab = " (EMULATED: CPU emulator vs PyTorch CPU; not GPU numbers)" if res["emulated"] else ""
+    lines = [f"gpudiff GPU suite on {res['device']}{lab}", f"date {res['date']}",
+             "settings: " + "; ".join(f"{k}: {v}" for k, v in res["settings"].items()),
+             f"copy bandwidth: {res['copy_bandwidth_GBps']:.1f} GB/s", "",
+             f"gpu tests: {res['gpu_tests']['status']} {res['gpu_tests'].get('summary', '')}",
+             "", "convolutions (ours vs PyTorch):"]
+    lines.append(fmt_table(res["conv"], [
+        ("layer / pass", lambda r: f"{r['layer']} {r['op'][7:]}"[:38], 38),
+        ("algo", lambda r: r["algorithm"], 13), ("ran", lambda r: r["ran"], 13),
+        ("ms", lambda r: f"{r['ms']:.3f}", 9), ("torch ms", lambda r: f"{r['torch_ms']:.3f}", 9),
+        ("x torch", lambda r: f"{r['ratio_vs_torch']:.2f}", 8),
+        ("GFLOP/s", lambda r: f"{r['gflops']:.0f}", 8),
+        ("ok", lambda r: "ok" if r["ok"] else "FAIL", 4)]))
+    lines += ["", "memory-bound kernels (GB/s = compulsory bytes / time):"]
+    lines.append(fmt_table(res["memory"], [
+        ("op", lambda r: r["op"][:34], 34), ("ms", lambda r: f"{r['ms']:.3f}", 9),
+        ("torch ms", lambda r: f"{r['torch_ms']:.3f}", 9),
+        ("x torch", lambda r: f"{r['ratio_vs_torch']:.2f}", 8),
+        ("GB/s", lambda r: f"{r['GBps']:.1f}", 8),
+        ("of copy", lambda r: f"{100 * r['fraction_of_copy_bw']:.0f}%", 8),
+        ("ok", lambda r: "ok" if r["ok"] else "FAIL", 4)]))
+    lines += ["", "training steps (SGD momentum, ms per step):"]
+    lines.append(fmt_table(res["train"], [
+        ("model", lambda r: r["model"], 14), ("batch", lambda r: str(r["batch"]), 6),
+        ("gpudiff cuda", lambda r: f"{r['gpudiff_cuda_ms']:.1f}", 13),
+        ("torch", lambda r: f"{r['torch_ms']:.1f}", 9),
+        ("gpudiff cpu", lambda r: f"{r['gpudiff_cpu_ms']:.1f}", 12),
+        ("x torch", lambda r: f"{r['ratio_vs_torch']:.2f}", 8)]))
+    return "\n".join(lines)
+
+
+def run(out, tiny=False, repeat=None):
+    env = Env()
+    repeat = repeat or (1 if tiny else 10)
+    batch = 2 if tiny else 64
+    t0 = time.time()
+    bw = copy_bandwidth(env, tiny)
+    res = {
+        "device": env.device_name, "emulated": env.emulated,
+        "what": ("EMULATED run: our CUDA kernels on the CPU emulator, PyTorch on the CPU; "
+                 "checks the script and the results, says nothing about GPU speed")
+        if env.emulated else "real GPU run",
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "machine": f"{platform.node()} ({platform.machine()})", "tiny": tiny,
+        "settings": env.settings, "copy_bandwidth_GBps": bw,
+        "gpu_tests": gpu_tests(env),
+        "conv": conv_cases(env, batch, tiny, repeat),
+        "memory": memory_rows(env, batch, tiny, repeat, bw),
+        "train": train_rows(env, tiny, max(1, repeat // 2)),
+    }
+    res["seconds"] = round(time.time() - t0, 1)
+    res["all_ok"] = (all(r["ok"] for r in res["conv"] + res["memory"])
+                     and res["gpu_tests"]["status"] != "FAILED")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "gpu_suite.json"), "w") as f:
+        json.dump(res, f, indent=1, default=float)
+    text = report_text(res)
+    with open(os.path.join(out, "gpu_suite.txt"), "w") as f:
+        f.write(text + "\n")
+    return res, text
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="directory for gpu_suite.json / .txt")
+    ap.add_argument("--tiny", action="store_true", help="tiny shapes, one repeat (CI)")
+    ap.add_argument("--repeat", type=int, default=None)
+    args = ap.parse_args(argv)
+    res, text = run(args.out, args.tiny, args.repeat)
+    print(text)
+    print(f"\nwrote {os.path.join(args.out, 'gpu_suite.json')} in {res['seconds']} s"
+          + (" (EMULATED)" if res["emulated"] else ""))
+    return 0 if res["all_ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
