@@ -222,13 +222,15 @@ def cases(quick=False):
     return ([_step_case(m, n) for m in STEP_MODELS]
             # the convolutions and pools of the models above, at batch 64
             + _conv("mnist conv1", n, 1, 28, 32, 3) + _conv("mnist conv2", n, 32, 26, 64, 3)
-            + _conv("lenet conv1", n, 1, 28, 6, 5, padding=2) + _conv("lenet conv2", n, 6, 14,
-                                                                       16, 5)
-            + _conv("resnet 3x3 s1", n, 16, 32, 16, 3, padding=1)
-            + _conv("resnet 3x3 /2", n, 16, 32, 32, 3, stride=2, padding=1)
-            + _conv("resnet 3x3 s3", n, 64, 8, 64, 3, padding=1)
-            + _conv("resnet 1x1 /2", n, 32, 16, 64, 1, stride=2)
-            + _pool("mnist", n, 64, 24) + _pool("lenet", n, 6, 28)
+            + _conv("lenet conv1", n, 1, 28, 6, 5, padding=2)
+            + _conv("lenet conv2", n, 6, 14, 16, 5)
+            + _conv("resnet stage1 3x3", n, 16, 32, 16, 3, padding=1)
+            + _conv("resnet stage2 3x3/2", n, 16, 32, 32, 3, stride=2, padding=1)
+            + _conv("resnet stage2 3x3", n, 32, 16, 32, 3, padding=1)
+            + _conv("resnet stage3 3x3", n, 64, 8, 64, 3, padding=1)
+            + _conv("resnet stage3 1x1/2", n, 32, 16, 64, 1, stride=2)
+            + _pool("mnist", n, 64, 24) + _pool("lenet-shape 1", n, 6, 28)
+            + _pool("lenet-shape 2", n, 16, 10)
             + _other_ops(n, 64, 32, 1024, (1024, 1000)))
 
 
@@ -308,24 +310,27 @@ def select(all_cases, only):
 
 
 def run(quick=False, devices=("cpu",), torch=True, repeat=None, warmup=None, only=None,
-        log=None, profile=False):
+        log=None, profile=False, op_repeat=None):
     """Run the cases on every backend; returns one dict per (case, backend).
 
-    only: case-name prefixes to keep (None: all). profile: also cProfile one gpudiff CPU
-    training step per model (in the result of that case and backend, key "profile").
+    repeat: timed rounds per training step (default 5 quick, 20 full); op_repeat: per op
+    case (default: repeat). only: case-name prefixes to keep (None: all). profile: also
+    cProfile one gpudiff CPU training step per model (key "profile" of that result).
     """
     bs = backends(devices, torch)
     repeat = repeat or (5 if quick else 20)
+    op_repeat = op_repeat or repeat
     warmup = (1 if quick else 3) if warmup is None else warmup
     results = []
     for case in select(cases(quick), only):
         shared = {}
         fns = [case.setup(b, shared) for b in bs]
-        times = time_interleaved(fns, [b.sync for b in bs], repeat, warmup)
+        n = repeat if case.kind == "train step" else op_repeat
+        times = time_interleaved(fns, [b.sync for b in bs], n, warmup)
         for b, fn, t in zip(bs, fns, times):
             r = {"case": case.name, "kind": case.kind, "shape": case.shape, "backend": b.label,
                  "framework": b.framework, "device": b.device, "emulated": b.emulated,
-                 "repeat": repeat, "warmup": warmup, **_summary(t)}
+                 "repeat": n, "warmup": warmup, **_summary(t)}
             if "eval_loss" in shared:
                 r["eval_loss"] = shared["eval_loss"][b.label]
             if profile and case.kind == "train step" and b.label == "gpudiff cpu":
@@ -494,7 +499,7 @@ def default_out_dir(root="runs"):
 
 def run_cli(quick=False, devices=None, out=None, torch=True, repeat=None, log=print,
             only=None, warmup=None, profile=False, json_name="bench.json",
-            png_name="bench.png"):
+            png_name="bench.png", op_repeat=None, source="gpudiff bench"):
     """``gpudiff bench``: run, print the table, write the JSON and the PNG into ``out``."""
     devs = parse_devices(devices)
     if torch:
@@ -508,7 +513,7 @@ def run_cli(quick=False, devices=None, out=None, torch=True, repeat=None, log=pr
     os.makedirs(out, exist_ok=True)
     m = machine_info()
     gpu = "none" if m["gpu"] is None else m["gpu"]
-    log(f"gpudiff bench{' --quick' if quick else ''} | cpu: {m['cpu']} ({m['cpu_count']} "
+    log(f"{source}{' --quick' if quick else ''} | cpu: {m['cpu']} ({m['cpu_count']} "
         f"threads) | gpu: {gpu} | devices: {','.join(devs)} | "
         f"torch: {m['torch'] if torch else 'not compared'}")
     if "cuda" in devs and m["gpu_emulated"]:
@@ -516,10 +521,12 @@ def run_cli(quick=False, devices=None, out=None, torch=True, repeat=None, log=pr
             "'emulated' and say nothing about GPU speed")
     t0 = time.perf_counter()
     results = run(quick=quick, devices=devs, torch=torch, repeat=repeat, warmup=warmup,
-                  only=only, log=log, profile=profile)
+                  only=only, log=log, profile=profile, op_repeat=op_repeat)
     m["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
-    settings = {"quick": quick, "devices": devs, "torch": torch, "only": only,
-                "repeat": results[0]["repeat"], "warmup": results[0]["warmup"],
+    settings = {"source": source, "quick": quick, "devices": devs, "torch": torch,
+                "only": only, "repeat": repeat or (5 if quick else 20),
+                "op_repeat": op_repeat or repeat or (5 if quick else 20),
+                "warmup": results[0]["warmup"],
                 "timing": "wall clock per call, device synchronised, backends interleaved; "
                           "min, median and IQR over the repeats"}
     write_json(os.path.join(out, json_name), results, settings, m)
