@@ -202,6 +202,55 @@ def test_resume_refuses_a_different_run(two_epochs, tmp_path, capsys):
     assert len(lines) == 1 and "--model lenet differs" in lines[0], lines
 
 
+# ---- the other data sets, from small fake files in their standard formats --------------------
+def _fake_mnist(root, folder, n_train=48, n_test=24):
+    raw = root / folder / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        # IDX: zero, zero, dtype 0x08 (uint8), ndim; big-endian uint32 sizes; the data
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(
+            bytes([0, 0, 8, 3]) + np.array([n, 28, 28], ">u4").tobytes() + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(
+            bytes([0, 0, 8, 1]) + np.array([n], ">u4").tobytes() + labels.tobytes())
+
+
+def _fake_cifar10(root, n_per_batch=8, n_test=16):
+    import pickle
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        n = n_test if name == "test_batch" else n_per_batch
+        batch = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 "labels": [int(k % 10) for k in range(n)]}
+        with open(d / name, "wb") as f:
+            pickle.dump(batch, f, protocol=2)   # the original files are protocol-2 pickles
+
+
+@pytest.mark.parametrize("dataset, folder, model, shape", [
+    ("mnist", "MNIST", "lenet", (1, 28)),
+    ("fashion-mnist", "FashionMNIST", "mnist-cnn", (1, 28)),
+    ("cifar10", None, "resnet-small", (3, 32)),
+])
+def test_other_datasets(dataset, folder, model, shape, tmp_path):
+    if dataset == "cifar10":
+        _fake_cifar10(tmp_path / "data")
+    else:
+        _fake_mnist(tmp_path / "data", folder)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", dataset, "--data-dir", str(tmp_path / "data"),
+                 "--model", model, "--epochs", "1", "--batch-size", "16", "--out", str(out),
+                 "--no-progress"]) == 0
+    m = _metrics(out)
+    assert (m["data"]["in_channels"], m["data"]["image_size"]) == shape
+    assert m["data"]["n_train"] == (40 if dataset == "cifar10" else 48)
+    assert len(m["epochs"]) == 1 and math.isfinite(m["epochs"][0]["train_loss"])
+
+
 # ---- bench --------------------------------------------------------------------------------
 def test_bench_quick(tmp_path, capsys):
     out = tmp_path / "bench"
