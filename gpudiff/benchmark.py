@@ -510,7 +510,10 @@ def run_cli(quick=False, devices=None, out=None, torch=True, repeat=None, log=pr
             torch = False
     select(cases(quick), only)       # a bad --only fails before anything runs
     out = out or default_out_dir()
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise BenchError(f"--out {out}: cannot create the directory ({e.strerror})") from None
     m = machine_info()
     gpu = "none" if m["gpu"] is None else m["gpu"]
     log(f"{source}{' --quick' if quick else ''} | cpu: {m['cpu']} ({m['cpu_count']} "

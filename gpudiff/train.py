@@ -487,7 +487,10 @@ def train(config, log=print, on_step=None, given=None):
         shuffle_gen.bit_generator.state = state["rng"]["shuffle"]
         gpudiff.set_rng_state(state["rng"]["gpudiff"])
 
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:     # a file in the way, no permission
+        raise ConfigError(f"--out {out}: cannot create the directory ({e.strerror})") from None
     n_params = count_parameters(model)
     dev_text = describe_device(device)
     summary = {

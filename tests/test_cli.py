@@ -75,6 +75,14 @@ def test_cuda_asked_for_but_absent():
     assert len(lines) == 1 and "CUDA is not available" in lines[0], lines
 
 
+def test_out_is_a_file(tmp_path, capsys):
+    f = tmp_path / "file"
+    f.write_text("not a directory")
+    assert main(["train", "--out", str(f), "--limit", "16", "--no-progress"]) == 2
+    lines = _errors(capsys)
+    assert len(lines) == 1 and "cannot create the directory" in lines[0], lines
+
+
 def test_resume_errors(tmp_path, capsys):
     assert main(["train", "--out", str(tmp_path), "--resume"]) == 2
     lines = _errors(capsys)
