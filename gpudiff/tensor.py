@@ -28,7 +28,7 @@ class Tensor:
     """
 
     __slots__ = ("array", "device", "_requires_grad", "grad", "grad_fn", "_output_nr",
-                 "_version", "_hooks", "_retains_grad", "__weakref__")
+                 "_version", "_hooks", "_retains_grad", "_base", "_base_fn", "__weakref__")
     __array_ufunc__ = None  # numpy defers to our reflected operators (ndarray + Tensor)
 
     def __init__(self, data=None, *, dtype=None, device=None, requires_grad=False):
@@ -48,6 +48,8 @@ class Tensor:
         self.grad_fn = grad_fn
         self._output_nr = output_nr
         self._version = [0]  # shared with views: in-place changes are seen by saved tensors
+        self._base = None      # for a view: the tensor owning the memory, and its grad_fn
+        self._base_fn = None   #   when the view was taken (see ops._check_views)
         self._hooks = None
         self._retains_grad = False
 
@@ -340,6 +342,11 @@ class Tensor:
         if recording and self.grad_fn is None and self.requires_grad:
             raise RuntimeError("a leaf Variable that requires grad is being used in an "
                                "in-place operation (wrap it in gpudiff.no_grad(), or clone it)")
+        if recording and self._base is not None:  # the base's graph would not see the change
+            raise RuntimeError(f"in-place operation with autograd on a view (shape "
+                               f"{tuple(self.shape)}) of another tensor is not supported: its "
+                               f"base would keep a stale graph. Use an out-of-place op, or "
+                               f"clone() the view first.")
         a = out.array
         if a.dtype != self.dtype:
             a = a.astype(self.dtype)

@@ -118,6 +118,8 @@ def apply(op, tensors, params):
         raise TypeError(f"{op.name}: expected at least one tensor argument")
     record = (op.differentiable and is_grad_enabled()
               and any(t is not None and t.requires_grad for t in tensors))
+    if record:
+        _check_views(op, tensors)
     ctx = Context(dev, tuple(t is not None and t.requires_grad for t in tensors))
     ctx.op_name, ctx.op = op.name, op
     arrays = [None if t is None else t.array for t in tensors]
@@ -135,8 +137,12 @@ def apply(op, tensors, params):
     out_dev = getattr(ctx, "out_device", dev)
     results = [Tensor._make(o, out_dev) for o in outs]
     if op.view:  # views share their base's version counter: in-place changes show through
+        src = tensors[0]
+        root = src if src._base is None else src._base
         for r in results:
-            r._version = tensors[0]._version
+            if dev.xp.may_share_memory(r.array, src.array):  # (advanced indexing copies)
+                r._version = src._version
+                r._base, r._base_fn = root, root.grad_fn
     if record:
         non_diff = {id(a) for a in ctx._non_diff}
         diff_outs = [r for r in results if id(r.array) not in non_diff
@@ -159,6 +165,18 @@ def _as_ndarrays(ctx, outs):
     ctx._saved_arrays = tuple(swap.get(id(a), a) for a in ctx._saved_arrays)
     ctx._non_diff = tuple(swap.get(id(a), a) for a in ctx._non_diff)
     return new
+
+
+def _check_views(op, tensors):
+    """A view whose base was since changed in place with autograd holds the new values but
+    the old graph: its gradients would be silently wrong, so using it raises."""
+    for t in tensors:
+        if t is not None and t._base is not None and t.requires_grad \
+                and t._base.grad_fn is not t._base_fn:
+            raise RuntimeError(
+                f"{op.name}: an input is a view of a tensor that was modified by an in-place "
+                f"operation after the view was taken; its gradient would be wrong. Take the "
+                f"view after the in-place operation (or use an out-of-place op).")
 
 
 def _save(a, inputs, outputs, node):
