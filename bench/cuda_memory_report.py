@@ -169,10 +169,13 @@ def record_conv_choices(rec):
     cuda_cnn._algorithm = logged
 
 
+# the benchmark models' inputs (gpudiff/benchmark.py): (channels, image size)
+MODELS = {"lenet": (1, 28), "mnist-cnn": (1, 28), "resnet-small": (3, 32)}
+
+
 def training_step(model, batch, rec):
-    from gpudiff import benchmark
     from gpudiff.models import create_model
-    c, s, _ = benchmark._STEPS[model][1]
+    c, s = MODELS[model]
     rng = np.random.default_rng(0)
     net = create_model(model, c, s, 10).to("cuda")
     net.train()
@@ -242,6 +245,26 @@ def table(rows):
     return "\n".join(out)
 
 
+def load_resources(path):
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return {k["kernel"]: k for k in json.load(f)["kernels"]}
+
+
+def resummarize(args):
+    with open(args.resummarize) as f:
+        report = json.load(f)
+    report["kernels"] = summarise(report["launches"], load_resources(args.resources))
+    report["all_targets_met"] = all(r["meets_efficiency_target"] and
+                                    r.get("meets_traffic_target", True)
+                                    for r in report["kernels"])
+    with open(args.out, "w") as f:
+        json.dump(report, f, indent=1, default=float)
+    print(table(report["kernels"]))
+    return 0
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=64)
@@ -250,15 +273,17 @@ def main(argv=None):
                                                   "cuda_memory_report.json"))
     ap.add_argument("--resources", default=os.path.join(ROOT, "bench", "results",
                                                         "cuda_resources.json"))
+    ap.add_argument("--resummarize", metavar="JSON",
+                    help="recompute the per-kernel table of a saved report (e.g. with fresh "
+                         "--resources) instead of tracing again")
     args = ap.parse_args(argv)
+    if args.resummarize:
+        return resummarize(args)
     if not gpudiff.cuda.is_emulated():
         ap.error("the report runs on the emulated device (GPUDIFF_CUDA=emulate)")
     if not cuda_trace.available():
         ap.error("gpudiff._cuda_host has no tracer: rebuild it (pip install -e .)")
-    resources = {}
-    if os.path.isfile(args.resources):
-        with open(args.resources) as f:
-            resources = {k["kernel"]: k for k in json.load(f)["kernels"]}
+    resources = load_resources(args.resources)
     rec = Recorder()
     cuda_cnn.launch = rec.launch
     cuda_kernels.launch = rec.launch
@@ -291,7 +316,7 @@ def main(argv=None):
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1, default=float)
     print(table(rows))
-    print(f"\nconvolutions ('auto' choice): "
+    print("\nconvolutions ('auto' choice): "
           + ", ".join(f"{c['model']} {c['pass']} x{c['x']} w{c['w']}: {c['algorithm']}"
                       for c in rec.convs if c["pass"] == "forward"))
     print(f"wrote {args.out} (a model, not a GPU measurement)")

@@ -27,7 +27,6 @@ fails (a gpu test, or a kernel result that disagrees with PyTorch).
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import statistics
@@ -169,48 +168,54 @@ def check(env, ours, ref):
 
 
 def conv_cases(env, batch, tiny, repeat):
+    algos = ["auto"] if tiny else ["auto", "implicit_gemm", "im2col", "direct"]
+    rows = []
+    for layer in conv_layers(batch, tiny):
+        rows += _conv_layer_rows(env, layer, algos, tiny, repeat)
+    return rows
+
+
+def _conv_layer_rows(env, layer, algos, tiny, repeat):
+    """One layer's three passes, each algorithm, vs PyTorch (cuDNN on a GPU)."""
     torch = env.torch
     F = torch.nn.functional
+    name, xs, ws, s, p, g = layer
+    x, w = rand(xs), rand(ws, 1)
+    geom = cc.ConvGeom(xs, ws, s, p, 1, g)
+    gy = rand((geom.N, geom.K, geom.OH, geom.OW), 2)
+    dx, dw, dgy = env.put(x), env.put(w), env.put(gy)
+    tx, tw, tgy = env.tensor(x), env.tensor(w), env.tensor(gy)
+
+    def t_backward(mask):
+        return torch.ops.aten.convolution_backward(tgy, tx, tw, None, [s, s], [p, p], [1, 1],
+                                                   False, [0, 0], g, mask)
+    ty = F.conv2d(tx, tw, None, s, p, 1, g)
+    tgx, tgw, _ = t_backward([True, True, False])
+    t_ref = {
+        "forward": env.time(lambda: F.conv2d(tx, tw, None, s, p, 1, g), repeat),
+        "backward_input": env.time(lambda: t_backward([True, False, False]), repeat),
+        "backward_weight": env.time(lambda: t_backward([False, True, False]), repeat),
+    }
+    calls = {
+        "forward": (lambda: cc.conv2d(dx, dw, None, s, p, 1, g), ty),
+        "backward_input": (lambda: cc.conv2d_backward_input(dgy, dw, xs, s, p, 1, g), tgx),
+        "backward_weight": (lambda: cc.conv2d_backward_weight(dgy, dx, ws, s, p, 1, g), tgw),
+    }
     rows = []
-    algos = ["auto"] if tiny else ["auto", "implicit_gemm", "im2col", "direct"]
-    for name, xs, ws, s, p, g in conv_layers(batch, tiny):
-        x, w = rand(xs), rand(ws, 1)
-        geom = cc.ConvGeom(xs, ws, s, p, 1, g)
-        gy = rand((geom.N, geom.K, geom.OH, geom.OW), 2)
-        dx, dw, dgy = env.put(x), env.put(w), env.put(gy)
-        tx, tw, tgy = env.tensor(x), env.tensor(w), env.tensor(gy)
-        ty = F.conv2d(tx, tw, None, s, p, 1, g)
-        tgx, tgw, _ = torch.ops.aten.convolution_backward(
-            tgy, tx, tw, None, [s, s], [p, p], [1, 1], False, [0, 0], g, [True, True, False])
-        t_ref = {
-            "forward": env.time(lambda: F.conv2d(tx, tw, None, s, p, 1, g), repeat),
-            "backward_input": env.time(lambda: torch.ops.aten.convolution_backward(
-                tgy, tx, tw, None, [s, s], [p, p], [1, 1], False, [0, 0], g,
-                [True, False, False]), repeat),
-            "backward_weight": env.time(lambda: torch.ops.aten.convolution_backward(
-                tgy, tx, tw, None, [s, s], [p, p], [1, 1], False, [0, 0], g,
-                [False, True, False]), repeat),
-        }
-        calls = {
-            "forward": (lambda: cc.conv2d(dx, dw, None, s, p, 1, g), ty),
-            "backward_input": (lambda: cc.conv2d_backward_input(dgy, dw, xs, s, p, 1, g), tgx),
-            "backward_weight": (lambda: cc.conv2d_backward_weight(dgy, dx, ws, s, p, 1, g),
-                                tgw),
-        }
-        for algo in algos:
-            for pass_, (fn, ref) in calls.items():
-                if algo == "direct" and not tiny and not geom.depthwise() and \
-                        pass_ == "backward_weight" and geom.K * geom.Cg > 64 * 64:
-                    continue  # a block per weight element: not a contender for wide layers
-                with cc.use_conv_algorithm(algo):
-                    err, ok = check(env, fn(), ref)
-                    t = env.time(fn, repeat)
-                    ran = cc.last_conv_algorithm[pass_]
-                rows.append({"op": f"conv2d {pass_}", "layer": name, "x": list(xs),
-                             "w": list(ws), "stride": s, "padding": p, "groups": g,
-                             "algorithm": algo, "ran": ran, "ms": 1e3 * t,
-                             "torch_ms": 1e3 * t_ref[pass_], "ratio_vs_torch": t / t_ref[pass_],
-                             "gflops": geom.flops() / t / 1e9, "max_err": err, "ok": ok})
+    for algo in algos:
+        for pass_, (fn, ref) in calls.items():
+            if algo == "direct" and not tiny and not geom.depthwise() and \
+                    pass_ == "backward_weight" and geom.K * geom.Cg > 64 * 64:
+                continue  # a block per weight element: not a contender for wide layers
+            with cc.use_conv_algorithm(algo):
+                err, ok = check(env, fn(), ref)
+                t = env.time(fn, repeat)
+                ran = cc.last_conv_algorithm[pass_]
+            rows.append({"op": f"conv2d {pass_}", "layer": name, "x": list(xs), "w": list(ws),
+                         "stride": s, "padding": p, "groups": g, "algorithm": algo,
+                         "ran": ran, "ms": 1e3 * t, "torch_ms": 1e3 * t_ref[pass_],
+                         "ratio_vs_torch": t / t_ref[pass_], "gflops": geom.flops() / t / 1e9,
+                         "max_err": err, "ok": ok})
     return rows
 
 
@@ -333,14 +338,16 @@ def optimizer_cases(env, tiny):
             t.grad = env.tensor(g)
         kw = {} if env.emulated else ({"foreach": True} if name == "sgd" else {"fused": True})
         if name == "sgd":
-            ours = lambda: cc.sgd_step(dp, dg, st1, 0.01, 0.9, 0, 0, False, False)  # noqa: E731
+            def ours(dp=dp, dg=dg, st1=st1):
+                return cc.sgd_step(dp, dg, st1, 0.01, 0.9, 0, 0, False, False)
             topt = torch.optim.SGD(tp, lr=0.01, momentum=0.9, **kw)
             bytes_ = 5 * n_bytes  # p, buf read+written, g read
         else:
-            ours = lambda: cc.adam_step(dp, dg, st1, st2, None, [1.0] * len(dp), 1e-3,  # noqa
-                                        0.9, 0.999, 1e-8, 0, False, False, False)
+            def ours(dp=dp, dg=dg, st1=st1, st2=st2):
+                return cc.adam_step(dp, dg, st1, st2, None, [1.0] * len(dp), 1e-3, 0.9, 0.999,
+                                    1e-8, 0, False, False, False)
             topt = torch.optim.Adam(tp, lr=1e-3, **kw)
-            bytes_ = 7 * n_bytes
+            bytes_ = 7 * n_bytes  # p, m, v read+written, g read
         out.append((f"{name} step (fused, {len(ps)} tensors)", ours, topt.step, bytes_))
     return out
 
@@ -425,7 +432,7 @@ def gpu_tests(env):
     envv = dict(os.environ, GPUDIFF_TEST_REAL_GPU="1")
     envv.pop("GPUDIFF_CUDA", None)
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests"], cwd=ROOT,
-                       env=envv, capture_output=True, text=True)
+                       env=envv, capture_output=True, text=True, check=False)
     tail = (p.stdout + p.stderr).strip().splitlines()[-1:] or [""]
     return {"status": "passed" if p.returncode == 0 else "FAILED", "returncode": p.returncode,
             "summary": tail[0]}

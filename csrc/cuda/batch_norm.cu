@@ -13,7 +13,9 @@
 // Two layouts of the training kernels:
 //   *_plane  (HW > 1) one block per channel (grid-strided over channels): the block's threads
 //            walk the channel's N planes of HW contiguous values (coalesced), then one
-//            block reduction (common.cuh) and a second pass that writes.
+//            block reduction (common.cuh) and a second pass that writes. As much of the
+//            channel as fits in 48 KiB of shared memory is kept from the first pass for the
+//            second, so small channels are read from global memory once.
 //   *_cols   (HW == 1, x is (N, C)) a block of 32 x 8 threads per 32 channels: a warp reads 32
 //            adjacent channels of a row (coalesced), the 8 row groups are merged in shared
 //            memory in a fixed order.
@@ -99,17 +101,24 @@ __device__ __forceinline__ void store_stats(const Welford<T>& st, int c, gptr<T>
 
 // Training forward, HW > 1. x, y (N, C, HW); w, b (C,) read when has_w / has_b; rm, rv (C,)
 // updated when has_running; save_mean, save_invstd (C,). blockDim.x a multiple of 32.
+// The first `cache` values of the channel's walk stay in dynamic shared memory
+// (cache * sizeof(T) bytes) between the two passes, so only the rest is read twice; a value
+// is stored and re-read by the same thread, so no barrier guards it.
 template <typename T>
 __global__ void batch_norm_fwd_train_plane(gptr<const T> x, gptr<const T> w, gptr<const T> b,
                                            gptr<T> rm, gptr<T> rv, gptr<T> y, gptr<T> save_mean,
                                            gptr<T> save_invstd, int N, int C, long long HW,
                                            T momentum, T eps, int has_w, int has_b,
-                                           int has_running) {
+                                           int has_running, int cache) {
+    T* kept = dynamic_shared<T>();  // (cache,)
     const long long M = (long long)N * HW;
     for (int c = blockIdx.x; c < C; c += gridDim.x) {  // uniform over the block
         bn::Welford<T> st = bn::Welford<T>::identity();
-        for (bn::ChannelWalk it(M, HW, C, threadIdx.x, blockDim.x); it.more(); it.next(blockDim.x))
-            st.add(x[it.offset(c)]);
+        for (bn::ChannelWalk it(M, HW, C, threadIdx.x, blockDim.x); it.more(); it.next(blockDim.x)) {
+            const T v = x[it.offset(c)];
+            if (it.e < cache) kept[it.e] = v;
+            st.add(v);
+        }
         st = gd::block_allreduce(st);
         const T invstd = bn::rsqrt_(st.m2 / T(st.n) + eps);
         if (threadIdx.x == 0)
@@ -118,26 +127,34 @@ __global__ void batch_norm_fwd_train_plane(gptr<const T> x, gptr<const T> w, gpt
         const T shift = has_b ? b[c] : T(0);
         for (bn::ChannelWalk it(M, HW, C, threadIdx.x, blockDim.x); it.more(); it.next(blockDim.x)) {
             const long long o = it.offset(c);
-            y[o] = (x[o] - st.mean) * scale + shift;
+            const T v = it.e < cache ? kept[it.e] : x[o];
+            y[o] = (v - st.mean) * scale + shift;
         }
     }
 }
 
-// Training backward, HW > 1: gx (N, C, HW), gw, gb (C,).
+// Training backward, HW > 1: gx (N, C, HW), gw, gb (C,). The first `cache` values of gy and
+// of x stay in dynamic shared memory (2 * cache * sizeof(T) bytes) for the second pass.
 template <typename T>
 __global__ void batch_norm_bwd_plane(gptr<const T> gy, gptr<const T> x, gptr<const T> w,
                                      gptr<const T> save_mean, gptr<const T> save_invstd,
                                      gptr<T> gx, gptr<T> gw, gptr<T> gb, int N, int C,
-                                     long long HW, int has_w) {
+                                     long long HW, int has_w, int cache) {
+    T* kept_gy = dynamic_shared<T>();  // (cache,)
+    T* kept_x = kept_gy + cache;       // (cache,)
     const long long M = (long long)N * HW;
     for (int c = blockIdx.x; c < C; c += gridDim.x) {
         const T mean = save_mean[c], invstd = save_invstd[c];
         gd::Sum2<T> acc = gd::Sum2<T>::identity();  // a = sum(gy), b = sum(gy * (x - mean))
         for (bn::ChannelWalk it(M, HW, C, threadIdx.x, blockDim.x); it.more(); it.next(blockDim.x)) {
             const long long o = it.offset(c);
-            const T g = gy[o];
+            const T g = gy[o], v = x[o];
+            if (it.e < cache) {
+                kept_gy[it.e] = g;
+                kept_x[it.e] = v;
+            }
             acc.a += g;
-            acc.b += g * (x[o] - mean);
+            acc.b += g * (v - mean);
         }
         acc = gd::block_allreduce(acc);
         const T sum_gy = acc.a, sum_gy_xhat = acc.b * invstd;
@@ -149,8 +166,9 @@ __global__ void batch_norm_bwd_plane(gptr<const T> gy, gptr<const T> x, gptr<con
         const T mean_gy = sum_gy / T(M), mean_gy_xhat = sum_gy_xhat / T(M);
         for (bn::ChannelWalk it(M, HW, C, threadIdx.x, blockDim.x); it.more(); it.next(blockDim.x)) {
             const long long o = it.offset(c);
-            const T xhat = (x[o] - mean) * invstd;
-            gx[o] = scale * (gy[o] - mean_gy - xhat * mean_gy_xhat);
+            const bool kept = it.e < cache;
+            const T xhat = ((kept ? kept_x[it.e] : x[o]) - mean) * invstd;
+            gx[o] = scale * ((kept ? kept_gy[it.e] : gy[o]) - mean_gy - xhat * mean_gy_xhat);
         }
     }
 }

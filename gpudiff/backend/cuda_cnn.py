@@ -664,6 +664,13 @@ def adaptive_avg_pool2d_backward(gy, H, W):
 
 # ---- batch norm -----------------------------------------------------------------------------
 BN_MAX_THREADS = 512
+BN_CACHE_BYTES = 48 << 10  # shared memory keeping the first values of a channel between passes
+
+
+def _bn_cache(m, itemsize, arrays):
+    """(values kept per array, shared-memory bytes) for a channel of m values."""
+    keep = min(m, BN_CACHE_BYTES // (itemsize * arrays))
+    return keep, keep * itemsize * arrays
 
 
 def _bn_layout(x):
@@ -727,10 +734,11 @@ def batch_norm_forward(x, weight, bias, running_mean, running_var, training, mom
                 dt(eps)) + flags)
     else:
         threads = _bn_threads(n * hw)
+        keep, smem = _bn_cache(n * hw, x.itemsize, 1)
         launch("batch_norm.cu", f"batch_norm_fwd_train_plane<{t}>",
                max(1, min(c, _wave_blocks(x, threads))), threads,
                (x, w, b, rm, rv, y, save_mean, save_invstd, np.int32(n), np.int32(c),
-                np.int64(hw), mom, dt(eps)) + flags)
+                np.int64(hw), mom, dt(eps)) + flags + (np.int32(keep),), smem)
     return y, save_mean, save_invstd
 
 
@@ -758,10 +766,11 @@ def batch_norm_backward(gy, x, weight, save_mean, save_invstd):
                (gy, x, w, mean, invstd, gx, gw, gb, np.int32(n), np.int32(c), np.int32(has_w)))
     else:
         threads = _bn_threads(n * hw)
+        keep, smem = _bn_cache(n * hw, x.itemsize, 2)
         launch("batch_norm.cu", f"batch_norm_bwd_plane<{t}>",
                max(1, min(c, _wave_blocks(x, threads))), threads,
                (gy, x, w, mean, invstd, gx, gw, gb, np.int32(n), np.int32(c), np.int64(hw),
-                np.int32(has_w)))
+                np.int32(has_w), np.int32(keep)), smem)
     return gx, gw, gb
 
 

@@ -253,9 +253,8 @@ def test_auto_algorithm_choice_and_log():
             cc.conv2d(x, w, None, 1, 1, 1, 4)
     finally:
         cc.conv_algorithm = old
-    with pytest.raises(ValueError):
-        with cc.use_conv_algorithm("fft"):
-            pass
+    with pytest.raises(ValueError), cc.use_conv_algorithm("fft"):
+        pass
 
 
 def test_conv_declines_what_it_does_not_handle():
@@ -503,6 +502,22 @@ def test_batch_norm_training_forward_backward(order, shape, dtype):
     np.testing.assert_allclose(order.get(gb), tb.grad.numpy(), **t)
 
 
+@pytest.mark.parametrize("cache_bytes", [0, 40, 4 * 7 * 13])
+def test_batch_norm_shared_memory_cache(order, cache_bytes, monkeypatch):
+    # none, some (the walk's first values) or all of a channel kept between the passes
+    monkeypatch.setattr(cc, "BN_CACHE_BYTES", cache_bytes)
+    x, gy, w = (rand((7, 2, 13)) * 2 + 5), rand((7, 2, 13), seed=1), rand(2, seed=2)
+    tx, tw = t64(x), t64(w)
+    ty = F.batch_norm(tx, None, None, tw, None, True, 0.1, 1e-5)
+    ty.backward(torch.tensor(gy))
+    y, m, s = cc.batch_norm_forward(order.put(x), order.put(w), None, None, None, True, 0.1,
+                                    1e-5)
+    gx, gw, _ = cc.batch_norm_backward(order.put(gy), order.put(x), order.put(w), m, s)
+    np.testing.assert_allclose(order.get(y), ty.detach().numpy(), **tol(np.float64))
+    np.testing.assert_allclose(order.get(gx), tx.grad.numpy(), **tol(np.float64))
+    np.testing.assert_allclose(order.get(gw), tw.grad.numpy(), **tol(np.float64))
+
+
 @pytest.mark.parametrize("shape", [(6, 5), (2, 3, 4, 5)])
 def test_batch_norm_eval_and_no_affine(order, shape):
     c = shape[1]
@@ -614,7 +629,7 @@ def test_tracer_counts_sectors_like_a_gpu():
          np.zeros(1, np.float32), np.zeros(1, np.float32), np.empty((256, 8, 1), np.float32),
          np.empty(8, np.float32), np.empty(8, np.float32), np.int32(256), np.int32(8),
          np.int64(1), np.float32(0.1), np.float32(1e-5), np.int32(0), np.int32(0),
-         np.int32(0)))
+         np.int32(0), np.int32(0)))
     assert r["sectors_per_request"] > 20 and r["sector_efficiency"] < 0.2
     # ... which is why the (N, C) layout has its own kernel: a warp reads 32 channels of a row
     r = cuda_trace.traced_launch(
