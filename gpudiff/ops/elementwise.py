@@ -163,10 +163,15 @@ class remainder(Op):
 
 
 class floor_divide(Op):
-    differentiable = False
+    """Piecewise constant: zero gradients (as torch), not "no gradient"."""
 
     def forward(ctx, a, b):
+        ctx.shapes = a.shape, b.shape
         return ctx.xp.floor_divide(a, b)
+
+    def backward(ctx, gy):
+        sa, sb = ctx.shapes
+        return gy.new_zeros(sa), gy.new_zeros(sb)
 
 
 def _compare(ufunc_name):
@@ -296,30 +301,30 @@ class abs(Op):
         return gy * x.sign()
 
 
-class sign(Op):
-    differentiable = False  # zero gradient everywhere it is defined
+class _PiecewiseConstant:
+    """Zero gradient wherever defined. Still recorded, as in torch: ``x.round()`` requires
+    grad, so a loss reached only through it backpropagates zeros instead of raising."""
 
+    def backward(ctx, gy):
+        return gy.new_zeros(gy.shape)
+
+
+class sign(_PiecewiseConstant, Op):
     def forward(ctx, x):
         return ctx.xp.sign(x)
 
 
-class floor(Op):
-    differentiable = False
-
+class floor(_PiecewiseConstant, Op):
     def forward(ctx, x):
         return ctx.xp.floor(x)
 
 
-class ceil(Op):
-    differentiable = False
-
+class ceil(_PiecewiseConstant, Op):
     def forward(ctx, x):
         return ctx.xp.ceil(x)
 
 
-class round(Op):
-    differentiable = False
-
+class round(_PiecewiseConstant, Op):
     def forward(ctx, x):
         return ctx.xp.round(x)
 
