@@ -74,10 +74,13 @@ def _promote(a, b):
         if _CATEGORY[zero.dtype.kind] <= _CATEGORY[dim.dtype.kind]:
             return dim.dtype
         return zero.dtype
-    ca, cb = _CATEGORY[a.dtype.kind], _CATEGORY[b.dtype.kind]
-    if ca != cb:
-        return a.dtype if ca > cb else b.dtype
-    return np.result_type(a.dtype, b.dtype)
+    return _promote_dtypes(a.dtype, b.dtype)
+
+
+def _promote_dtypes(*dtypes):
+    """Result dtype of same-rank operands: the highest category wins, then the largest."""
+    top = builtins.max(_CATEGORY[d.kind] for d in dtypes)
+    return np.result_type(*[d for d in dtypes if _CATEGORY[d.kind] == top])
 
 
 def _dims(dim):
@@ -591,7 +594,7 @@ def cat(tensors, dim=0):
             raise RuntimeError(f"cat: sizes of tensors must match except in dimension {d}: "
                                f"tensor 0 has shape {tuple(ref.shape)}, tensor {i} has shape "
                                f"{tuple(t.shape)}")
-    dt = np.result_type(*[t.dtype for t in tensors])
+    dt = _promote_dtypes(*[t.dtype for t in tensors])  # as torch: int64 with float32 is float32
     tensors = [t if t.dtype == dt else t.to(dt) for t in tensors]
     return S.cat.apply(*tensors, dim=d)
 
