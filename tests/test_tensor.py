@@ -451,3 +451,13 @@ def test_tensor_tensor_promotion_matches_torch(a, b):
     got = make(gpudiff, da, na) + make(gpudiff, db, nb)
     expected = make(torch, da, na) + make(torch, db, nb)
     assert tname(got.dtype) == tname(expected.dtype)
+
+
+@pytest.mark.parametrize("dtypes", [("int64", "float32"), ("bool", "int32"), ("float16", "int64"),
+                                    ("float32", "float64"), ("uint8", "int8"),
+                                    ("bool", "bool", "float16")])
+def test_cat_stack_promotion_matches_torch(dtypes):
+    for fn in ("cat", "stack"):
+        g = getattr(gpudiff, fn)([gpudiff.ones(2, dtype=getattr(gpudiff, d)) for d in dtypes])
+        t = getattr(torch, fn)([torch.ones(2, dtype=getattr(torch, d)) for d in dtypes])
+        assert tname(g.dtype) == tname(t.dtype), fn
