@@ -419,3 +419,198 @@ def test_cross_entropy_int32_target(rng):
     l32, _ = K.cross_entropy(x, t, None, -100, 0.0)
     l64, _ = K.cross_entropy(x, t.astype(np.int64), None, -100, 0.0)
     np.testing.assert_array_equal(l32, l64)
+
+
+# ---- layouts for the batch GEMM: im2col_into / col2im_into (kbl), swap01 ----------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("g", GEOMS[:5] + GEOMS[6:])
+def test_into_kernels_both_layouts(g, dtype, rng):
+    N, C, H, W, *k = g
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    ref = im2col_ref(x, *k)                               # (N, C*kh*kw, L)
+    buf = np.full(ref.size + 7, np.nan, dtype)            # larger than needed: prefix used
+    K._C.im2col_into(x, buf, *k, False)
+    np.testing.assert_array_equal(buf[:ref.size].reshape(ref.shape), ref)
+    K._C.im2col_into(x, buf, *k, True)                    # (C*kh*kw, N, L)
+    np.testing.assert_array_equal(buf[:ref.size].reshape(ref.shape[1], N, -1),
+                                  ref.transpose(1, 0, 2))
+    cols = rng.standard_normal(ref.shape).astype(dtype)
+    want = col2im_ref(cols, C, H, W, *k)
+    gx = np.empty_like(x)
+    K._C.col2im_into(cols, gx, *k, False)
+    np.testing.assert_allclose(gx, want, **tol(dtype))
+    K._C.col2im_into(np.ascontiguousarray(cols.transpose(1, 0, 2)), gx, *k, True)
+    np.testing.assert_allclose(gx, want, **tol(dtype))
+
+
+def test_into_kernels_check_room():
+    x = np.zeros((1, 1, 4, 4), np.float32)
+    with pytest.raises(ValueError, match="needed"):
+        K._C.im2col_into(x, np.zeros(3, np.float32), 2, 2, 1, 1, 0, 0, 1, 1, False)
+    with pytest.raises(TypeError):
+        K._C.im2col_into(x, np.zeros(36, np.float64), 2, 2, 1, 1, 0, 0, 1, 1, False)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swap01(dtype, rng):
+    a = rng.standard_normal((5, 7, 33)).astype(dtype)
+    np.testing.assert_array_equal(K._C.swap01(a), a.transpose(1, 0, 2))
+    add = rng.standard_normal(5).astype(dtype)
+    out = np.empty((7, 5, 33), dtype)
+    r = K._C.swap01(a, add, out)
+    assert r is out or np.shares_memory(r, out)
+    np.testing.assert_array_equal(out, a.transpose(1, 0, 2) + add[None, :, None])
+    big = rng.standard_normal((64, 64, 576)).astype(dtype)  # both threads
+    np.testing.assert_array_equal(K._C.swap01(big), big.transpose(1, 0, 2))
+
+
+# ---- whole-op convolution (C++ per-sample BLAS path and the NumPy-GEMM path) -----------
+def conv_ref(x, w, b, stride, padding, dilation, groups):
+    N, C, H, W = x.shape
+    Kout, Cg, kh, kw = w.shape
+    k = (kh, kw, *stride, *padding, *dilation)
+    cols = im2col_ref(x.astype(np.float64), *k)
+    L = cols.shape[-1]
+    cols = cols.reshape(N, groups, Cg * kh * kw, L)
+    y = np.matmul(w.reshape(groups, Kout // groups, -1).astype(np.float64), cols)
+    y = y.reshape(N, Kout, out_size(H, kh, stride[0], padding[0], dilation[0]),
+                  out_size(W, kw, stride[1], padding[1], dilation[1]))
+    return y if b is None else y + b[None, :, None, None]
+
+
+CONVS = [  # (x shape, w shape, stride, padding, dilation, groups, bias)
+    ((2, 3, 7, 8), (4, 3, 3, 3), (1, 1), (0, 0), (1, 1), 1, True),
+    ((3, 4, 9, 7), (6, 2, 3, 2), (2, 1), (1, 2), (1, 2), 2, False),
+    ((2, 4, 6, 6), (4, 1, 3, 3), (1, 1), (1, 1), (1, 1), 4, True),      # depthwise
+    ((2, 6, 5, 4), (3, 6, 1, 1), (1, 1), (0, 0), (1, 1), 1, True),      # pointwise
+    ((2, 6, 5, 4), (4, 3, 1, 1), (1, 1), (0, 0), (1, 1), 2, False),     # grouped pointwise
+    ((2, 4, 9, 9), (5, 4, 1, 1), (2, 2), (0, 0), (1, 1), 1, True),      # strided 1x1
+    ((1, 3, 8, 8), (2, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1, True),      # one sample
+    ((16, 8, 12, 12), (16, 8, 3, 3), (1, 1), (1, 1), (1, 1), 1, True),  # both threads
+]
+
+
+@pytest.fixture(params=["blas", "numpy-gemm", "numpy-gemm-chunked"])
+def conv_path(request, monkeypatch):
+    if request.param == "blas":
+        if not K.HAVE_BLAS:
+            pytest.skip("NumPy's BLAS is not scipy-openblas: no per-sample C++ path")
+    else:
+        monkeypatch.setattr(K, "HAVE_BLAS", False)
+        if request.param.endswith("chunked"):
+            monkeypatch.setattr(K, "CONV_CHUNK_BYTES", 4096)  # several chunks per batch
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CONVS)
+def test_conv_kernels(case, dtype, conv_path, rng):
+    xs, ws, stride, padding, dilation, groups, bias = case
+    x = rng.standard_normal(xs).astype(dtype)
+    w = rng.standard_normal(ws).astype(dtype)
+    b = rng.standard_normal(ws[0]).astype(dtype) if bias else None
+    t = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-11, atol=1e-11)
+    y = K.conv2d(x, w, b, stride, padding, dilation, groups)
+    assert y.dtype == dtype
+    np.testing.assert_allclose(y, conv_ref(x, w, b, stride, padding, dilation, groups), **t)
+    # adjoints: <conv(x, w), gy> == <x, dgrad(gy, w)> == <w, wgrad(gy, x)>
+    gy = rng.standard_normal(y.shape).astype(dtype)
+    gx = K.conv2d_backward_input(gy, w, xs, stride, padding, dilation, groups)
+    gw = K.conv2d_backward_weight(gy, x, ws, stride, padding, dilation, groups)
+    assert gx.shape == xs and gw.shape == ws
+    y0 = conv_ref(x, w, None, stride, padding, dilation, groups)
+    ip = np.vdot(y0, gy)
+    rel = 1e-4 if dtype == np.float32 else 1e-10
+    assert np.vdot(x.astype(np.float64), gx) == pytest.approx(ip, rel=rel)
+    assert np.vdot(w.astype(np.float64), gw) == pytest.approx(ip, rel=rel)
+    # and element-wise against PyTorch's gradients
+    xt, wt = torch.from_numpy(x).requires_grad_(), torch.from_numpy(w).requires_grad_()
+    F.conv2d(xt, wt, None, stride, padding, dilation, groups).backward(torch.from_numpy(gy))
+    np.testing.assert_allclose(gx, xt.grad.numpy(), **t)
+    np.testing.assert_allclose(gw, wt.grad.numpy(), **t)
+
+
+def test_conv_kernel_declines_what_it_cannot_do():
+    x = np.zeros((1, 2, 5, 5), np.float32)
+    assert K.conv2d(x, np.zeros((2, 2, 3, 3), np.float64), None, (1, 1), (0, 0), (1, 1), 1) \
+        is None                                                            # mixed dtypes
+    assert K.conv2d(x[0], np.zeros((2, 2, 3, 3), np.float32), None, (1, 1), (0, 0), (1, 1),
+                    1) is None                                             # 3-D: op unbatches
+
+
+# ---- adaptive pooling ----------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,out", [((2, 3, 7, 9), (3, 4)), ((2, 3, 6, 6), (1, 1)),
+                                       ((1, 2, 4, 5), (6, 7)), ((64, 16, 8, 8), (1, 1))])
+def test_adaptive_pools_match_torch(shape, out, dtype, rng):
+    x = np.round(rng.standard_normal(shape) * 2).astype(dtype)  # ties: the first wins
+    xt = torch.from_numpy(x).requires_grad_()
+    yt = F.adaptive_avg_pool2d(xt, out)
+    gy = rng.standard_normal(yt.shape).astype(dtype)
+    yt.backward(torch.from_numpy(gy))
+    np.testing.assert_allclose(K.adaptive_avg_pool2d(x, *out), yt.detach().numpy(), **tol(dtype))
+    np.testing.assert_allclose(K.adaptive_avg_pool2d_backward(gy, *shape[2:]), xt.grad.numpy(),
+                               **tol(dtype))
+    y, idx = K.adaptive_max_pool2d(x, *out)
+    ym, im = F.adaptive_max_pool2d(torch.from_numpy(x), out, return_indices=True)
+    np.testing.assert_array_equal(y, ym.numpy())
+    np.testing.assert_array_equal(idx, im.numpy())
+
+
+# ---- batch norm pieces and dropout ---------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(8, 5), (4, 3, 7), (64, 16, 16, 16)])
+def test_batch_norm_kernels(shape, dtype, rng):
+    x = (rng.standard_normal(shape) * 3 + 5).astype(dtype)      # an offset mean: two passes
+    C = shape[1]
+    axes = (0,) + tuple(range(2, len(shape)))
+    mean, var = K._C.batch_norm_stats(x)
+    x64 = x.astype(np.float64)
+    t = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(mean, x64.mean(axes), **t)
+    np.testing.assert_allclose(var, x64.var(axes), **t)
+    w, b = rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)
+    rm, rv = np.zeros(C, dtype), np.ones(C, dtype)
+    y, m, invstd = K.batch_norm_forward(x, w, b, rm, rv, True, 0.1, 1e-5)
+    xt = torch.from_numpy(x).requires_grad_()
+    wt, bt = torch.from_numpy(w).requires_grad_(), torch.from_numpy(b).requires_grad_()
+    rmt, rvt = torch.zeros(C, dtype=xt.dtype), torch.ones(C, dtype=xt.dtype)
+    yt = F.batch_norm(xt, rmt, rvt, wt, bt, True, 0.1, 1e-5)
+    t2 = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(y, yt.detach().numpy(), **t2)
+    np.testing.assert_allclose(rm, rmt.numpy(), **t2)
+    np.testing.assert_allclose(rv, rvt.numpy(), **t2)
+    gy = rng.standard_normal(shape).astype(dtype)
+    yt.backward(torch.from_numpy(gy))
+    gx, gw, gb = K.batch_norm_backward(gy, x, w, m, invstd)
+    np.testing.assert_allclose(gx, xt.grad.numpy(), **t2)
+    np.testing.assert_allclose(gw, wt.grad.numpy(), **t2)
+    np.testing.assert_allclose(gb, bt.grad.numpy(), **t2)
+    # eval mode uses the running statistics
+    ye, _, _ = K.batch_norm_forward(x, w, b, rm, rv, False, 0.1, 1e-5)
+    want = (x64 - rm.reshape((1, C) + (1,) * (len(shape) - 2))) / np.sqrt(
+        rv.reshape((1, C) + (1,) * (len(shape) - 2)) + 1e-5)
+    want = want * w.reshape((1, C) + (1,) * (len(shape) - 2)) + b.reshape(
+        (1, C) + (1,) * (len(shape) - 2))
+    np.testing.assert_allclose(ye, want, **t2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,group", [((1000,), 1), ((64, 64, 12, 12), 1),
+                                          ((64, 64, 12, 12), 144), ((3, 5, 7), 7)])
+def test_dropout_kernel_matches_reference(shape, group, dtype, rng):
+    from gpudiff.ops.norm import dropout_ref
+    x = rng.standard_normal(shape).astype(dtype)
+    for p, seed in ((0.25, 12345), (0.5, 2**62 + 17), (0.0, 3), (1.0, 4)):
+        y = K.dropout(x, p, seed, group)
+        np.testing.assert_array_equal(y, dropout_ref(np, x, p, seed, group))
+        kept = (y != 0).reshape(-1, group)
+        assert (kept == kept[:, :1]).all()             # whole groups kept or dropped
+        if p not in (0.0, 1.0):
+            np.testing.assert_allclose(y[y != 0], x[y != 0] / (1 - p), rtol=1e-6)
+            if kept.shape[0] >= 1000:                  # the keep rate is 1 - p
+                assert abs(kept[:, 0].mean() - (1 - p)) < 4 * np.sqrt(p * (1 - p) / kept.shape[0])
+        else:
+            assert (y == (x if p == 0 else 0)).all()
+    # another seed, another mask
+    assert (K.dropout(x, 0.5, 1, group) != K.dropout(x, 0.5, 2, group)).any()

@@ -8,6 +8,7 @@
 // Each (n, c) input plane owns kh*kw consecutive rows of cols, so both directions split
 // over the N*C planes with no two threads writing the same memory.
 #include "common.h"
+#include "im2col.h"
 #include "kernels.h"
 
 #include <cstring>
@@ -15,105 +16,100 @@
 namespace gpudiff {
 namespace {
 
-struct ConvGeom {
-    index_t H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW;
-};
-
-// One (n, c) plane: x (H, W) -> its kh*kw rows of cols, each OH*OW long, row r at
-// rows + r * row_stride.
+// The (N, C*kh*kw, L) layout, one (n, c) plane per call (compiled per ISA).
 template <typename T>
-GPUDIFF_CLONES void im2col_plane(const T* x, T* rows, index_t row_stride, const ConvGeom& g) {
-    for (index_t i = 0; i < g.kh; ++i) {
-        for (index_t j = 0; j < g.kw; ++j) {
-            T* row = rows + (i * g.kw + j) * row_stride;
-            const index_t woff = j * g.dw - g.pw;
-            index_t lo, hi;
-            output_range(woff, g.sw, g.W, g.OW, lo, hi);
-            for (index_t oh = 0; oh < g.OH; ++oh) {
-                T* out = row + oh * g.OW;
-                const index_t ih = oh * g.sh - g.ph + i * g.dh;
-                if (ih < 0 || ih >= g.H) {
-                    std::fill(out, out + g.OW, T(0));
-                    continue;
-                }
-                const T* in = x + ih * g.W;  // in[ow*sw + woff] is the tap of column ow
-                std::fill(out, out + lo, T(0));
-                if (g.sw == 1) {
-                    if (hi > lo) std::memcpy(out + lo, in + lo + woff, sizeof(T) * (hi - lo));
-                } else {
-                    for (index_t ow = lo; ow < hi; ++ow) out[ow] = in[ow * g.sw + woff];
-                }
-                std::fill(out + hi, out + g.OW, T(0));
-            }
-        }
-    }
+GPUDIFF_CLONES void im2col_plane_std(const T* x, T* rows, const ConvGeom& g) {
+    im2col_plane(x, rows, g);
 }
 
-// One (n, c) plane: sums its kh*kw rows (row r at rows + r * row_stride) into x (H, W).
 template <typename T>
-GPUDIFF_CLONES void col2im_plane(const T* rows, index_t row_stride, T* x, const ConvGeom& g) {
-    std::fill(x, x + g.H * g.W, T(0));
-    for (index_t i = 0; i < g.kh; ++i) {
-        for (index_t j = 0; j < g.kw; ++j) {
-            const T* row = rows + (i * g.kw + j) * row_stride;
-            const index_t woff = j * g.dw - g.pw;
-            index_t lo, hi;
-            output_range(woff, g.sw, g.W, g.OW, lo, hi);
-            for (index_t oh = 0; oh < g.OH; ++oh) {
-                const index_t ih = oh * g.sh - g.ph + i * g.dh;
-                if (ih < 0 || ih >= g.H) continue;
-                const T* in = row + oh * g.OW;
-                T* out = x + ih * g.W;  // out[ow*sw + woff] receives column ow
-                if (g.sw == 1) {
-                    for (index_t ow = lo; ow < hi; ++ow) out[ow + woff] += in[ow];
-                } else {
-                    for (index_t ow = lo; ow < hi; ++ow) out[ow * g.sw + woff] += in[ow];
-                }
-            }
-        }
-    }
+GPUDIFF_CLONES void col2im_plane_std(const T* rows, T* x, const ConvGeom& g) {
+    col2im_plane(rows, x, g);
 }
 
-ConvGeom make_geom(index_t H, index_t W, int kh, int kw, int sh, int sw, int ph, int pw, int dh,
-                   int dw, const char* name) {
-    if (kh <= 0 || kw <= 0 || sh <= 0 || sw <= 0 || dh <= 0 || dw <= 0 || ph < 0 || pw < 0)
-        throw py::value_error(std::string(name) +
-                              ": kernel size, stride and dilation must be positive and "
-                              "padding non-negative");
-    ConvGeom g{H, W, kh, kw, sh, sw, ph, pw, dh, dw, 0, 0};
-    g.OH = (H + 2 * ph - dh * (kh - 1) - 1) / sh + 1;
-    g.OW = (W + 2 * pw - dw * (kw - 1) - 1) / sw + 1;
-    if (H + 2 * ph - dh * (kh - 1) - 1 < 0 || W + 2 * pw - dw * (kw - 1) - 1 < 0)
-        throw py::value_error(std::string(name) +
-                              ": kernel size (with dilation) larger than the padded input");
-    return g;
+// (C*kh*kw, N, L) layout: channel c, samples [n0, n1). Row (c, i, j) holds the tap of
+// every sample back to back, so going tap by tap, sample by sample, writes (reads) the
+// columns sequentially while the channel's input planes stay in L2.
+template <typename T>
+GPUDIFF_CLONES void im2col_channel_kbl(const T* x, T* cols, index_t c, index_t n0, index_t n1,
+                                       index_t N, index_t C, const ConvGeom& g) {
+    const index_t L = g.OH * g.OW, Kc = g.kh * g.kw, plane = g.H * g.W;
+    for (index_t i = 0; i < g.kh; ++i)
+        for (index_t j = 0; j < g.kw; ++j) {
+            T* row = cols + (c * Kc + i * g.kw + j) * N * L;
+            for (index_t n = n0; n < n1; ++n)
+                im2col_tap(x + (n * C + c) * plane, row + n * L, i, j, g);
+        }
+}
+
+template <typename T>
+GPUDIFF_CLONES void col2im_channel_kbl(const T* cols, T* x, index_t c, index_t n0, index_t n1,
+                                       index_t N, index_t C, const ConvGeom& g) {
+    const index_t L = g.OH * g.OW, Kc = g.kh * g.kw, plane = g.H * g.W;
+    for (index_t n = n0; n < n1; ++n) std::fill(x + (n * C + c) * plane,
+                                                x + (n * C + c + 1) * plane, T(0));
+    for (index_t i = 0; i < g.kh; ++i)
+        for (index_t j = 0; j < g.kw; ++j) {
+            const T* row = cols + (c * Kc + i * g.kw + j) * N * L;
+            for (index_t n = n0; n < n1; ++n)
+                col2im_tap(row + n * L, x + (n * C + c) * plane, i, j, g);
+        }
+}
+
+// Sample blocks per channel in the (C*kh*kw, N, L) layout: enough (channel, block) tasks
+// to spread over the threads even for 1- or 3-channel inputs.
+inline index_t sample_blocks(index_t N, index_t C) {
+    return std::max<index_t>(1, std::min<index_t>(N, (16 + C - 1) / C));
 }
 
 // All N*C planes of x (N, C, H, W) into cols, laid out (N, C*kh*kw, L) or, with
 // kbl, (C*kh*kw, N, L): the layout where one GEMM covers the whole batch.
 template <typename T>
 void im2col_batch(const T* x, T* cols, index_t N, index_t C, const ConvGeom& g, bool kbl) {
-    const index_t Kc = g.kh * g.kw, L = g.OH * g.OW, planes = N * C, in_plane = g.H * g.W;
-#pragma omp parallel for schedule(static) if (parallel_pays(planes * Kc * L))
-    for (index_t p = 0; p < planes; ++p) {
-        const index_t n = p / C, c = p % C;
-        if (kbl)
-            im2col_plane<T>(x + p * in_plane, cols + (c * Kc * N + n) * L, N * L, g);
-        else
-            im2col_plane<T>(x + p * in_plane, cols + p * Kc * L, L, g);
+    const index_t Kc = g.kh * g.kw, L = g.OH * g.OW, in_plane = g.H * g.W;
+    const bool par = parallel_pays(N * C * Kc * L);
+    if (kbl) {
+        const index_t nb = sample_blocks(N, C);
+#pragma omp parallel for schedule(static) if (par)
+        for (index_t t = 0; t < C * nb; ++t) {
+            const index_t c = t / nb, b = t % nb;
+            im2col_channel_kbl<T>(x, cols, c, N * b / nb, N * (b + 1) / nb, N, C, g);
+        }
+    } else {
+#pragma omp parallel for schedule(static) if (par)
+        for (index_t p = 0; p < N * C; ++p)
+            im2col_plane_std<T>(x + p * in_plane, cols + p * Kc * L, g);
     }
 }
 
 template <typename T>
 void col2im_batch(const T* cols, T* x, index_t N, index_t C, const ConvGeom& g, bool kbl) {
-    const index_t Kc = g.kh * g.kw, L = g.OH * g.OW, planes = N * C, in_plane = g.H * g.W;
-#pragma omp parallel for schedule(static) if (parallel_pays(planes * Kc * L))
-    for (index_t p = 0; p < planes; ++p) {
-        const index_t n = p / C, c = p % C;
-        if (kbl)
-            col2im_plane<T>(cols + (c * Kc * N + n) * L, N * L, x + p * in_plane, g);
-        else
-            col2im_plane<T>(cols + p * Kc * L, L, x + p * in_plane, g);
+    const index_t Kc = g.kh * g.kw, L = g.OH * g.OW, in_plane = g.H * g.W;
+    const bool par = parallel_pays(N * C * Kc * L);
+    if (kbl) {
+        const index_t nb = sample_blocks(N, C);
+#pragma omp parallel for schedule(static) if (par)
+        for (index_t t = 0; t < C * nb; ++t) {
+            const index_t c = t / nb, b = t % nb;
+            col2im_channel_kbl<T>(cols, x, c, N * b / nb, N * (b + 1) / nb, N, C, g);
+        }
+    } else {
+#pragma omp parallel for schedule(static) if (par)
+        for (index_t p = 0; p < N * C; ++p)
+            col2im_plane_std<T>(cols + p * Kc * L, x + p * in_plane, g);
+    }
+}
+
+template <typename T>
+GPUDIFF_CLONES void swap01_kernel(const T* a, const T* add, T* out, index_t A, index_t B,
+                                  index_t L) {
+#pragma omp parallel for schedule(static) if (parallel_pays(A * B * L))
+    for (index_t r = 0; r < A * B; ++r) {  // output row r = (b, a)
+        const index_t b = r / A, ai = r % A;
+        const T* src = a + (ai * B + b) * L;
+        T* dst = out + r * L;
+        const T v = add ? add[ai] : T(0);
+        for (index_t l = 0; l < L; ++l) dst[l] = src[l] + v;
     }
 }
 
@@ -200,6 +196,42 @@ void col2im_into(py::array cols, py::array x, int kh, int kw, int sh, int sw, in
         T* px = data_of<T>(x);
         py::gil_scoped_release nogil;
         col2im_batch<T>(pc, px, N, C, g, kbl);
+    });
+}
+
+// out (B, A, L)[b, a, :] = a (A, B, L)[a, b, :] + add[a]: the layout change between a
+// GEMM's (K, N*L) result and NCHW (with the conv bias folded in), and back for gy.
+py::array swap01(py::array a, py::object add, py::object out) {
+    const char* name = "swap01";
+    require_ndim(a, 3, name, "a");
+    require_contiguous(a, name, "a");
+    const index_t A = a.shape(0), B = a.shape(1), L = a.shape(2);
+    py::array addv, res;
+    if (!add.is_none()) {
+        addv = add.cast<py::array>();
+        require_contiguous(addv, name, "add");
+        require_same_dtype(a, addv, name);
+        if (addv.ndim() != 1 || addv.shape(0) != A)
+            throw py::value_error("swap01: 'add' must be (A,)");
+    }
+    if (!out.is_none()) {  // write into the caller's (B, A, L) array, e.g. a batch slice
+        res = out.cast<py::array>();
+        require_contiguous(res, name, "out");
+        require_same_dtype(a, res, name);
+        if (res.ndim() != 3 || res.shape(0) != B || res.shape(1) != A || res.shape(2) != L)
+            throw py::value_error("swap01: 'out' must be (B, A, L)");
+    }
+    return dispatch_float(a, name, [&](auto tag) -> py::array {
+        using T = decltype(tag);
+        if (out.is_none()) res = empty_array<T>({B, A, L});
+        const T* pa = cdata_of<T>(a);
+        const T* pb = add.is_none() ? nullptr : cdata_of<T>(addv);
+        T* po = data_of<T>(res);
+        {
+            py::gil_scoped_release nogil;
+            swap01_kernel<T>(pa, pb, po, A, B, L);
+        }
+        return res;
     });
 }
 

@@ -15,6 +15,19 @@ void im2col_into(py::array x, py::array out, int kh, int kw, int sh, int sw, int
                  int dh, int dw, bool kbl);
 void col2im_into(py::array cols, py::array x, int kh, int kw, int sh, int sw, int ph, int pw,
                  int dh, int dw, bool kbl);
+// (A, B, L) -> (B, A, L), adding add[a] (or nothing) on the way; into out if given
+py::array swap01(py::array a, py::object add, py::object out);
+
+// conv.cpp: whole-op convolution, per-sample GEMMs through NumPy's OpenBLAS
+bool blas_init(const std::string& path);
+bool blas_available();
+py::array conv2d_forward(py::array x, py::array w, py::object b, py::object stride,
+                         py::object padding, py::object dilation, int groups);
+py::array conv2d_backward_input(py::array gy, py::array w, py::object x_shape, py::object stride,
+                                py::object padding, py::object dilation, int groups);
+py::array conv2d_backward_weight(py::array gy, py::array x, py::object w_shape,
+                                 py::object stride, py::object padding, py::object dilation,
+                                 int groups);
 
 // pool.cpp
 py::tuple max_pool2d(py::array x, int kh, int kw, int sh, int sw, int ph, int pw, int dh, int dw,
