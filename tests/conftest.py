@@ -13,10 +13,10 @@ if os.environ.get("GPUDIFF_TEST_REAL_GPU") != "1":
         raise RuntimeError("gpudiff was imported before tests/conftest.py could select the "
                            "emulated CUDA device")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
+import numpy as np
+import pytest
 
-import gpudiff  # noqa: E402
+import gpudiff
 
 
 @pytest.fixture(autouse=True)

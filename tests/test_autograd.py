@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import gpudiff
-import gpudiff.nn.functional  # noqa: F401
+import gpudiff.nn.functional
 from gpudiff.autograd import Function, gradcheck
 
 torch = pytest.importorskip("torch")
@@ -292,9 +292,8 @@ def test_inference_mode():
 
 
 def test_grad_mode_restored_after_exception():
-    with pytest.raises(ValueError):
-        with gpudiff.no_grad():
-            raise ValueError
+    with pytest.raises(ValueError), gpudiff.no_grad():
+        raise ValueError
     assert gpudiff.is_grad_enabled()
 
 
@@ -420,18 +419,16 @@ def test_in_place_ops_with_graph_match_torch():
 # ---- anomaly detection ---------------------------------------------------------------------
 def test_detect_anomaly_names_op_with_nan_forward():
     x = t64([-1.0, 1.0])
-    with gpudiff.autograd.detect_anomaly():
-        with pytest.raises(RuntimeError, match="'log'.*nan"):
-            x.log()
+    with gpudiff.autograd.detect_anomaly(), pytest.raises(RuntimeError, match="'log'.*nan"):
+        x.log()
     x.log()  # outside anomaly mode: no check
 
 
 def test_detect_anomaly_names_op_with_nan_backward():
     x = t64([0.0, 1.0])
     y = x.sqrt()   # forward is finite; backward divides by 2 sqrt(0) -> inf
-    with gpudiff.autograd.detect_anomaly():
-        with pytest.raises(RuntimeError, match="sqrtBackward"):
-            y.sum().backward()
+    with gpudiff.autograd.detect_anomaly(), pytest.raises(RuntimeError, match="sqrtBackward"):
+        y.sum().backward()
 
 
 def test_detect_anomaly_quiet_when_finite():
@@ -654,7 +651,7 @@ def test_saved_arrays_freed_after_backward():
     z.backward()
     assert node.ctx._saved is None and node.freed
     with pytest.raises(RuntimeError, match="freed|second time"):
-        node.ctx.saved_tensors
+        _ = node.ctx.saved_tensors
 
 
 def test_intermediate_arrays_released_after_backward():

@@ -12,12 +12,11 @@ import zlib
 
 import numpy as np
 import pytest
+from opdb import NOT_YET_COVERED, OPS, Const, device_params, float64
 
 import gpudiff
 from gpudiff import backend
 from gpudiff.autograd import gradcheck, gradgradcheck
-
-from opdb import NOT_YET_COVERED, OPS, Const, device_params, float64
 
 torch = pytest.importorskip("torch")
 torch.set_num_threads(1)  # tiny tensors: threads only add noise on the shared cores

@@ -289,7 +289,7 @@ def test_indexing_forms_match_torch(key):
 
 
 def test_setitem_forms_match_torch():
-    a, g, t = _idx_pair()
+    _, g, t = _idx_pair()
     for lib, x in ((gpudiff, g), (torch, t)):
         x[0] = 1.0
         x[1, :, 0] = lib.tensor([7.0, 8.0, 9.0], dtype=lib.float64)

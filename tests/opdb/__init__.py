@@ -54,7 +54,7 @@ import numpy as np
 import pytest
 
 import gpudiff
-import gpudiff.nn.functional  # noqa: F401  (so m.nn.functional works for m = gpudiff)
+import gpudiff.nn.functional
 
 float16, float32, float64 = np.dtype("float16"), np.dtype("float32"), np.dtype("float64")
 int32, int64, bool_ = np.dtype("int32"), np.dtype("int64"), np.dtype("bool")

@@ -37,6 +37,12 @@ def unary_samples(make, **kw):
     ]
 
 
+def _tied_pair(make):
+    """(a, b) of shape (3, 4) where b copies a at random places: exact ties."""
+    a = make(3, 4)
+    return a, np.where(make.mask(3, 4), a, make(3, 4))
+
+
 def _binary(name, op, covers, gg=True, **kw):
     return OpInfo(name, op=op, samples=binary_samples, covers=covers, gradgradcheck=gg, **kw)
 
@@ -88,12 +94,10 @@ ELEMENTWISE = [
            samples=lambda make: binary_samples(make)[:6]),
     OpInfo("maximum_ties", op=lambda m, a, b: m.maximum(a, b), covers=("maximum",),
            gradcheck=False,  # at a tie the gradient is split in half (a subgradient)
-           samples=lambda make: [S(*(lambda a: (a, np.where(make.mask(3, 4), a, make(3, 4))))(
-               make(3, 4)))]),
+           samples=lambda make: [S(*_tied_pair(make))]),
     OpInfo("minimum_ties", op=lambda m, a, b: m.minimum(a, b), covers=("minimum",),
            gradcheck=False,
-           samples=lambda make: [S(*(lambda a: (a, np.where(make.mask(3, 4), a, make(3, 4))))(
-               make(3, 4)))]),
+           samples=lambda make: [S(*_tied_pair(make))]),
     OpInfo("where", op=lambda m, c, a, b: m.where(c, a, b), covers=("where",),
            gradgradcheck=True,
            samples=lambda make: [S(make.mask(3, 4), make(3, 4), make(3, 4)),
@@ -148,8 +152,7 @@ for _name, _ufunc in (("eq", "equal"), ("ne", "not_equal"), ("gt", "greater"), (
         _name, op=lambda m, a, b, _n=_name: getattr(m, _n)(a, b), covers=(_ufunc,),
         grad=False, dtypes=(float64, float32, int64),
         # ties on purpose: b copies a where the mask is set
-        samples=lambda make: [S(*(lambda a: (a, np.where(make.mask(3, 4), a, make(3, 4))))(
-            make(3, 4))), S(make(3, 1), make(4)), S(make(2, 3), 1)]))
+        samples=lambda make: [S(*_tied_pair(make)), S(make(3, 1), make(4)), S(make(2, 3), 1)]))
 ELEMENTWISE.append(OpInfo("operators_cmp", grad=False, covers=(),
                           op=lambda m, a, b: (a == b, a != b, a < b, a <= b, a > b, a >= b),
                           samples=lambda make: [S(make(3, 4), make(4)), S(make(2, 2), 0.5)]))

@@ -1,8 +1,7 @@
 """Op database entries for gpudiff.nn.functional: activations, losses, linear, layer_norm,
 one_hot, pad modes. Format: tests/opdb/__init__.py."""
-import numpy as np
 
-from . import Const, OpInfo, S, float32, float64, int64
+from . import Const, OpInfo, S, float32, int64
 
 
 def F(m):
@@ -141,7 +140,7 @@ def _nll_samples(make):
 
 
 def _bce_samples(make):
-    p = dict(low=0.05, high=0.95)
+    p = {"low": 0.05, "high": 0.95}
     t = Const(make(3, 4, low=0.0, high=1.0))
     return [S(make(3, 4, **p), t), S(make(3, 4, **p), t, reduction="sum"),
             S(make(3, 4, **p), Const(make.mask(3, 4).astype(make.dtype)), reduction="none"),
