@@ -6,16 +6,18 @@ build has it. Cases are whole training steps of the model zoo (zero_grad, forwar
 backward, SGD step; the same initial weights in every backend) and single ops (forward, or
 forward + backward) at the shapes those models use.
 
-Timing: for each case the backends take turns, one call each per round, the order rotating
-every round, so that all of them see the same machine load (a shared machine is noisy); each
-call is timed wall clock with the device synchronised before and after. We report the min,
+Timing: each backend runs in its own worker process (two OpenMP runtimes in one process spin
+against each other), and for each case the backends take turns, one call each per round, the
+order rotating every round, so that all of them see the same machine load (a shared machine
+is noisy); each call is timed wall clock with the device synchronised before and after. We report the min,
 the median and the interquartile range of ``repeat`` rounds after ``warmup`` rounds, and
 the ratios gpudiff/PyTorch (same device) and CPU/GPU (gpudiff; a real GPU only).
 
 The emulated CUDA device (GPUDIFF_CUDA=emulate) runs our .cu kernels on the CPU emulator: its
 times are labelled "emulated" everywhere and never enter a CPU/GPU ratio.
 
->>> results = run(quick=True, devices=["cpu"], torch=False, repeat=2, only=["relu"])
+>>> results = run(quick=True, devices=["cpu"], torch=False, repeat=2, only=["relu"],
+...               isolate=False)
 >>> [r["backend"] for r in results]
 ['gpudiff cpu']
 """
@@ -23,6 +25,7 @@ import cProfile
 import dataclasses
 import datetime
 import importlib
+import importlib.util
 import io
 import json
 import os
@@ -235,25 +238,6 @@ def cases(quick=False):
 
 
 # ---- timing -----------------------------------------------------------------------------
-def time_interleaved(fns, syncs, repeat, warmup=1):
-    """Seconds per call of each fn: rounds in which every fn runs once, in rotating order."""
-    k = len(fns)
-    for _ in range(warmup):
-        for fn, sync in zip(fns, syncs):
-            fn()
-            sync()
-    times = [[] for _ in fns]
-    for r in range(repeat):
-        for j in range(k):
-            i = (j + r) % k
-            syncs[i]()
-            t0 = time.perf_counter()
-            fns[i]()
-            syncs[i]()
-            times[i].append(time.perf_counter() - t0)
-    return times
-
-
 def _summary(times):
     ms = np.asarray(times) * 1e3
     q75, q25 = np.percentile(ms, [75, 25])
@@ -263,19 +247,143 @@ def _summary(times):
             "iqr_ms": round(float(q75 - q25), 4)}
 
 
-def backends(devices, torch=True):
-    """gpudiff on each device, then PyTorch on the devices it has (if importable)."""
-    out = [Backend("gpudiff", d) for d in devices]
-    if torch:
-        try:
-            import torch as _torch
-        except ImportError:
+# ---- runners: a backend in this process or in a worker process ---------------------------
+def _backend_info(b):
+    info = {"label": b.label, "emulated": b.emulated, "version": b.lib.__version__}
+    if b.framework == "torch":
+        info["threads"] = b.lib.get_num_threads()
+    else:
+        from .backend import cpu_kernels
+        info["cpu_extension"] = b.lib.backend._C is not None
+        info["blas_conv"] = bool(getattr(cpu_kernels, "HAVE_BLAS", False))
+    return info
+
+
+class _Served:
+    """The state a runner keeps for one backend: the current case's callable."""
+
+    def __init__(self, framework, device, quick):
+        if framework == "torch" and device == "cuda":
+            import torch
+            if not torch.cuda.is_available():
+                raise _Unavailable("this PyTorch build has no CUDA")
+        self.backend = Backend(framework, device)
+        self.cases = {c.name: c for c in cases(quick)}
+        self.fn = None
+
+    def handle(self, cmd, *args):
+        b = self.backend
+        if cmd == "info":
+            return _backend_info(b)
+        if cmd == "setup":                      # (case name, shared) -> shared
+            name, shared = args
+            self.fn = self.cases[name].setup(b, shared)
+            return shared
+        if cmd == "time":                       # (calls,) -> seconds of each call
+            out = []
+            for _ in range(args[0]):
+                b.sync()
+                t0 = time.perf_counter()
+                self.fn()
+                b.sync()
+                out.append(time.perf_counter() - t0)
             return out
-        if "cpu" in devices:
-            out.append(Backend("torch", "cpu"))
-        if "cuda" in devices and _torch.cuda.is_available():
-            out.append(Backend("torch", "cuda"))
-    return out
+        if cmd == "profile":
+            return profile_step(self.fn)
+        raise ValueError(f"unknown request {cmd!r}")
+
+
+class _Unavailable(Exception):
+    pass
+
+
+class _InProcess:
+    """A backend run in this process (quick to start; frameworks share the process)."""
+
+    def __init__(self, framework, device, quick):
+        self.served = _Served(framework, device, quick)
+
+    def ask(self, cmd, *args):
+        return self.served.handle(cmd, *args)
+
+    def close(self):
+        pass
+
+
+def _worker_main(conn, framework, device, quick):
+    """A worker process serving one backend until told to quit."""
+    try:
+        served = _Served(framework, device, quick)
+    except _Unavailable as e:
+        conn.send(("unavailable", str(e)))
+        return
+    except Exception:  # noqa: BLE001  (any failure goes back to the main process)
+        import traceback
+        conn.send(("error", traceback.format_exc()))
+        return
+    conn.send(("ok", None))
+    while True:
+        msg = conn.recv()
+        if msg[0] == "quit":
+            return
+        try:
+            conn.send(("ok", served.handle(*msg)))
+        except Exception:  # noqa: BLE001  (reported, and the worker keeps serving)
+            import traceback
+            conn.send(("error", traceback.format_exc()))
+
+
+class _Worker:
+    """A backend in its own (spawned) process. Each framework brings its own OpenMP runtime:
+    in one process, the threads of one spin after its parallel regions while the other
+    computes, and both slow down; in separate processes each only competes for the cores."""
+
+    def __init__(self, framework, device, quick):
+        import multiprocessing as mp
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child, framework, device, quick),
+                                daemon=True)
+        self.proc.start()
+        child.close()
+        self.name = f"{framework} {device}"
+        status, payload = self._recv()
+        if status == "unavailable":
+            self.close()
+            raise _Unavailable(payload)
+
+    def _recv(self):
+        try:
+            status, payload = self.conn.recv()
+        except EOFError:
+            raise RuntimeError(f"the {self.name} benchmark worker died (exit code "
+                               f"{self.proc.exitcode})") from None
+        if status == "error":
+            raise RuntimeError(f"in the {self.name} benchmark worker:\n{payload}")
+        return status, payload
+
+    def ask(self, cmd, *args):
+        self.conn.send((cmd, *args))
+        return self._recv()[1]
+
+    def close(self):
+        if self.proc.is_alive():
+            try:
+                self.conn.send(("quit",))
+            except (BrokenPipeError, OSError):
+                pass
+            self.proc.join(10)
+            if self.proc.is_alive():
+                self.proc.terminate()
+
+
+def backend_specs(devices, torch=True):
+    """(framework, device) pairs: gpudiff on each device, then PyTorch where it is installed
+    (its CUDA only when its build has CUDA: checked by the runner)."""
+    specs = [("gpudiff", d) for d in devices]
+    if torch and importlib.util.find_spec("torch") is not None:
+        specs += [("torch", d) for d in devices]
+    return specs
 
 
 def parse_devices(spec):
@@ -310,41 +418,71 @@ def select(all_cases, only):
 
 
 def run(quick=False, devices=("cpu",), torch=True, repeat=None, warmup=None, only=None,
-        log=None, profile=False, op_repeat=None):
+        log=None, profile=False, op_repeat=None, isolate=True, info=None):
     """Run the cases on every backend; returns one dict per (case, backend).
 
     repeat: timed rounds per training step (default 5 quick, 20 full); op_repeat: per op
     case (default: repeat). only: case-name prefixes to keep (None: all). profile: also
     cProfile one gpudiff CPU training step per model (key "profile" of that result).
+    isolate: run each backend in its own worker process (the default; False runs them all
+    in this process). info: a dict that receives each backend's versions and settings.
     """
-    bs = backends(devices, torch)
+    selected = select(cases(quick), only)
     repeat = repeat or (5 if quick else 20)
     op_repeat = op_repeat or repeat
     warmup = (1 if quick else 3) if warmup is None else warmup
+    make = _Worker if isolate else _InProcess
+    runners, labels = [], []
     results = []
-    for case in select(cases(quick), only):
-        shared = {}
-        fns = [case.setup(b, shared) for b in bs]
-        n = repeat if case.kind == "train step" else op_repeat
-        times = time_interleaved(fns, [b.sync for b in bs], n, warmup)
-        for b, fn, t in zip(bs, fns, times):
-            r = {"case": case.name, "kind": case.kind, "shape": case.shape, "backend": b.label,
-                 "framework": b.framework, "device": b.device, "emulated": b.emulated,
-                 "repeat": n, "warmup": warmup, **_summary(t)}
-            if "eval_loss" in shared:
-                r["eval_loss"] = shared["eval_loss"][b.label]
-            if profile and case.kind == "train step" and b.label == "gpudiff cpu":
-                r["profile"], text = profile_step(fn)
+    try:
+        for fw, dev in backend_specs(devices, torch):
+            try:
+                r = make(fw, dev, quick)
+            except _Unavailable as e:
                 if log is not None:
-                    log(f"-- cProfile of one gpudiff {case.name} --\n{text}")
-            results.append(r)
-            if log is not None:
-                log(f"  {case.name:<34} {b.label:<24} median {r['median_ms']:10.3f} ms  "
-                    f"min {r['min_ms']:10.3f} ms")
-        losses = shared.get("eval_loss", {})
-        if len(losses) > 1 and max(losses.values()) - min(losses.values()) > \
-                1e-3 * max(1.0, abs(min(losses.values()))) and log is not None:
-            log(f"  warning: {case.name}: the backends disagree on the eval loss {losses}")
+                    log(f"  ({fw} {dev} skipped: {e})")
+                continue
+            runners.append(r)
+            binfo = r.ask("info")
+            labels.append(binfo["label"])
+            if info is not None:
+                info[binfo["label"]] = binfo
+        emulated = {lab: "emulated" in lab for lab in labels}
+        for case in selected:
+            shared = {}
+            for r in runners:    # the first one draws the data and weights, the rest copy them
+                shared = r.ask("setup", case.name, shared)
+            n = repeat if case.kind == "train step" else op_repeat
+            for r in runners:
+                r.ask("time", warmup)
+            times = [[] for _ in runners]
+            for k in range(n):   # rounds: each backend once, the order rotating
+                for j in range(len(runners)):
+                    i = (j + k) % len(runners)
+                    times[i] += runners[i].ask("time", 1)
+            for r, lab, t in zip(runners, labels, times):
+                fw, dev = lab.split()[:2]
+                res = {"case": case.name, "kind": case.kind, "shape": case.shape,
+                       "backend": lab, "framework": fw, "device": dev,
+                       "emulated": emulated[lab], "repeat": n, "warmup": warmup,
+                       **_summary(t)}
+                if "eval_loss" in shared:
+                    res["eval_loss"] = shared["eval_loss"][lab]
+                if profile and case.kind == "train step" and lab == "gpudiff cpu":
+                    res["profile"], text = r.ask("profile")
+                    if log is not None:
+                        log(f"-- cProfile of one gpudiff {case.name} --\n{text}")
+                results.append(res)
+                if log is not None:
+                    log(f"  {case.name:<34} {lab:<24} median {res['median_ms']:10.3f} ms  "
+                        f"min {res['min_ms']:10.3f} ms")
+            losses = shared.get("eval_loss", {})
+            if len(losses) > 1 and log is not None and max(losses.values()) - \
+                    min(losses.values()) > 1e-3 * max(1.0, abs(min(losses.values()))):
+                log(f"  warning: {case.name}: the backends disagree on the eval loss {losses}")
+    finally:
+        for r in runners:
+            r.close()
     return results
 
 
@@ -388,18 +526,12 @@ def machine_info():
         "python": platform.python_version(), "numpy": np.__version__,
         "gpudiff": gpudiff.__version__, "cpu_extension": gpudiff.backend._C is not None,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "gpu": None, "gpu_emulated": False, "torch": None, "torch_threads": None,
+        "gpu": None, "gpu_emulated": False,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     if gpudiff.cuda.is_available():
         info["gpu_emulated"] = gpudiff.cuda.is_emulated()
         info["gpu"] = gpudiff.cuda.get_device_name()
-    try:
-        import torch
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
-    except ImportError:
-        pass
     return info
 
 
@@ -499,15 +631,12 @@ def default_out_dir(root="runs"):
 
 def run_cli(quick=False, devices=None, out=None, torch=True, repeat=None, log=print,
             only=None, warmup=None, profile=False, json_name="bench.json",
-            png_name="bench.png", op_repeat=None, source="gpudiff bench"):
+            png_name="bench.png", op_repeat=None, source="gpudiff bench", isolate=True):
     """``gpudiff bench``: run, print the table, write the JSON and the PNG into ``out``."""
     devs = parse_devices(devices)
-    if torch:
-        try:
-            import torch as _torch  # noqa: F401
-        except ImportError:
-            log("PyTorch is not installed: timing gpudiff only (pip install torch to compare)")
-            torch = False
+    if torch and importlib.util.find_spec("torch") is None:
+        log("PyTorch is not installed: timing gpudiff only (pip install torch to compare)")
+        torch = False
     select(cases(quick), only)       # a bad --only fails before anything runs
     out = out or default_out_dir()
     try:
@@ -517,21 +646,28 @@ def run_cli(quick=False, devices=None, out=None, torch=True, repeat=None, log=pr
     m = machine_info()
     gpu = "none" if m["gpu"] is None else m["gpu"]
     log(f"{source}{' --quick' if quick else ''} | cpu: {m['cpu']} ({m['cpu_count']} "
-        f"threads) | gpu: {gpu} | devices: {','.join(devs)} | "
-        f"torch: {m['torch'] if torch else 'not compared'}")
+        f"threads) | gpu: {gpu} | devices: {','.join(devs)}"
+        f"{'' if torch else ' | PyTorch not compared'}")
     if "cuda" in devs and m["gpu_emulated"]:
         log("note: cuda is the CPU emulator (GPUDIFF_CUDA=emulate): its times are labelled "
             "'emulated' and say nothing about GPU speed")
     t0 = time.perf_counter()
+    binfo = {}
     results = run(quick=quick, devices=devs, torch=torch, repeat=repeat, warmup=warmup,
-                  only=only, log=log, profile=profile, op_repeat=op_repeat)
+                  only=only, log=log, profile=profile, op_repeat=op_repeat, isolate=isolate,
+                  info=binfo)
+    m["backends"] = binfo
+    tinfo = next((v for k, v in binfo.items() if k.startswith("torch")), None)
+    m["torch"] = None if tinfo is None else tinfo["version"]
+    m["torch_threads"] = None if tinfo is None else tinfo.get("threads")
     m["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     settings = {"source": source, "quick": quick, "devices": devs, "torch": torch,
                 "only": only, "repeat": repeat or (5 if quick else 20),
                 "op_repeat": op_repeat or repeat or (5 if quick else 20),
                 "warmup": results[0]["warmup"],
-                "timing": "wall clock per call, device synchronised, backends interleaved; "
-                          "min, median and IQR over the repeats"}
+                "isolated": isolate,
+                "timing": "wall clock per call, device synchronised; each backend in its own "
+                          "process, taking turns; min, median and IQR over the repeats"}
     write_json(os.path.join(out, json_name), results, settings, m)
     plot(os.path.join(out, png_name), results, title=f"gpudiff bench: {m['cpu']}; gpu: {gpu}"
          f"{' (emulated)' if m['gpu_emulated'] else ''}; {m['date'][:10]}")

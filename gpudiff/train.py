@@ -1,9 +1,11 @@
 """The training loop behind ``gpudiff train``, importable on its own.
 
+>>> import tempfile
 >>> from gpudiff.train import TrainConfig, train
->>> result = train(TrainConfig(epochs=1, limit=256, out="runs/demo", progress=False))
->>> 0.0 <= result["final_test_acc"] <= 1.0
-True
+>>> cfg = TrainConfig(epochs=1, limit=256, out=tempfile.mkdtemp(), progress=False)
+>>> result = train(cfg, log=lambda line: None)      # log=print shows the epoch lines
+>>> len(result["history"]), 0.0 <= result["final_test_acc"] <= 1.0
+(1, True)
 
 One run writes into ``config.out``:
   checkpoint     gpudiff.save of model, optimizer, scheduler, epoch, RNG states and history
