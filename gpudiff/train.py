@@ -507,7 +507,8 @@ def train(config, log=print, on_step=None, given=None):
         f"{info['in_channels']}x{info['image_size']}x{info['image_size']}")
     wd = f" weight_decay={c.weight_decay:g}" if c.weight_decay else ""
     sch = {"none": "constant lr", "step": f"StepLR(step_size={c.step_size}, gamma={c.gamma:g})",
-           "cosine": f"CosineAnnealingLR(T_max={c.epochs})"}[c.scheduler]
+           "cosine": f"CosineAnnealingLR(T_max={getattr(sched, 'T_max', c.epochs)})"
+           }[c.scheduler]
     aug = " | augment: random shifts" + (", flips" if c.dataset == "cifar10" else "") \
         if c.augment else ""
     log(f"optimizer {c.optimizer} lr={c.lr:g}{wd}, {sch} | batch {c.batch_size} | "
