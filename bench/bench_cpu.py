@@ -15,21 +15,24 @@ Models (batch 64, SGD with momentum 0.9, the same initial weights in both framew
            basic blocks (16, 32, 64 channels; BatchNorm; 1x1 conv + BN projection where the
            shape changes), global average pool, fc 64->10, cross_entropy; 3x32x32 input
 
-A step is zero_grad, forward, loss, backward, optimizer step. Each repetition times one
-gpudiff step and one PyTorch step back to back (alternating which goes first), so both
-see the same machine load; we report the median and the minimum over repetitions and the
+A step is zero_grad, forward, loss, backward, optimizer step. Each framework runs in its
+own worker process (PyTorch's OpenMP threads and ours would otherwise spin against each
+other on the same cores after every parallel region); the main process makes them take
+turns, one gpudiff step then one PyTorch step (alternating which goes first), so both see
+the same machine load. We report the median and the minimum over repetitions and the
 ratio gpudiff / PyTorch of each. Per-op rows time conv2d and max_pool2d forward and
 forward+backward at the shapes of these models the same way.
 """
 import argparse
 import cProfile
 import datetime
+import importlib
 import io
 import json
+import multiprocessing as mp
 import os
 import platform
 import pstats
-import statistics
 import sys
 import time
 
@@ -37,11 +40,6 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))  # run from a checkout without installing
-
-import torch  # noqa: E402
-
-import gpudiff  # noqa: E402
-from gpudiff import backend  # noqa: E402
 
 BATCH = 64
 
@@ -156,8 +154,8 @@ class Trainer:
         return loss
 
 
-def state_of(torch_model):
-    return {k: v.detach().numpy().copy() for k, v in torch_model.state_dict().items()}
+def state_of(model):
+    return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
 
 def summarize(times_g, times_t):
@@ -171,37 +169,6 @@ def summarize(times_g, times_t):
         "gpudiff_iqr_ms": round(float(np.subtract(*np.percentile(g, [75, 25]))), 3),
         "torch_iqr_ms": round(float(np.subtract(*np.percentile(t, [75, 25]))), 3),
     }
-
-
-def interleaved(fn_g, fn_t, reps, warmup):
-    for _ in range(warmup):
-        fn_g()
-        fn_t()
-    tg, tt = [], []
-    for r in range(reps):
-        order = ((fn_g, tg), (fn_t, tt)) if r % 2 == 0 else ((fn_t, tt), (fn_g, tg))
-        for fn, acc in order:
-            t0 = time.perf_counter()
-            fn()
-            acc.append(time.perf_counter() - t0)
-    return tg, tt
-
-
-def bench_model(name, reps, warmup):
-    tr_t = Trainer(torch, name)
-    tr_g = Trainer(gpudiff, name, state=state_of(tr_t.model))
-    # sanity: same weights, same data -> same loss in eval mode (no dropout draws)
-    tr_t.model.eval()
-    tr_g.model.eval()
-    with torch.no_grad(), gpudiff.no_grad():
-        lt = float(tr_t.loss_fn(tr_t.model(tr_t.x), tr_t.y))
-        lg = float(tr_g.loss_fn(tr_g.model(tr_g.x), tr_g.y))
-    tr_t.model.train()
-    tr_g.model.train()
-    tg, tt = interleaved(tr_g.step, tr_t.step, reps, warmup)
-    out = summarize(tg, tt)
-    out["eval_loss"] = {"gpudiff": round(lg, 6), "torch": round(lt, 6)}
-    return out, tr_g
 
 
 def op_cases():
@@ -223,35 +190,134 @@ def op_cases():
     ]
 
 
-def bench_ops(reps, warmup):
-    rows = []
-    rng = np.random.default_rng(0)
-    for label, op, xs, ws, kw in op_cases():
-        x = rng.standard_normal(xs).astype(np.float32)
-        w = None if ws is None else (rng.standard_normal(ws) * 0.1).astype(np.float32)
+def make_op(lib, case, seed=0):
+    """(forward, forward+backward) closures of one op case on ``lib``'s tensors."""
+    label, op, xs, ws, kw = case
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal(xs).astype(np.float32)
+    w = None if ws is None else (rng.standard_normal(ws) * 0.1).astype(np.float32)
+    F = lib.nn.functional
+    xt = lib.tensor(x, requires_grad=True)
+    wt = None if w is None else lib.tensor(w, requires_grad=True)
+    call = (lambda: F.conv2d(xt, wt, **kw)) if op == "conv2d" else \
+        (lambda: F.max_pool2d(xt, **kw))
+    gy = lib.tensor(rng.standard_normal(tuple(call().shape)).astype(np.float32))
 
-        def make(lib):
-            F = lib.nn.functional
-            xt = lib.tensor(x, requires_grad=True)
-            wt = None if w is None else lib.tensor(w, requires_grad=True)
-            call = (lambda: F.conv2d(xt, wt, **kw)) if op == "conv2d" else \
-                (lambda: F.max_pool2d(xt, **kw))
-            gy = lib.tensor(rng.standard_normal(tuple(call().shape)).astype(np.float32))
+    def fwd():
+        with lib.no_grad():
+            call()
 
-            def fwd():
+    def fwd_bwd():
+        xt.grad = None
+        if wt is not None:
+            wt.grad = None
+        call().backward(gy)
+    return fwd, fwd_bwd
+
+
+# ---- the worker processes ---------------------------------------------------------------
+def worker(conn, fw):
+    """Serves one framework ('gpudiff' or 'torch'): builds models and op cases on request and
+    answers each 'time' request with the seconds of each call it ran."""
+    lib = importlib.import_module(fw)
+    fns = {}
+    while True:
+        msg = conn.recv()
+        cmd = msg[0]
+        try:
+            if cmd == "quit":
+                return
+            if cmd == "model":              # ("model", name, state or None)
+                _, name, state = msg
+                tr = Trainer(lib, name, state=state)
+                fns = {"step": tr.step}
+                # sanity: same weights, same data -> same loss in eval mode (no dropout)
+                tr.model.eval()
                 with lib.no_grad():
-                    call()
+                    loss = float(tr.loss_fn(tr.model(tr.x), tr.y))
+                tr.model.train()
+                fns["trainer"] = tr
+                conn.send(("ok", state_of(tr.model) if state is None else None, loss))
+            elif cmd == "op":               # ("op", case)
+                fwd, fwd_bwd = make_op(lib, msg[1])
+                fns = {"fwd": fwd, "fwd_bwd": fwd_bwd}
+                conn.send(("ok",))
+            elif cmd == "time":             # ("time", fn, calls)
+                fn, out = fns[msg[1]], []
+                for _ in range(msg[2]):
+                    t0 = time.perf_counter()
+                    fn()
+                    out.append(time.perf_counter() - t0)
+                conn.send(("ok", out))
+            elif cmd == "profile":
+                conn.send(("ok",) + profile_step(fns["trainer"]))
+            elif cmd == "info":
+                info = {"version": lib.__version__}
+                if fw == "torch":
+                    info["threads"] = lib.get_num_threads()
+                else:
+                    rep = lib.backend.report()
+                    info["cpu_extension"] = rep["cpu_extension"]
+                    from gpudiff.backend import cpu_kernels
+                    info["blas_conv"] = bool(getattr(cpu_kernels, "HAVE_BLAS", False))
+                conn.send(("ok", info))
+        except Exception as e:  # report, keep serving
+            conn.send(("error", f"{type(e).__name__}: {e}"))
 
-            def fwd_bwd():
-                call().backward(gy)
-            return fwd, fwd_bwd
 
-        (fg, fbg), (ft, fbt) = make(gpudiff), make(torch)
+class Pair:
+    """The two workers; ``turns`` alternates single timed calls between them."""
+
+    def __init__(self):
+        ctx = mp.get_context("spawn")
+        self.conns, self.procs = {}, {}
+        for fw in ("gpudiff", "torch"):
+            a, b = ctx.Pipe()
+            p = ctx.Process(target=worker, args=(b, fw), daemon=True)
+            p.start()
+            self.conns[fw], self.procs[fw] = a, p
+
+    def ask(self, fw, *msg):
+        self.conns[fw].send(msg)
+        reply = self.conns[fw].recv()
+        if reply[0] != "ok":
+            raise RuntimeError(f"{fw} worker: {reply[1]}")
+        return reply[1:]
+
+    def turns(self, fn, reps, warmup):
+        for fw in ("gpudiff", "torch"):
+            self.ask(fw, "time", fn, warmup)
+        got = {"gpudiff": [], "torch": []}
+        for r in range(reps):
+            order = ("gpudiff", "torch") if r % 2 == 0 else ("torch", "gpudiff")
+            for fw in order:
+                got[fw] += self.ask(fw, "time", fn, 1)[0]
+        return got["gpudiff"], got["torch"]
+
+    def close(self):
+        for fw, c in self.conns.items():
+            c.send(("quit",))
+            self.procs[fw].join(10)
+
+
+def bench_model(pair, name, reps, warmup, profile=False):
+    state, lt = pair.ask("torch", "model", name, None)
+    _, lg = pair.ask("gpudiff", "model", name, state)
+    out = summarize(*pair.turns("step", reps, warmup))
+    out["eval_loss"] = {"gpudiff": round(lg, 6), "torch": round(lt, 6)}
+    prof = pair.ask("gpudiff", "profile") if profile else None
+    return out, prof
+
+
+def bench_ops(pair, reps, warmup):
+    for case in op_cases():
+        label, op, xs, ws, kw = case
+        for fw in ("gpudiff", "torch"):
+            pair.ask(fw, "op", case)
         row = {"op": op, "case": label, "input": xs, "weight": ws, "kwargs": kw}
-        row["forward"] = summarize(*interleaved(fg, ft, reps, warmup))
-        row["forward_backward"] = summarize(*interleaved(fbg, fbt, reps, warmup))
-        rows.append(row)
-    return rows
+        row["forward"] = summarize(*pair.turns("fwd", reps, warmup))
+        row["forward_backward"] = summarize(*pair.turns("fwd_bwd", reps, warmup))
+        yield row
 
 
 def profile_step(trainer, top=25):
@@ -295,43 +361,50 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/cpu_<date>.json)")
     args = ap.parse_args(argv)
 
-    info = backend.report()
-    result = {
-        "benchmark": "bench/bench_cpu.py",
-        "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "cpu": cpu_model(),
-        "cores": os.cpu_count(),
-        "load_average_before": os.getloadavg(),
-        "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-        "numpy": np.__version__, "python": platform.python_version(),
-        "gpudiff_cpu_extension": info["cpu_extension"],
-        "batch": BATCH, "reps": args.reps,
-        "models": {}, "ops": [], "profiles": {},
-    }
-    if not info["cpu_extension"]:
-        print("warning: gpudiff._C is not built: timing the NumPy reference path", flush=True)
-    print(f"{result['cpu']}, {result['cores']} cores, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), load {result['load_average_before']}")
-    print(f"{'model':8s} {'gpudiff ms':>20s} {'torch ms':>20s} {'ratio':>12s}   (median / min)")
-    for name in args.models:
-        res, trainer = bench_model(name, args.reps, args.warmup)
-        result["models"][name] = res
-        g, t = res["gpudiff_ms"], res["torch_ms"]
-        print(f"{name:8s} {g['median']:9.2f} / {g['min']:8.2f} {t['median']:9.2f} / "
-              f"{t['min']:8.2f} {res['ratio_median']:5.2f} / {res['ratio_min']:4.2f}", flush=True)
-        if args.profile:
-            prof, text = profile_step(trainer)
-            result["profiles"][name] = prof
-            print(f"-- cProfile of one gpudiff {name} step --\n{text}")
-    if not args.no_ops:
-        print(f"\n{'op':28s} {'fwd ratio':>16s} {'fwd+bwd ratio':>16s}   (median / min)")
-        for row in bench_ops(args.op_reps, 2):
-            result["ops"].append(row)
-            f, fb = row["forward"], row["forward_backward"]
-            print(f"{row['case']:28s} {f['ratio_median']:7.2f} / {f['ratio_min']:5.2f} "
-                  f"{fb['ratio_median']:8.2f} / {fb['ratio_min']:5.2f}   "
-                  f"(gpudiff fwd+bwd {fb['gpudiff_ms']['median']:.2f} ms, torch "
-                  f"{fb['torch_ms']['median']:.2f} ms)", flush=True)
+    pair = Pair()
+    try:
+        ginfo, tinfo = pair.ask("gpudiff", "info")[0], pair.ask("torch", "info")[0]
+        result = {
+            "benchmark": "bench/bench_cpu.py",
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+            "load_average_before": os.getloadavg(),
+            "torch": tinfo["version"], "torch_threads": tinfo["threads"],
+            "numpy": np.__version__, "python": platform.python_version(),
+            "gpudiff_cpu_extension": ginfo["cpu_extension"],
+            "gpudiff_blas_conv": ginfo["blas_conv"],
+            "batch": BATCH, "reps": args.reps,
+            "models": {}, "ops": [], "profiles": {},
+        }
+        if not ginfo["cpu_extension"]:
+            print("warning: gpudiff._C is not built: timing the NumPy reference path",
+                  flush=True)
+        print(f"{result['cpu']}, {result['cores']} cores, torch {tinfo['version']} "
+              f"({tinfo['threads']} threads), load {result['load_average_before']}")
+        print(f"{'model':8s} {'gpudiff ms':>20s} {'torch ms':>20s} {'ratio':>12s}   "
+              f"(median / min)")
+        for name in args.models:
+            res, prof = bench_model(pair, name, args.reps, args.warmup, args.profile)
+            result["models"][name] = res
+            g, t = res["gpudiff_ms"], res["torch_ms"]
+            print(f"{name:8s} {g['median']:9.2f} / {g['min']:8.2f} {t['median']:9.2f} / "
+                  f"{t['min']:8.2f} {res['ratio_median']:5.2f} / {res['ratio_min']:4.2f}",
+                  flush=True)
+            if prof:
+                result["profiles"][name] = prof[0]
+                print(f"-- cProfile of one gpudiff {name} step --\n{prof[1]}")
+        if not args.no_ops:
+            print(f"\n{'op':28s} {'fwd ratio':>16s} {'fwd+bwd ratio':>16s}   (median / min)")
+            for row in bench_ops(pair, args.op_reps, 2):
+                result["ops"].append(row)
+                f, fb = row["forward"], row["forward_backward"]
+                print(f"{row['case']:28s} {f['ratio_median']:7.2f} / {f['ratio_min']:5.2f} "
+                      f"{fb['ratio_median']:8.2f} / {fb['ratio_min']:5.2f}   "
+                      f"(gpudiff fwd+bwd {fb['gpudiff_ms']['median']:.2f} ms, torch "
+                      f"{fb['torch_ms']['median']:.2f} ms)", flush=True)
+    finally:
+        pair.close()
     result["load_average_after"] = os.getloadavg()
     out = args.out or os.path.join(
         HERE, "results", f"cpu_{datetime.datetime.now().strftime('%Y%m%d_%H%M%S')}.json")

@@ -421,50 +421,34 @@ def test_cross_entropy_int32_target(rng):
     np.testing.assert_array_equal(l32, l64)
 
 
-# ---- layouts for the batch GEMM: im2col_into / col2im_into (kbl), swap01 ----------------
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("g", GEOMS[:5] + GEOMS[6:])
-def test_into_kernels_both_layouts(g, dtype, rng):
-    N, C, H, W, *k = g
-    x = rng.standard_normal((N, C, H, W)).astype(dtype)
-    ref = im2col_ref(x, *k)                               # (N, C*kh*kw, L)
-    buf = np.full(ref.size + 7, np.nan, dtype)            # larger than needed: prefix used
-    K._C.im2col_into(x, buf, *k, False)
-    np.testing.assert_array_equal(buf[:ref.size].reshape(ref.shape), ref)
-    K._C.im2col_into(x, buf, *k, True)                    # (C*kh*kw, N, L)
-    np.testing.assert_array_equal(buf[:ref.size].reshape(ref.shape[1], N, -1),
-                                  ref.transpose(1, 0, 2))
-    cols = rng.standard_normal(ref.shape).astype(dtype)
-    want = col2im_ref(cols, C, H, W, *k)
-    gx = np.empty_like(x)
-    K._C.col2im_into(cols, gx, *k, False)
-    np.testing.assert_allclose(gx, want, **tol(dtype))
-    K._C.col2im_into(np.ascontiguousarray(cols.transpose(1, 0, 2)), gx, *k, True)
-    np.testing.assert_allclose(gx, want, **tol(dtype))
-
-
-def test_into_kernels_check_room():
-    x = np.zeros((1, 1, 4, 4), np.float32)
-    with pytest.raises(ValueError, match="needed"):
-        K._C.im2col_into(x, np.zeros(3, np.float32), 2, 2, 1, 1, 0, 0, 1, 1, False)
-    with pytest.raises(TypeError):
-        K._C.im2col_into(x, np.zeros(36, np.float64), 2, 2, 1, 1, 0, 0, 1, 1, False)
+# ---- the GEMM of the convolutions (csrc/cpu/gemm.cpp) --------------------------------------
+GEMMS = [(1, 1, 1), (5, 7, 3), (13, 300, 33), (64, 288, 576), (16, 144, 1024), (576, 64, 90),
+         (130, 17, 2100), (9, 600, 40)]  # (M, K, N): edges, KC and NC blocks, MC blocks
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_swap01(dtype, rng):
-    a = rng.standard_normal((5, 7, 33)).astype(dtype)
-    np.testing.assert_array_equal(K._C.swap01(a), a.transpose(1, 0, 2))
-    add = rng.standard_normal(5).astype(dtype)
-    out = np.empty((7, 5, 33), dtype)
-    r = K._C.swap01(a, add, out)
-    assert r is out or np.shares_memory(r, out)
-    np.testing.assert_array_equal(out, a.transpose(1, 0, 2) + add[None, :, None])
-    big = rng.standard_normal((64, 64, 576)).astype(dtype)  # both threads
-    np.testing.assert_array_equal(K._C.swap01(big), big.transpose(1, 0, 2))
+@pytest.mark.parametrize("mkn", GEMMS)
+@pytest.mark.parametrize("ta,tb", [(False, False), (True, False), (False, True), (True, True)])
+def test_gemm(mkn, ta, tb, dtype, rng):
+    M, Kd, N = mkn
+    a = rng.standard_normal((Kd, M) if ta else (M, Kd)).astype(dtype)
+    b = rng.standard_normal((N, Kd) if tb else (Kd, N)).astype(dtype)
+    c0 = rng.standard_normal((M, N)).astype(dtype)
+    want = (a.T if ta else a).astype(np.float64) @ (b.T if tb else b).astype(np.float64)
+    t = dict(rtol=1e-4, atol=1e-4 * np.sqrt(Kd)) if dtype == np.float32 else \
+        dict(rtol=1e-12, atol=1e-12 * Kd)
+    got = K._C.gemm(a, b, ta, tb)
+    assert got.dtype == dtype and got.shape == (M, N)
+    np.testing.assert_allclose(got, want, **t)
+    np.testing.assert_allclose(K._C.gemm(a, b, ta, tb, c0), want + c0, **t)  # beta = 1
 
 
-# ---- whole-op convolution (C++ per-sample BLAS path and the NumPy-GEMM path) -----------
+def test_gemm_checks_shapes():
+    with pytest.raises(ValueError, match="inner"):
+        K._C.gemm(np.zeros((2, 3), np.float32), np.zeros((4, 5), np.float32))
+
+
+# ---- whole-op convolution (csrc/cpu/conv.cpp) ---------------------------------------------
 def conv_ref(x, w, b, stride, padding, dilation, groups):
     N, C, H, W = x.shape
     Kout, Cg, kh, kw = w.shape
@@ -487,24 +471,14 @@ CONVS = [  # (x shape, w shape, stride, padding, dilation, groups, bias)
     ((2, 4, 9, 9), (5, 4, 1, 1), (2, 2), (0, 0), (1, 1), 1, True),      # strided 1x1
     ((1, 3, 8, 8), (2, 3, 3, 3), (1, 1), (1, 1), (1, 1), 1, True),      # one sample
     ((16, 8, 12, 12), (16, 8, 3, 3), (1, 1), (1, 1), (1, 1), 1, True),  # both threads
+    ((37, 8, 4, 4), (16, 8, 3, 3), (1, 1), (1, 1), (1, 1), 1, True),    # chunks of samples
+    ((9, 4, 3, 3), (6, 2, 1, 1), (1, 1), (0, 0), (1, 1), 2, True),      # chunked pointwise
 ]
-
-
-@pytest.fixture(params=["blas", "numpy-gemm", "numpy-gemm-chunked"])
-def conv_path(request, monkeypatch):
-    if request.param == "blas":
-        if not K.HAVE_BLAS:
-            pytest.skip("NumPy's BLAS is not scipy-openblas: no per-sample C++ path")
-    else:
-        monkeypatch.setattr(K, "HAVE_BLAS", False)
-        if request.param.endswith("chunked"):
-            monkeypatch.setattr(K, "CONV_CHUNK_BYTES", 4096)  # several chunks per batch
-    return request.param
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", CONVS)
-def test_conv_kernels(case, dtype, conv_path, rng):
+def test_conv_kernels(case, dtype, rng):
     xs, ws, stride, padding, dilation, groups, bias = case
     x = rng.standard_normal(xs).astype(dtype)
     w = rng.standard_normal(ws).astype(dtype)

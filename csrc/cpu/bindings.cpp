@@ -8,11 +8,7 @@ PYBIND11_MODULE(_C, m) {
     m.doc() = "gpudiff CPU kernels (C++, OpenMP, GIL released around the loops)";
     m.def("im2col", &k::im2col, "x"_a, "kh"_a, "kw"_a, "sh"_a, "sw"_a, "ph"_a, "pw"_a, "dh"_a, "dw"_a);
     m.def("col2im", &k::col2im, "cols"_a, "C"_a, "H"_a, "W"_a, "kh"_a, "kw"_a, "sh"_a, "sw"_a, "ph"_a, "pw"_a, "dh"_a, "dw"_a);
-    m.def("im2col_into", &k::im2col_into, "x"_a, "out"_a, "kh"_a, "kw"_a, "sh"_a, "sw"_a, "ph"_a, "pw"_a, "dh"_a, "dw"_a, "kbl"_a);
-    m.def("col2im_into", &k::col2im_into, "cols"_a, "x"_a, "kh"_a, "kw"_a, "sh"_a, "sw"_a, "ph"_a, "pw"_a, "dh"_a, "dw"_a, "kbl"_a);
-    m.def("swap01", &k::swap01, "a"_a, "add"_a = py::none(), "out"_a = py::none());
-    m.def("blas_init", &k::blas_init, "path"_a);
-    m.def("blas_available", &k::blas_available);
+    m.def("gemm", &k::gemm_py, "a"_a, "b"_a, "ta"_a = false, "tb"_a = false, "c0"_a = py::none());
     m.def("conv2d_forward", &k::conv2d_forward, "x"_a, "w"_a, "b"_a, "stride"_a, "padding"_a, "dilation"_a, "groups"_a);
     m.def("conv2d_backward_input", &k::conv2d_backward_input, "gy"_a, "w"_a, "x_shape"_a, "stride"_a, "padding"_a, "dilation"_a, "groups"_a);
     m.def("conv2d_backward_weight", &k::conv2d_backward_weight, "gy"_a, "x"_a, "w_shape"_a, "stride"_a, "padding"_a, "dilation"_a, "groups"_a);

@@ -10,16 +10,13 @@
 // runs at a single core's full rate (small channel counts make the big GEMM memory-bound),
 // and the threads join once per call instead of once per BLAS call.
 //
-// The GEMM is NumPy's own BLAS: blas_init() is given the path of the OpenBLAS library
-// NumPy loaded (scipy-openblas, ILP64 symbols scipy_cblas_[sd]gemm64_) and takes its
-// symbols with dlopen(RTLD_NOLOAD). openblas_set_num_threads_local(1) keeps each calling
-// thread's GEMM single-threaded without touching NumPy's own setting. Without those
-// symbols blas_available() is false and gpudiff/backend/cpu_kernels.py uses NumPy GEMMs.
+// The GEMM is gemm.h's (single-threaded, AVX-512 where the CPU has it): each thread runs
+// its own, and the threads join once per call.
 #include "common.h"
+#include "gemm.h"
 #include "im2col.h"
 #include "kernels.h"
 
-#include <dlfcn.h>
 #include <pybind11/stl.h>
 
 #include <cstring>
@@ -27,37 +24,9 @@
 namespace gpudiff {
 namespace {
 
-enum : int { kRowMajor = 101, kNoTrans = 111, kTrans = 112 };
-using blasint = int64_t;  // ILP64
-using sgemm_fn = void (*)(int, int, int, blasint, blasint, blasint, float, const float*, blasint,
-                          const float*, blasint, float, float*, blasint);
-using dgemm_fn = void (*)(int, int, int, blasint, blasint, blasint, double, const double*,
-                          blasint, const double*, blasint, double, double*, blasint);
-using set_threads_fn = int (*)(int);
-
-struct Blas {
-    sgemm_fn sgemm = nullptr;
-    dgemm_fn dgemm = nullptr;
-    set_threads_fn set_local_threads = nullptr;
-    bool ok() const { return sgemm && dgemm && set_local_threads; }
-} blas;
-
-// C (m, n) = alpha * op(A) @ op(B) + beta * C, row-major.
-inline void gemm(bool ta, bool tb, blasint m, blasint n, blasint k, float alpha, const float* a,
-                 blasint lda, const float* b, blasint ldb, float beta, float* c, blasint ldc) {
-    blas.sgemm(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, m, n, k, alpha, a, lda,
-               b, ldb, beta, c, ldc);
-}
-
-inline void gemm(bool ta, bool tb, blasint m, blasint n, blasint k, double alpha,
-                 const double* a, blasint lda, const double* b, blasint ldb, double beta,
-                 double* c, blasint ldc) {
-    blas.dgemm(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, m, n, k, alpha, a, lda,
-               b, ldb, beta, c, ldc);
-}
-
-// A per-thread scratch buffer that grows and is kept (no page faults on later calls).
-template <typename T>
+// Per-thread scratch buffers (slot 0: columns, slot 1: the GEMM's other operand or result)
+// that grow and are kept: no page faults on later calls.
+template <typename T, int Slot>
 T* scratch(index_t n) {
     static thread_local std::vector<T> buf;
     if (index_t(buf.size()) < n) buf.resize(n);
@@ -67,12 +36,18 @@ T* scratch(index_t n) {
 struct Conv {
     ConvGeom g;
     index_t N, C, K, G, Cg, Kg, Rg, L;
+    index_t B;       // samples per GEMM: small images are batched so the GEMM stays wide
     bool pointwise;  // 1x1, stride 1, no padding: the columns are the input itself
 };
 
+// Columns of this many bytes or fewer per chunk stay in cache (L2 for most layers).
+constexpr index_t kChunkBytes = 2 << 20;
+// ... and a chunk's GEMM gets at least this many columns when the images are small.
+constexpr index_t kMinGemmColumns = 1024;
+
 Conv make_conv(index_t N, index_t C, index_t H, index_t W, index_t K, index_t kh, index_t kw,
                std::pair<int, int> s, std::pair<int, int> p, std::pair<int, int> d, int groups,
-               const char* name) {
+               index_t itemsize, const char* name) {
     if (groups < 1 || C % groups || K % groups)
         throw py::value_error(std::string(name) + ": channels must divide into groups");
     Conv c;
@@ -83,29 +58,30 @@ Conv make_conv(index_t N, index_t C, index_t H, index_t W, index_t K, index_t kh
     c.L = c.g.OH * c.g.OW;
     c.pointwise = kh == 1 && kw == 1 && s.first == 1 && s.second == 1 && p.first == 0 &&
                   p.second == 0;
+    const index_t by_width = (kMinGemmColumns + c.L - 1) / c.L;
+    const index_t by_bytes = std::max<index_t>(1, kChunkBytes / (c.Rg * c.L * itemsize));
+    c.B = std::max<index_t>(1, std::min({by_width, by_bytes, (N + 1) / 2}));
     return c;
 }
 
-// Runs body(n) for every sample, the samples split over the threads, each thread's GEMMs
-// single-threaded. A lone sample runs on the calling thread with BLAS's own threading.
+// Runs body(n0, n1, tid) over chunks of c.B samples, the chunks split over the threads.
 template <typename F>
-void for_samples(const Conv& c, F&& body) {
-    const bool par = c.N > 1 && parallel_pays(c.N * c.K * c.L * c.Rg / 8);
+void for_chunks(const Conv& c, F&& body) {
+    const index_t chunks = (c.N + c.B - 1) / c.B;
+    const bool par = chunks > 1 && parallel_pays(c.N * c.K * c.L * c.Rg / 8);
     if (!par) {
-        for (index_t n = 0; n < c.N; ++n) body(n, 0);
+        for (index_t i = 0; i < chunks; ++i) body(i * c.B, std::min(c.N, (i + 1) * c.B), 0);
         return;
     }
 #pragma omp parallel
     {
-        const int prev = blas.set_local_threads(1);
 #ifdef _OPENMP
         const int tid = omp_get_thread_num();
 #else
         const int tid = 0;
 #endif
 #pragma omp for schedule(static)
-        for (index_t n = 0; n < c.N; ++n) body(n, tid);
-        blas.set_local_threads(prev);
+        for (index_t i = 0; i < chunks; ++i) body(i * c.B, std::min(c.N, (i + 1) * c.B), tid);
     }
 }
 
@@ -117,71 +93,106 @@ inline int max_threads() {
 #endif
 }
 
-// The columns (Rg, L) of group gi of sample x_n (C, H, W), in buf (or x_n itself).
+// Columns of group gi of samples [n0, n0 + nb) as (Rg, nb*L): row r holds the tap r of
+// each sample, one after the other. A single pointwise sample is its own columns.
 template <typename T>
-const T* columns(const T* xn, T* buf, index_t gi, const Conv& c) {
-    const index_t plane = c.g.H * c.g.W;
-    if (c.pointwise) return xn + gi * c.Cg * plane;
-    const index_t rows = c.g.kh * c.g.kw * c.L;
-    for (index_t ci = 0; ci < c.Cg; ++ci)
-        im2col_plane(xn + (gi * c.Cg + ci) * plane, buf + ci * rows, c.g);
+const T* chunk_columns(const T* x, T* buf, index_t n0, index_t nb, index_t gi, const Conv& c) {
+    const index_t plane = c.g.H * c.g.W, taps = c.g.kh * c.g.kw;
+    if (c.pointwise && nb == 1) return x + (n0 * c.C + gi * c.Cg) * plane;
+    for (index_t b = 0; b < nb; ++b)
+        for (index_t ci = 0; ci < c.Cg; ++ci) {
+            const T* xp = x + ((n0 + b) * c.C + gi * c.Cg + ci) * plane;
+            for (index_t i = 0; i < c.g.kh; ++i)
+                for (index_t j = 0; j < c.g.kw; ++j)
+                    im2col_tap(xp, buf + ((ci * taps + i * c.g.kw + j) * nb + b) * c.L, i, j,
+                               c.g);
+        }
     return buf;
 }
 
 template <typename T>
-GPUDIFF_CLONES void forward_sample(const T* x, const T* w, const T* b, T* y, const Conv& c,
-                                   index_t n) {
-    const index_t plane = c.g.H * c.g.W;
-    const T* xn = x + n * c.C * plane;
-    T* yn = y + n * c.K * c.L;
-    T* buf = c.pointwise ? nullptr : scratch<T>(c.Rg * c.L);
+GPUDIFF_CLONES void forward_chunk(const T* x, const T* w, const T* bias, T* y, const Conv& c,
+                                  index_t n0, index_t n1) {
+    const index_t nb = n1 - n0, L = c.L;
+    T* cols = (c.pointwise && nb == 1) ? nullptr : scratch<T, 0>(c.Rg * nb * L);
+    T* tmp = nb == 1 ? nullptr : scratch<T, 1>(c.Kg * nb * L);
     for (index_t gi = 0; gi < c.G; ++gi) {
-        const T* cols = columns(xn, buf, gi, c);
-        T* out = yn + gi * c.Kg * c.L;
-        if (b)  // start from the bias, accumulate the product onto it
+        const T* B = chunk_columns(x, cols, n0, nb, gi, c);
+        const T* wg = w + gi * c.Kg * c.Rg;
+        if (nb == 1) {  // straight into y, starting from the bias
+            T* out = y + (n0 * c.K + gi * c.Kg) * L;
+            if (bias)
+                for (index_t k = 0; k < c.Kg; ++k)
+                    std::fill(out + k * L, out + (k + 1) * L, bias[gi * c.Kg + k]);
+            gemm(false, false, c.Kg, L, c.Rg, wg, c.Rg, B, L, bias ? T(1) : T(0), out, L);
+            continue;
+        }
+        // (Kg, nb*L) -> y[n0 + b, gi*Kg + k, :] with the bias added
+        gemm(false, false, c.Kg, nb * L, c.Rg, wg, c.Rg, B, nb * L, T(0), tmp, nb * L);
+        for (index_t b = 0; b < nb; ++b)
+            for (index_t k = 0; k < c.Kg; ++k) {
+                const T* src = tmp + (k * nb + b) * L;
+                T* dst = y + ((n0 + b) * c.K + gi * c.Kg + k) * L;
+                const T add = bias ? bias[gi * c.Kg + k] : T(0);
+                for (index_t l = 0; l < L; ++l) dst[l] = src[l] + add;
+            }
+    }
+}
+
+template <typename T>
+GPUDIFF_CLONES void dgrad_chunk(const T* gy, const T* w, T* gx, const Conv& c, index_t n0,
+                                index_t n1) {
+    const index_t nb = n1 - n0, L = c.L, plane = c.g.H * c.g.W, taps = c.g.kh * c.g.kw;
+    T* gcols = scratch<T, 0>(c.Rg * nb * L);
+    T* gyb = nb == 1 ? nullptr : scratch<T, 1>(c.Kg * nb * L);
+    for (index_t gi = 0; gi < c.G; ++gi) {
+        const T* wg = w + gi * c.Kg * c.Rg;
+        const T* A;  // gy of the group, (Kg, nb*L)
+        if (nb == 1) {
+            A = gy + (n0 * c.K + gi * c.Kg) * L;
+        } else {
             for (index_t k = 0; k < c.Kg; ++k)
-                std::fill(out + k * c.L, out + (k + 1) * c.L, b[gi * c.Kg + k]);
-        gemm(false, false, c.Kg, c.L, c.Rg, T(1), w + gi * c.Kg * c.Rg, c.Rg, cols, c.L,
-             b ? T(1) : T(0), out, c.L);
+                for (index_t b = 0; b < nb; ++b)
+                    std::memcpy(gyb + (k * nb + b) * L, gy + ((n0 + b) * c.K + gi * c.Kg + k) * L,
+                                sizeof(T) * L);
+            A = gyb;
+        }
+        // gcols (Rg, nb*L) = W_g^T (Rg, Kg) @ gy_g (Kg, nb*L)
+        gemm(true, false, c.Rg, nb * L, c.Kg, wg, c.Rg, A, nb * L, T(0), gcols, nb * L);
+        for (index_t b = 0; b < nb; ++b)
+            for (index_t ci = 0; ci < c.Cg; ++ci) {
+                T* xp = gx + ((n0 + b) * c.C + gi * c.Cg + ci) * plane;
+                std::fill(xp, xp + plane, T(0));
+                for (index_t i = 0; i < c.g.kh; ++i)
+                    for (index_t j = 0; j < c.g.kw; ++j)
+                        col2im_tap(gcols + ((ci * taps + i * c.g.kw + j) * nb + b) * L, xp, i, j,
+                                   c.g);
+            }
     }
 }
 
 template <typename T>
-GPUDIFF_CLONES void dgrad_sample(const T* gy, const T* w, T* gx, const Conv& c, index_t n) {
-    const index_t plane = c.g.H * c.g.W;
-    const T* gyn = gy + n * c.K * c.L;
-    T* gxn = gx + n * c.C * plane;
-    T* buf = c.pointwise ? nullptr : scratch<T>(c.Rg * c.L);
+GPUDIFF_CLONES void wgrad_chunk(const T* gy, const T* x, T* gw_part, const Conv& c, index_t n0,
+                                index_t n1) {
+    const index_t nb = n1 - n0, L = c.L;
+    T* cols = (c.pointwise && nb == 1) ? nullptr : scratch<T, 0>(c.Rg * nb * L);
+    T* gyb = nb == 1 ? nullptr : scratch<T, 1>(c.Kg * nb * L);
     for (index_t gi = 0; gi < c.G; ++gi) {
-        // gcols (Rg, L) = W_g^T (Rg, Kg) @ gy_g (Kg, L)
-        T* gcols = c.pointwise ? gxn + gi * c.Cg * plane : buf;
-        gemm(true, false, c.Rg, c.L, c.Kg, T(1), w + gi * c.Kg * c.Rg, c.Rg,
-             gyn + gi * c.Kg * c.L, c.L, T(0), gcols, c.L);
-        if (c.pointwise) continue;
-        const index_t rows = c.g.kh * c.g.kw * c.L;
-        for (index_t ci = 0; ci < c.Cg; ++ci)
-            col2im_plane(gcols + ci * rows, gxn + (gi * c.Cg + ci) * plane, c.g);
-    }
-}
-
-template <typename T>
-GPUDIFF_CLONES void wgrad_sample(const T* gy, const T* x, T* gw_part, const Conv& c,
-                                 index_t n) {
-    const index_t plane = c.g.H * c.g.W;
-    const T* xn = x + n * c.C * plane;
-    const T* gyn = gy + n * c.K * c.L;
-    T* buf = c.pointwise ? nullptr : scratch<T>(c.Rg * c.L);
-    for (index_t gi = 0; gi < c.G; ++gi) {
-        const T* cols = columns(xn, buf, gi, c);
-        // gW_g (Kg, Rg) += gy_g (Kg, L) @ cols^T (L, Rg)
-        gemm(false, true, c.Kg, c.Rg, c.L, T(1), gyn + gi * c.Kg * c.L, c.L, cols, c.L, T(1),
+        const T* B = chunk_columns(x, cols, n0, nb, gi, c);
+        const T* A;
+        if (nb == 1) {
+            A = gy + (n0 * c.K + gi * c.Kg) * L;
+        } else {
+            for (index_t k = 0; k < c.Kg; ++k)
+                for (index_t b = 0; b < nb; ++b)
+                    std::memcpy(gyb + (k * nb + b) * L, gy + ((n0 + b) * c.K + gi * c.Kg + k) * L,
+                                sizeof(T) * L);
+            A = gyb;
+        }
+        // gW_g (Kg, Rg) += gy_g (Kg, nb*L) @ cols^T (nb*L, Rg)
+        gemm(false, true, c.Kg, c.Rg, nb * L, A, nb * L, B, nb * L, T(1),
              gw_part + gi * c.Kg * c.Rg, c.Rg);
     }
-}
-
-void require_blas(const char* name) {
-    if (!blas.ok())
-        throw std::runtime_error(std::string(name) + ": no BLAS (call blas_init first)");
 }
 
 std::pair<int, int> pair_of(py::handle t) {
@@ -191,24 +202,9 @@ std::pair<int, int> pair_of(py::handle t) {
 
 }  // namespace
 
-bool blas_init(const std::string& path) {
-    void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_NOLOAD);  // the copy NumPy loaded
-    if (!h) h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
-    if (!h) return false;
-    blas.sgemm = reinterpret_cast<sgemm_fn>(dlsym(h, "scipy_cblas_sgemm64_"));
-    blas.dgemm = reinterpret_cast<dgemm_fn>(dlsym(h, "scipy_cblas_dgemm64_"));
-    blas.set_local_threads =
-        reinterpret_cast<set_threads_fn>(dlsym(h, "openblas_set_num_threads_local"));
-    if (!blas.ok()) blas = Blas{};
-    return blas.ok();
-}
-
-bool blas_available() { return blas.ok(); }
-
 py::array conv2d_forward(py::array x, py::array w, py::object b, py::object stride,
                          py::object padding, py::object dilation, int groups) {
     const char* name = "conv2d_forward";
-    require_blas(name);
     require_ndim(x, 4, name, "x");
     require_ndim(w, 4, name, "w");
     require_contiguous(x, name, "x");
@@ -216,7 +212,7 @@ py::array conv2d_forward(py::array x, py::array w, py::object b, py::object stri
     require_same_dtype(x, w, name);
     const Conv c = make_conv(x.shape(0), x.shape(1), x.shape(2), x.shape(3), w.shape(0),
                              w.shape(2), w.shape(3), pair_of(stride), pair_of(padding),
-                             pair_of(dilation), groups, name);
+                             pair_of(dilation), groups, x.itemsize(), name);
     if (w.shape(1) != c.Cg) throw py::value_error("conv2d_forward: weight/input channels differ");
     py::array bias;
     if (!b.is_none()) {
@@ -234,7 +230,9 @@ py::array conv2d_forward(py::array x, py::array w, py::object b, py::object stri
         T* py_ = y.mutable_data();
         {
             py::gil_scoped_release nogil;
-            for_samples(c, [&](index_t n, int) { forward_sample<T>(px, pw, pb, py_, c, n); });
+            for_chunks(c, [&](index_t n0, index_t n1, int) {
+                forward_chunk<T>(px, pw, pb, py_, c, n0, n1);
+            });
         }
         return y;
     });
@@ -243,7 +241,6 @@ py::array conv2d_forward(py::array x, py::array w, py::object b, py::object stri
 py::array conv2d_backward_input(py::array gy, py::array w, py::object x_shape, py::object stride,
                                 py::object padding, py::object dilation, int groups) {
     const char* name = "conv2d_backward_input";
-    require_blas(name);
     require_ndim(gy, 4, name, "gy");
     require_ndim(w, 4, name, "w");
     require_contiguous(gy, name, "gy");
@@ -252,7 +249,8 @@ py::array conv2d_backward_input(py::array gy, py::array w, py::object x_shape, p
     auto xs = x_shape.cast<std::vector<index_t>>();
     if (xs.size() != 4) throw py::value_error("conv2d_backward_input: x_shape must be 4-D");
     const Conv c = make_conv(xs[0], xs[1], xs[2], xs[3], w.shape(0), w.shape(2), w.shape(3),
-                             pair_of(stride), pair_of(padding), pair_of(dilation), groups, name);
+                             pair_of(stride), pair_of(padding), pair_of(dilation), groups,
+                             gy.itemsize(), name);
     if (gy.shape(0) != c.N || gy.shape(1) != c.K || gy.shape(2) != c.g.OH ||
         gy.shape(3) != c.g.OW || w.shape(1) != c.Cg)
         throw py::value_error("conv2d_backward_input: gy, w and x_shape do not match");
@@ -263,7 +261,9 @@ py::array conv2d_backward_input(py::array gy, py::array w, py::object x_shape, p
         T* px = gx.mutable_data();
         {
             py::gil_scoped_release nogil;
-            for_samples(c, [&](index_t n, int) { dgrad_sample<T>(pg, pw, px, c, n); });
+            for_chunks(c, [&](index_t n0, index_t n1, int) {
+                dgrad_chunk<T>(pg, pw, px, c, n0, n1);
+            });
         }
         return gx;
     });
@@ -273,7 +273,6 @@ py::array conv2d_backward_weight(py::array gy, py::array x, py::object w_shape,
                                  py::object stride, py::object padding, py::object dilation,
                                  int groups) {
     const char* name = "conv2d_backward_weight";
-    require_blas(name);
     require_ndim(gy, 4, name, "gy");
     require_ndim(x, 4, name, "x");
     require_contiguous(gy, name, "gy");
@@ -282,7 +281,8 @@ py::array conv2d_backward_weight(py::array gy, py::array x, py::object w_shape,
     auto ws = w_shape.cast<std::vector<index_t>>();
     if (ws.size() != 4) throw py::value_error("conv2d_backward_weight: w_shape must be 4-D");
     const Conv c = make_conv(x.shape(0), x.shape(1), x.shape(2), x.shape(3), ws[0], ws[2], ws[3],
-                             pair_of(stride), pair_of(padding), pair_of(dilation), groups, name);
+                             pair_of(stride), pair_of(padding), pair_of(dilation), groups,
+                             gy.itemsize(), name);
     if (gy.shape(0) != c.N || gy.shape(1) != c.K || gy.shape(2) != c.g.OH ||
         gy.shape(3) != c.g.OW || ws[1] != c.Cg)
         throw py::value_error("conv2d_backward_weight: gy, x and w_shape do not match");
@@ -296,8 +296,8 @@ py::array conv2d_backward_weight(py::array gy, py::array x, py::object w_shape,
             py::gil_scoped_release nogil;
             // one zeroed partial sum per thread, added up after the samples
             std::vector<T> parts(size_t(max_threads()) * size, T(0));
-            for_samples(c, [&](index_t n, int tid) {
-                wgrad_sample<T>(pg, px, parts.data() + tid * size, c, n);
+            for_chunks(c, [&](index_t n0, index_t n1, int tid) {
+                wgrad_chunk<T>(pg, px, parts.data() + tid * size, c, n0, n1);
             });
             std::copy(parts.begin(), parts.begin() + size, out);
             for (int t = 1; t < max_threads(); ++t)

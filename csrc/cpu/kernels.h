@@ -10,17 +10,11 @@ namespace gpudiff {
 py::array im2col(py::array x, int kh, int kw, int sh, int sw, int ph, int pw, int dh, int dw);
 py::array col2im(py::array cols, int64_t C, int64_t H, int64_t W, int kh, int kw, int sh, int sw,
                  int ph, int pw, int dh, int dw);
-// into a caller's buffer (a reused workspace); kbl: cols laid (C*kh*kw, N, OH*OW)
-void im2col_into(py::array x, py::array out, int kh, int kw, int sh, int sw, int ph, int pw,
-                 int dh, int dw, bool kbl);
-void col2im_into(py::array cols, py::array x, int kh, int kw, int sh, int sw, int ph, int pw,
-                 int dh, int dw, bool kbl);
-// (A, B, L) -> (B, A, L), adding add[a] (or nothing) on the way; into out if given
-py::array swap01(py::array a, py::object add, py::object out);
 
-// conv.cpp: whole-op convolution, per-sample GEMMs through NumPy's OpenBLAS
-bool blas_init(const std::string& path);
-bool blas_available();
+// gemm.cpp: for the tests (the convolution calls gemm() of gemm.h directly)
+py::array gemm_py(py::array a, py::array b, bool ta, bool tb, py::object c0);
+
+// conv.cpp: whole-op convolution, per-chunk im2col + gemm.h's GEMM, chunks over the threads
 py::array conv2d_forward(py::array x, py::array w, py::object b, py::object stride,
                          py::object padding, py::object dilation, int groups);
 py::array conv2d_backward_input(py::array gy, py::array w, py::object x_shape, py::object stride,

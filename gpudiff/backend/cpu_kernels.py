@@ -8,9 +8,6 @@ splits its loops over the cores with OpenMP.
 
 Without a built gpudiff._C this module registers nothing and every op uses its reference.
 """
-import os
-import threading
-
 import numpy as np
 
 from .kernels import register_kernel
@@ -21,27 +18,6 @@ except ImportError:  # not built: the NumPy reference path does everything
     _C = None
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def _numpy_openblas_path():
-    """The OpenBLAS library NumPy loaded (scipy-openblas wheels), from /proc/self/maps."""
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                path = line.split()[-1]
-                if "openblas" in os.path.basename(path) and ".so" in path:
-                    return path
-    except OSError:  # not Linux
-        pass
-    return None
-
-
-#: True when the whole-op convolutions call NumPy's BLAS per sample from C++ (conv.cpp);
-#: otherwise they run one NumPy GEMM per batch chunk.
-HAVE_BLAS = False
-if _C is not None:
-    _blas_path = _numpy_openblas_path()
-    HAVE_BLAS = bool(_blas_path) and _C.blas_init(_blas_path)
 
 
 def _cpu_kernel(name):
@@ -297,172 +273,53 @@ def cross_entropy(logits, target, weight, ignore_index, label_smoothing):
 
 
 # ---- whole-op convolution ---------------------------------------------------------------
-# With HAVE_BLAS, csrc/cpu/conv.cpp does everything: per sample, im2col into an L2-sized
-# per-thread buffer and a single-threaded GEMM, samples split over the cores.
-#
-# Otherwise (another BLAS under NumPy): im2col into a reused workspace + NumPy GEMMs.
-# Layout ("channels first" for the GEMM): the columns of a whole batch are laid out
-# (C*kh*kw, N*L), L = OH*OW, so that each pass is ONE large GEMM:
-#   forward   Y (K, N*L)  = W (K, Rg) @ cols (Rg, N*L);  y = swap01(Y) + b   -> (N, K, L)
-#   dgrad     gcols       = W^T (Rg, K) @ gy_t (K, N*L); gx = col2im(gcols)   (gy_t = swap01(gy))
-#   wgrad     gW (K, Rg)  = gy_t (K, N*L) @ cols^T (N*L, Rg)
-# (per group with groups > 1). NumPy's batched matmul would issue one BLAS call per sample,
-# and each call wakes and joins OpenBLAS's threads: on 2 shared cores that sync costs more
-# than the arithmetic of a (64 x 288) @ (288 x 576) product. The two layout swaps cost one
-# streaming pass each (in C++, with the bias added on the way).
-class _Workspace(threading.local):
-    """Per-thread scratch buffers reused across calls, by slot name and dtype.
-
-    A fresh 40 MB column buffer costs as much in page faults as its im2col (the kernel
-    zero-fills every new page); a buffer kept from the previous step costs nothing. Buffers
-    above MAX_BYTES are not kept."""
-
-    MAX_BYTES = 256 << 20
-
-    def __init__(self):
-        self.bufs = {}
-
-    def get(self, slot, n, dtype):
-        """A 1-D array of n elements of dtype (contents undefined)."""
-        dtype = np.dtype(dtype)
-        key = (slot, dtype)
-        b = self.bufs.get(key)
-        if b is None or b.size < n:
-            b = np.empty(n, dtype)
-            if n * dtype.itemsize <= self.MAX_BYTES:
-                self.bufs[key] = b
-        return b[:n]
-
-    def clear(self):
-        self.bufs.clear()
+# csrc/cpu/conv.cpp: per chunk of samples, im2col into a cache-sized per-thread buffer and
+# one single-threaded GEMM of csrc/cpu/gemm.cpp (AVX-512 where the CPU has it), the chunks
+# split over the cores; the output lands in NCHW. Stride, padding, dilation: (h, w) pairs.
+def _conv_ok(*arrays):
+    return _floats(*(a for a in arrays if a is not None)) and arrays[0].ndim == 4 \
+        and arrays[1].ndim == 4
 
 
-workspace = _Workspace()
-
-#: The batch is processed in chunks whose column buffer stays under this many bytes: the
-#: columns are then written by im2col and read by the GEMM in the L3 cache, not DRAM
-#: (9x the input for a 3x3 kernel). Fewer, larger chunks mean fewer thread joins.
-CONV_CHUNK_BYTES = 8 << 20
-
-
-class _Geom:
-    """Convolution geometry of x (N, C, H, W) and w (K, C/G, kh, kw)."""
-
-    __slots__ = ("N", "C", "H", "W", "K", "kh", "kw", "sh", "sw", "ph", "pw", "dh", "dw", "G",
-                 "OH", "OW", "L", "Rg", "Kg", "taps")
-
-    def __init__(self, x_shape, w_shape, stride, padding, dilation, groups):
-        self.N, self.C, self.H, self.W = x_shape
-        self.K, _, self.kh, self.kw = w_shape
-        (self.sh, self.sw), (self.ph, self.pw), (self.dh, self.dw) = stride, padding, dilation
-        self.G = groups
-        self.OH = (self.H + 2 * self.ph - self.dh * (self.kh - 1) - 1) // self.sh + 1
-        self.OW = (self.W + 2 * self.pw - self.dw * (self.kw - 1) - 1) // self.sw + 1
-        self.L = self.OH * self.OW
-        self.Rg = self.C // groups * self.kh * self.kw
-        self.Kg = self.K // groups
-        self.taps = (self.kh, self.kw, self.sh, self.sw, self.ph, self.pw, self.dh, self.dw)
-
-    def valid(self):
-        return (self.OH >= 1 and self.OW >= 1 and self.C % self.G == 0
-                and self.K % self.G == 0 and self.N >= 1)
-
-    def chunks(self, itemsize):
-        """[n0, n1) sample ranges of near-equal size whose columns fit CONV_CHUNK_BYTES."""
-        per_sample = self.G * self.Rg * self.L * itemsize
-        count = min(self.N, max(1, -(-per_sample * self.N // CONV_CHUNK_BYTES)))
-        bounds = [self.N * i // count for i in range(count + 1)]
-        return list(zip(bounds[:-1], bounds[1:]))
-
-
-def _conv_args_ok(*arrays):
-    return _floats(*(a for a in arrays if a is not None)) and arrays[0].ndim == 4
-
-
-def _gemm(a, b, out=None):
-    """a (G, m, k) @ b (G, k, n) -> (G, m, n) as G plain 2-D BLAS calls (NumPy's batched
-    matmul with ``out`` and transposed operands can fall back to a slow non-BLAS loop)."""
-    if out is None:
-        out = np.empty((a.shape[0], a.shape[1], b.shape[2]), a.dtype)
-    for i in range(a.shape[0]):
-        np.matmul(a[i], b[i], out=out[i])
-    return out
-
-
-def _columns_kbl(x, g, n):
-    """im2col of x (n, C, H, W) laid out (G, Rg, n*L) in the workspace."""
-    cols = workspace.get("cols", g.G * g.Rg * n * g.L, x.dtype)
-    _C.im2col_into(x, cols, *g.taps, True)
-    return cols.reshape(g.G, g.Rg, n * g.L)
+def _conv_shape_ok(x_shape, w_shape, stride, padding, dilation, groups):
+    (N, C, H, W), (K, Cg, kh, kw) = x_shape, w_shape
+    OH = (H + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    OW = (W + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    ok = groups >= 1 and C == Cg * groups and K % groups == 0 and OH >= 1 and OW >= 1
+    return ok, (N, K, OH, OW)
 
 
 @_cpu_kernel("conv2d")
 def conv2d(x, w, b, stride, padding, dilation, groups):
-    # y (N, K, OH, OW) = swap01( W (G, Kg, Rg) @ cols (G, Rg, N*L) ) + b
-    if not _conv_args_ok(x, w, b) or w.ndim != 4:
+    # y (N, K, OH, OW) = conv(x (N, C, H, W), w (K, C/G, kh, kw)) + b
+    if not _conv_ok(x, w, b):
         return None
-    g = _Geom(x.shape, w.shape, stride, padding, dilation, groups)
-    if not g.valid():
+    ok, _ = _conv_shape_ok(x.shape, w.shape, stride, padding, dilation, groups)
+    if not ok:
         return None
-    x = _c(x)
-    b = None if b is None else _c(b)
-    if HAVE_BLAS:
-        return _C.conv2d_forward(x, _c(w), b, stride, padding, dilation, groups)
-    wm = _c(w).reshape(g.G, g.Kg, g.Rg)
-    y = np.empty((g.N, g.K, g.OH, g.OW), x.dtype)
-    for n0, n1 in g.chunks(x.dtype.itemsize):
-        n = n1 - n0
-        Y = workspace.get("gemm", g.K * n * g.L, x.dtype).reshape(g.G, g.Kg, n * g.L)
-        _gemm(wm, _columns_kbl(x[n0:n1], g, n), out=Y)
-        # (K, n, L) -> y[n0:n1] (n, K, L), bias added on the way
-        _C.swap01(Y.reshape(g.K, n, g.L), b, y[n0:n1].reshape(n, g.K, g.L))
-    return y
-
-
-def _gy_kbl(gy, g, n0, n1):
-    """gy[n0:n1] (n, K, OH, OW) as (G, Kg, n*L), in the workspace."""
-    n = n1 - n0
-    out = workspace.get("gy", g.K * n * g.L, gy.dtype)
-    _C.swap01(_c(gy[n0:n1]).reshape(n, g.K, g.L), None, out.reshape(g.K, n, g.L))
-    return out.reshape(g.G, g.Kg, n * g.L)
+    return _C.conv2d_forward(_c(x), _c(w), None if b is None else _c(b), tuple(stride),
+                             tuple(padding), tuple(dilation), int(groups))
 
 
 @_cpu_kernel("conv2d_backward_input")
 def conv2d_backward_input(gy, w, x_shape, stride, padding, dilation, groups):
-    # gx = col2im( W^T (G, Rg, Kg) @ gy_t (G, Kg, N*L) )
-    if not _conv_args_ok(gy, w) or w.ndim != 4 or len(x_shape) != 4:
+    # gx (x_shape) = col2im( W^T @ gy ) per sample and group
+    if not _conv_ok(gy, w) or len(x_shape) != 4:
         return None
-    g = _Geom(tuple(x_shape), w.shape, stride, padding, dilation, groups)
-    if not g.valid() or gy.shape != (g.N, g.K, g.OH, g.OW):
+    ok, y_shape = _conv_shape_ok(tuple(x_shape), w.shape, stride, padding, dilation, groups)
+    if not ok or gy.shape != y_shape:
         return None
-    if HAVE_BLAS:
-        return _C.conv2d_backward_input(_c(gy), _c(w), tuple(x_shape), stride, padding, dilation,
-                                        groups)
-    wt = _c(w).reshape(g.G, g.Kg, g.Rg).transpose(0, 2, 1)
-    gx = np.empty(tuple(x_shape), gy.dtype)
-    for n0, n1 in g.chunks(gy.dtype.itemsize):
-        n = n1 - n0
-        gcols = workspace.get("cols", g.G * g.Rg * n * g.L, gy.dtype)
-        _gemm(wt, _gy_kbl(gy, g, n0, n1), out=gcols.reshape(g.G, g.Rg, n * g.L))
-        _C.col2im_into(gcols, gx[n0:n1], *g.taps, True)
-    return gx
+    return _C.conv2d_backward_input(_c(gy), _c(w), tuple(x_shape), tuple(stride), tuple(padding),
+                                    tuple(dilation), int(groups))
 
 
 @_cpu_kernel("conv2d_backward_weight")
 def conv2d_backward_weight(gy, x, w_shape, stride, padding, dilation, groups):
-    # gW (G, Kg, Rg) = gy_t (G, Kg, N*L) @ cols^T (G, N*L, Rg)
-    if not _conv_args_ok(gy, x) or x.ndim != 4 or len(w_shape) != 4:
+    # gw (w_shape) = sum over samples of gy @ cols^T
+    if not _conv_ok(gy, x) or len(w_shape) != 4:
         return None
-    g = _Geom(x.shape, tuple(w_shape), stride, padding, dilation, groups)
-    if not g.valid() or gy.shape != (g.N, g.K, g.OH, g.OW):
+    ok, y_shape = _conv_shape_ok(x.shape, tuple(w_shape), stride, padding, dilation, groups)
+    if not ok or gy.shape != y_shape:
         return None
-    x = _c(x)
-    if HAVE_BLAS:
-        return _C.conv2d_backward_weight(_c(gy), x, tuple(w_shape), stride, padding, dilation,
-                                         groups)
-    gw = None
-    for n0, n1 in g.chunks(x.dtype.itemsize):
-        cols = _columns_kbl(x[n0:n1], g, n1 - n0)
-        part = _gemm(_gy_kbl(gy, g, n0, n1), cols.transpose(0, 2, 1))
-        gw = part if gw is None else gw + part
-    return gw.reshape(tuple(w_shape))
+    return _C.conv2d_backward_weight(_c(gy), _c(x), tuple(w_shape), tuple(stride),
+                                     tuple(padding), tuple(dilation), int(groups))
