@@ -253,9 +253,7 @@ def _backend_info(b):
     if b.framework == "torch":
         info["threads"] = b.lib.get_num_threads()
     else:
-        from .backend import cpu_kernels
         info["cpu_extension"] = b.lib.backend._C is not None
-        info["blas_conv"] = bool(getattr(cpu_kernels, "HAVE_BLAS", False))
     return info
 
 
