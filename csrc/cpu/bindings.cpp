@@ -25,7 +25,6 @@ PYBIND11_MODULE(_C, m) {
     m.def("leaky_relu_backward", &k::leaky_relu_backward, "x"_a, "gy"_a, "negative_slope"_a);
     m.def("sigmoid", &k::sigmoid, "x"_a);
     m.def("sigmoid_backward", &k::sigmoid_backward, "y"_a, "gy"_a);
-    m.def("tanh", &k::tanh, "x"_a);
     m.def("tanh_backward", &k::tanh_backward, "y"_a, "gy"_a);
     m.def("softmax", &k::softmax, "x"_a, "dim"_a);
     m.def("log_softmax", &k::log_softmax, "x"_a, "dim"_a);

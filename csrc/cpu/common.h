@@ -35,11 +35,14 @@ namespace gpudiff {
 
 using index_t = int64_t;
 
-// Below this many elements of work a loop runs on one thread: waking the OpenMP team
-// costs a few microseconds, more than the loop itself.
-constexpr index_t kParallelGrain = 1 << 15;
+// Below this many elements of work a loop runs on one thread. Waking the OpenMP team costs
+// microseconds, and on a loaded machine a barrier can wait a whole scheduler slice for a
+// descheduled thread; streaming kernels gain little from a second thread here anyway (one
+// core already draws most of the memory bandwidth of the 2-core VM: 20M-element sigmoid,
+// 6.5 ms on one thread, 6.8 ms on two). Compute-bound kernels (the convolution) pass their
+// work in multiply-adds, so they still split.
+constexpr index_t kParallelGrain = index_t(1) << 21;
 
-// True when the loop over `work` elements should fork the OpenMP team.
 inline bool parallel_pays(index_t work) { return work >= kParallelGrain; }
 
 // The array as C-contiguous, or a ValueError naming the kernel and argument.
@@ -96,6 +99,26 @@ inline py::array_t<T> empty_array(const std::vector<py::ssize_t>& shape) {
 
 inline std::vector<py::ssize_t> shape_of(const py::array& a) {
     return std::vector<py::ssize_t>(a.shape(), a.shape() + a.ndim());
+}
+
+// Runs chunk(lo, hi) on parts of [0, n): one part per thread when the work is big enough,
+// else the whole range on the calling thread. The chunk function is where the per-ISA
+// clones go (an OpenMP region inside a cloned function is outlined without the clone's ISA).
+template <typename F>
+void parallel_chunks(index_t n, F&& chunk) {
+    if (!parallel_pays(n)) {
+        chunk(index_t(0), n);
+        return;
+    }
+#pragma omp parallel
+    {
+#ifdef _OPENMP
+        const index_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        const index_t t = 0, nt = 1;
+#endif
+        chunk(n * t / nt, n * (t + 1) / nt);
+    }
 }
 
 // PyTorch's pooling output size: floor or ceil of (in + 2p - d(k-1) - 1) / s + 1, where

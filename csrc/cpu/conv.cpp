@@ -64,11 +64,14 @@ Conv make_conv(index_t N, index_t C, index_t H, index_t W, index_t K, index_t kh
     return c;
 }
 
+// Multiply-adds above which a convolution splits over the threads (~20 us on one core).
+constexpr index_t kConvParallelMacs = index_t(1) << 22;
+
 // Runs body(n0, n1, tid) over chunks of c.B samples, the chunks split over the threads.
 template <typename F>
 void for_chunks(const Conv& c, F&& body) {
     const index_t chunks = (c.N + c.B - 1) / c.B;
-    const bool par = chunks > 1 && parallel_pays(c.N * c.K * c.L * c.Rg / 8);
+    const bool par = chunks > 1 && c.N * c.K * c.L * c.Rg >= kConvParallelMacs;
     if (!par) {
         for (index_t i = 0; i < chunks; ++i) body(i * c.B, std::min(c.N, (i + 1) * c.B), 0);
         return;

@@ -43,7 +43,6 @@ py::array leaky_relu(py::array x, double negative_slope);
 py::array leaky_relu_backward(py::array x, py::array gy, double negative_slope);
 py::array sigmoid(py::array x);
 py::array sigmoid_backward(py::array y, py::array gy);
-py::array tanh(py::array x);
 py::array tanh_backward(py::array y, py::array gy);
 
 // softmax.cpp

@@ -154,32 +154,100 @@ void avg_pool_window(const PoolGeom& g, bool count_include_pad, int64_t divisor_
     scale = (h0 >= h1 || w0 >= w1 || div == 0) ? T(0) : T(1) / T(div);
 }
 
-template <typename T>
-GPUDIFF_CLONES void avg_pool_plane(const T* x, T* y, const PoolGeom& g, bool cip, int64_t dov) {
-    for (index_t oh = 0; oh < g.OH; ++oh) {
-        for (index_t ow = 0; ow < g.OW; ++ow) {
-            index_t h0, h1, w0, w1;
-            T scale;
-            avg_pool_window<T>(g, cip, dov, oh, ow, h0, h1, w0, w1, scale);
-            T s = 0;
-            for (index_t h = h0; h < h1; ++h)
-                for (index_t w = w0; w < w1; ++w) s += x[h * g.W + w];
-            y[oh * g.OW + ow] = s * scale;
-        }
+// Outputs [ow0, ow1) of row oh whose K x K windows lie inside the input: a plain sum times
+// a constant scale, unrolled and vectorised over ow.
+template <typename T, int K>
+inline void avg_pool_row_inside(const T* __restrict x, T* __restrict yr, index_t W, index_t hs,
+                                index_t sw, index_t pw, index_t ow0, index_t ow1, T scale) {
+    for (index_t ow = ow0; ow < ow1; ++ow) {
+        const index_t first = hs * W + ow * sw - pw;
+        T s = 0;
+        for (int i = 0; i < K; ++i)
+            for (int j = 0; j < K; ++j) s += x[first + i * W + j];
+        yr[ow] = s * scale;
     }
 }
 
 template <typename T>
-GPUDIFF_CLONES void avg_pool_backward_plane(const T* gy, T* gx, const PoolGeom& g, bool cip, int64_t dov) {
-    std::fill(gx, gx + g.H * g.W, T(0));
+GPUDIFF_CLONES void avg_pool_plane(const T* x, T* y, const PoolGeom& g, bool cip, int64_t dov) {
+    const index_t OW = g.OW, W = g.W;
+    const int K = (g.kh == g.kw && (g.kh == 2 || g.kh == 3)) ? int(g.kh) : 0;
+    index_t oh0 = 0, oh1 = 0, ow0 = 0, ow1 = 0;
+    if (K) {  // windows wholly inside: divisor K*K (or the override) either way
+        output_range(-g.ph, g.sh, g.H - K + 1, g.OH, oh0, oh1);
+        output_range(-g.pw, g.sw, W - K + 1, OW, ow0, ow1);
+    }
+    const T inside_scale = T(1) / T(dov > 0 ? dov : K * K);
     for (index_t oh = 0; oh < g.OH; ++oh) {
-        for (index_t ow = 0; ow < g.OW; ++ow) {
+        T* yr = y + oh * OW;
+        const bool inside_row = K && oh >= oh0 && oh < oh1 && ow1 > ow0;
+        const index_t a = inside_row ? ow0 : OW, b = inside_row ? ow1 : OW;
+        auto general = [&](index_t ow) {
             index_t h0, h1, w0, w1;
             T scale;
             avg_pool_window<T>(g, cip, dov, oh, ow, h0, h1, w0, w1, scale);
-            const T v = gy[oh * g.OW + ow] * scale;
+            T sum = 0;
             for (index_t h = h0; h < h1; ++h)
-                for (index_t w = w0; w < w1; ++w) gx[h * g.W + w] += v;
+                for (index_t w = w0; w < w1; ++w) sum += x[h * W + w];
+            yr[ow] = sum * scale;
+        };
+        for (index_t ow = 0; ow < a; ++ow) general(ow);
+        if (inside_row) {
+            const index_t hs = oh * g.sh - g.ph;
+            if (K == 2)
+                avg_pool_row_inside<T, 2>(x, yr, W, hs, g.sw, g.pw, a, b, inside_scale);
+            else
+                avg_pool_row_inside<T, 3>(x, yr, W, hs, g.sw, g.pw, a, b, inside_scale);
+        }
+        for (index_t ow = b; ow < OW; ++ow) general(ow);
+    }
+}
+
+template <typename T>
+GPUDIFF_CLONES void avg_pool_backward_plane(const T* gy, T* gx, const PoolGeom& g, bool cip,
+                                            int64_t dov) {
+    const index_t OW = g.OW, W = g.W;
+    // Non-overlapping windows (stride = kernel) without padding: every input gets at most
+    // one output's share. Whole windows take a constant scale and plain stores.
+    if (g.sh == g.kh && g.sw == g.kw && g.ph == 0 && g.pw == 0) {
+        std::fill(gx, gx + g.H * W, T(0));
+        const index_t kh = g.kh, kw = g.kw;
+        const index_t full_h = std::min(g.OH, g.H / kh), full_w = std::min(OW, W / kw);
+        const T s = T(1) / T(dov > 0 ? dov : kh * kw);
+        for (index_t oh = 0; oh < g.OH; ++oh) {
+            const T* gr = gy + oh * OW;
+            index_t ow = 0;
+            if (oh < full_h) {
+                for (index_t i = 0; i < kh; ++i) {
+                    T* xr = gx + (oh * kh + i) * W;
+                    if (kw == 2)
+                        for (index_t o = 0; o < full_w; ++o) xr[2 * o] = xr[2 * o + 1] = gr[o] * s;
+                    else
+                        for (index_t o = 0; o < full_w; ++o)
+                            for (index_t j = 0; j < kw; ++j) xr[o * kw + j] = gr[o] * s;
+                }
+                ow = full_w;
+            }
+            for (; ow < OW; ++ow) {  // windows clipped by the edge (ceil mode)
+                index_t h0, h1, w0, w1;
+                T scale;
+                avg_pool_window<T>(g, cip, dov, oh, ow, h0, h1, w0, w1, scale);
+                const T v = gr[ow] * scale;
+                for (index_t h = h0; h < h1; ++h)
+                    for (index_t w = w0; w < w1; ++w) gx[h * W + w] = v;
+            }
+        }
+        return;
+    }
+    std::fill(gx, gx + g.H * W, T(0));
+    for (index_t oh = 0; oh < g.OH; ++oh) {
+        for (index_t ow = 0; ow < OW; ++ow) {
+            index_t h0, h1, w0, w1;
+            T scale;
+            avg_pool_window<T>(g, cip, dov, oh, ow, h0, h1, w0, w1, scale);
+            const T v = gy[oh * OW + ow] * scale;
+            for (index_t h = h0; h < h1; ++h)
+                for (index_t w = w0; w < w1; ++w) gx[h * W + w] += v;
         }
     }
 }

@@ -223,9 +223,7 @@ def sigmoid_backward(y, gy):
     return _C.sigmoid_backward(_c(y), _c(gy))
 
 
-@_cpu_kernel("tanh")
-def tanh(x):
-    return _C.tanh(_c(x)) if _floats(x) else None
+# no "tanh": NumPy's SIMD tanh is as fast as a C++ loop and exact to the ulp
 
 
 @_cpu_kernel("tanh_backward")
