@@ -329,3 +329,18 @@ def test_train_on_emulated_cuda_says_so(tmp_path, capsys):
     stdout = capsys.readouterr().out
     assert "device: cuda:0 (emulated" in stdout
     assert "emulated" in _metrics(out)["device"]
+
+
+def test_bench_cpu_script_shares_the_implementation(tmp_path):
+    # bench/bench_cpu.py is a thin wrapper over gpudiff.benchmark: same cases, same JSON
+    out = tmp_path / "cpu.json"
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "bench_cpu.py"),
+                        "--models", "lenet", "--reps", "1", "--warmup", "0", "--no-ops",
+                        "--out", str(out)], check=False, capture_output=True, text=True,
+                       cwd=str(tmp_path), timeout=300)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(out.read_text())
+    assert doc["benchmark"] == "gpudiff.benchmark"
+    assert doc["settings"]["source"] == "bench/bench_cpu.py"
+    assert {r["case"] for r in doc["results"]} == {"lenet train step"}
+    assert (tmp_path / "cpu.png").is_file()
