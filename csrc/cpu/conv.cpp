@@ -3,7 +3,7 @@
 //
 //   forward  y[n] (K, L)        = W (K, Rg) @ cols[n] (Rg, L) + b      (per group)
 //   dgrad    gx[n] = col2im( W^T (Rg, K) @ gy[n] (K, L) )
-//   wgrad    gW (K, Rg)         = sum_n gy[n] (K, L) @ cols[n]^T (L, Rg) (a partial per thread)
+//   wgrad    gW^T (Rg, K)       = sum_n cols[n] (Rg, L) @ gy[n]^T (L, K)  (a partial per thread)
 //
 // The output lands in NCHW directly. Compared with one big multi-threaded GEMM over the
 // whole batch's columns, nothing of the 9x larger column matrix goes to DRAM, each GEMM
@@ -96,19 +96,74 @@ inline int max_threads() {
 #endif
 }
 
+// A zero-padded copy of input planes, (H + 2ph, W + 2pw), per thread: the borders are
+// zeroed once per call and stay zero, each plane only rewrites the interior. With it every
+// tap row is a plain strided copy, with no bounds logic and no library calls per row
+// (rows are as short as 8 values in the last ResNet stage).
+template <typename T>
+struct PaddedPlane {
+    const ConvGeom& g;
+    index_t Hp, Wp;
+    T* buf;  // nullptr: no padding, the planes are used in place
+    PaddedPlane(const ConvGeom& geom, T* scratch_buf)
+        : g(geom), Hp(geom.H + 2 * geom.ph), Wp(geom.W + 2 * geom.pw),
+          buf((geom.ph || geom.pw) ? scratch_buf : nullptr) {
+        if (buf) std::fill(buf, buf + Hp * Wp, T(0));
+    }
+    static index_t size(const ConvGeom& geom) {
+        return (geom.H + 2 * geom.ph) * (geom.W + 2 * geom.pw);
+    }
+    const T* load(const T* plane) const {  // forward: the padded input plane
+        if (!buf) return plane;
+        for (index_t h = 0; h < g.H; ++h)
+            std::memcpy(buf + (h + g.ph) * Wp + g.pw, plane + h * g.W, sizeof(T) * g.W);
+        return buf;
+    }
+};
+
+// Tap (i, j) of a padded plane (Hp, Wp) -> a row of OH*OW columns.
+template <typename T>
+inline void tap_from_padded(const T* __restrict src, index_t Wp, T* __restrict row, index_t i,
+                            index_t j, const ConvGeom& g) {
+    for (index_t oh = 0; oh < g.OH; ++oh) {
+        const T* in = src + (oh * g.sh + i * g.dh) * Wp + j * g.dw;
+        T* out = row + oh * g.OW;
+        if (g.sw == 1)
+            for (index_t ow = 0; ow < g.OW; ++ow) out[ow] = in[ow];
+        else
+            for (index_t ow = 0; ow < g.OW; ++ow) out[ow] = in[ow * g.sw];
+    }
+}
+
+// The adjoint: adds a row of OH*OW columns into tap (i, j) of a padded plane.
+template <typename T>
+inline void tap_into_padded(const T* __restrict row, T* __restrict dst, index_t Wp, index_t i,
+                            index_t j, const ConvGeom& g) {
+    for (index_t oh = 0; oh < g.OH; ++oh) {
+        T* out = dst + (oh * g.sh + i * g.dh) * Wp + j * g.dw;
+        const T* in = row + oh * g.OW;
+        if (g.sw == 1)
+            for (index_t ow = 0; ow < g.OW; ++ow) out[ow] += in[ow];
+        else
+            for (index_t ow = 0; ow < g.OW; ++ow) out[ow * g.sw] += in[ow];
+    }
+}
+
 // Columns of group gi of samples [n0, n0 + nb) as (Rg, nb*L): row r holds the tap r of
 // each sample, one after the other. A single pointwise sample is its own columns.
 template <typename T>
 const T* chunk_columns(const T* x, T* buf, index_t n0, index_t nb, index_t gi, const Conv& c) {
     const index_t plane = c.g.H * c.g.W, taps = c.g.kh * c.g.kw;
     if (c.pointwise && nb == 1) return x + (n0 * c.C + gi * c.Cg) * plane;
+    const PaddedPlane<T> pad(c.g, scratch<T, 2>(PaddedPlane<T>::size(c.g)));
     for (index_t b = 0; b < nb; ++b)
         for (index_t ci = 0; ci < c.Cg; ++ci) {
-            const T* xp = x + ((n0 + b) * c.C + gi * c.Cg + ci) * plane;
+            const T* src = pad.load(x + ((n0 + b) * c.C + gi * c.Cg + ci) * plane);
             for (index_t i = 0; i < c.g.kh; ++i)
                 for (index_t j = 0; j < c.g.kw; ++j)
-                    im2col_tap(xp, buf + ((ci * taps + i * c.g.kw + j) * nb + b) * c.L, i, j,
-                               c.g);
+                    tap_from_padded(src, pad.Wp,
+                                    buf + ((ci * taps + i * c.g.kw + j) * nb + b) * c.L, i, j,
+                                    c.g);
         }
     return buf;
 }
@@ -162,14 +217,20 @@ GPUDIFF_CLONES void dgrad_chunk(const T* gy, const T* w, T* gx, const Conv& c, i
         }
         // gcols (Rg, nb*L) = W_g^T (Rg, Kg) @ gy_g (Kg, nb*L)
         gemm(true, false, c.Rg, nb * L, c.Kg, wg, c.Rg, A, nb * L, T(0), gcols, nb * L);
+        // col2im: sum the taps into a padded plane, then keep its interior
+        const index_t Hp = c.g.H + 2 * c.g.ph, Wp = c.g.W + 2 * c.g.pw;
+        T* acc = scratch<T, 2>(Hp * Wp);
         for (index_t b = 0; b < nb; ++b)
             for (index_t ci = 0; ci < c.Cg; ++ci) {
                 T* xp = gx + ((n0 + b) * c.C + gi * c.Cg + ci) * plane;
-                std::fill(xp, xp + plane, T(0));
+                std::fill(acc, acc + Hp * Wp, T(0));
                 for (index_t i = 0; i < c.g.kh; ++i)
                     for (index_t j = 0; j < c.g.kw; ++j)
-                        col2im_tap(gcols + ((ci * taps + i * c.g.kw + j) * nb + b) * L, xp, i, j,
-                                   c.g);
+                        tap_into_padded(gcols + ((ci * taps + i * c.g.kw + j) * nb + b) * L, acc,
+                                        Wp, i, j, c.g);
+                for (index_t h = 0; h < c.g.H; ++h)
+                    std::memcpy(xp + h * c.g.W, acc + (h + c.g.ph) * Wp + c.g.pw,
+                                sizeof(T) * c.g.W);
             }
     }
 }
@@ -192,9 +253,11 @@ GPUDIFF_CLONES void wgrad_chunk(const T* gy, const T* x, T* gw_part, const Conv&
                                 sizeof(T) * L);
             A = gyb;
         }
-        // gW_g (Kg, Rg) += gy_g (Kg, nb*L) @ cols^T (nb*L, Rg)
-        gemm(false, true, c.Kg, c.Rg, nb * L, A, nb * L, B, nb * L, T(1),
-             gw_part + gi * c.Kg * c.Rg, c.Rg);
+        // gW_g^T (Rg, Kg) += cols (Rg, nb*L) @ gy_g^T (nb*L, Kg): with the columns as the
+        // left operand their packing reads rows (8 streams), and the transposed operand is
+        // the small gy; the caller transposes the sum back.
+        gemm(false, true, c.Rg, c.Kg, nb * L, B, nb * L, A, nb * L, T(1),
+             gw_part + gi * c.Rg * c.Kg, c.Kg);
     }
 }
 
@@ -302,9 +365,15 @@ py::array conv2d_backward_weight(py::array gy, py::array x, py::object w_shape,
             for_chunks(c, [&](index_t n0, index_t n1, int tid) {
                 wgrad_chunk<T>(pg, px, parts.data() + tid * size, c, n0, n1);
             });
-            std::copy(parts.begin(), parts.begin() + size, out);
-            for (int t = 1; t < max_threads(); ++t)
-                for (index_t i = 0; i < size; ++i) out[i] += parts[t * size + i];
+            // parts hold gW^T per group, (G, Rg, Kg): sum over threads and transpose
+            for (index_t gi = 0; gi < c.G; ++gi)
+                for (index_t k = 0; k < c.Kg; ++k)
+                    for (index_t r = 0; r < c.Rg; ++r) {
+                        T v = 0;
+                        for (int t = 0; t < max_threads(); ++t)
+                            v += parts[t * size + (gi * c.Rg + r) * c.Kg + k];
+                        out[(gi * c.Kg + k) * c.Rg + r] = v;
+                    }
         }
         return gw;
     });
