@@ -452,6 +452,27 @@ def test_gemm(mkn, ta, tb, dtype, rng):
     np.testing.assert_allclose(K._C.gemm(a, b, ta, tb, c0), want + c0, **t)  # beta = 1
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mkn", [(64, 9216, 128), (128, 64, 9216), (64, 128, 10), (3, 4, 5),
+                                 (1, 7, 1), (70, 33, 0)])
+def test_matmul_kernel_layouts(mkn, dtype, rng):
+    M, Kd, N = mkn
+    a = rng.standard_normal((M, Kd)).astype(dtype)
+    b = rng.standard_normal((Kd, N)).astype(dtype)
+    want = a.astype(np.float64) @ b.astype(np.float64)
+    t = dict(rtol=1e-4, atol=1e-4 * np.sqrt(Kd)) if dtype == np.float32 else \
+        dict(rtol=1e-11, atol=1e-11 * Kd)
+    for A in (a, np.ascontiguousarray(a.T).T):          # row-major, and a transposed view
+        for B in (b, np.ascontiguousarray(b.T).T):
+            got = K.matmul(A, B)
+            assert got.shape == (M, N) and got.dtype == dtype
+            np.testing.assert_allclose(got, want, **t)
+    strided = K.matmul(a[:, ::2], b[::2])                 # None (NumPy's turn) or right
+    assert strided is None or np.allclose(strided, a[:, ::2].astype(np.float64) @ b[::2],
+                                          rtol=1e-4, atol=1e-3 * np.sqrt(Kd))
+    assert K.matmul(a[None], b) is None                    # batched: NumPy's turn
+
+
 def test_gemm_checks_shapes():
     with pytest.raises(ValueError, match="inner"):
         K._C.gemm(np.zeros((2, 3), np.float32), np.zeros((4, 5), np.float32))

@@ -8,6 +8,7 @@ PYBIND11_MODULE(_C, m) {
     m.doc() = "gpudiff CPU kernels (C++, OpenMP, GIL released around the loops)";
     m.def("im2col", &k::im2col, "x"_a, "kh"_a, "kw"_a, "sh"_a, "sw"_a, "ph"_a, "pw"_a, "dh"_a, "dw"_a);
     m.def("col2im", &k::col2im, "cols"_a, "C"_a, "H"_a, "W"_a, "kh"_a, "kw"_a, "sh"_a, "sw"_a, "ph"_a, "pw"_a, "dh"_a, "dw"_a);
+    m.def("matmul", &k::matmul_py, "a"_a, "b"_a);
     m.def("gemm", &k::gemm_py, "a"_a, "b"_a, "ta"_a = false, "tb"_a = false, "c0"_a = py::none());
     m.def("conv2d_forward", &k::conv2d_forward, "x"_a, "w"_a, "b"_a, "stride"_a, "padding"_a, "dilation"_a, "groups"_a);
     m.def("conv2d_backward_input", &k::conv2d_backward_input, "gy"_a, "w"_a, "x_shape"_a, "stride"_a, "padding"_a, "dilation"_a, "groups"_a);

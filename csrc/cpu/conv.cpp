@@ -235,6 +235,10 @@ GPUDIFF_CLONES void dgrad_chunk(const T* gy, const T* w, T* gx, const Conv& c, i
     }
 }
 
+// The weight gradient's GEMM puts the filters on the columns (gW^T) unless there are too
+// few of them to fill a 16-wide vector: then the row side is the better fit.
+inline bool wgrad_transposed(const Conv& c) { return c.Kg >= 16; }
+
 template <typename T>
 GPUDIFF_CLONES void wgrad_chunk(const T* gy, const T* x, T* gw_part, const Conv& c, index_t n0,
                                 index_t n1) {
@@ -253,11 +257,18 @@ GPUDIFF_CLONES void wgrad_chunk(const T* gy, const T* x, T* gw_part, const Conv&
                                 sizeof(T) * L);
             A = gyb;
         }
-        // gW_g^T (Rg, Kg) += cols (Rg, nb*L) @ gy_g^T (nb*L, Kg): with the columns as the
-        // left operand their packing reads rows (8 streams), and the transposed operand is
-        // the small gy; the caller transposes the sum back.
-        gemm(false, true, c.Rg, c.Kg, nb * L, B, nb * L, A, nb * L, T(1),
-             gw_part + gi * c.Rg * c.Kg, c.Kg);
+        if (wgrad_transposed(c)) {
+            // gW_g^T (Rg, Kg) += cols (Rg, nb*L) @ gy_g^T (nb*L, Kg): with the columns as the
+            // left operand their packing reads rows (8 streams), and the transposed operand
+            // is the small gy; the caller transposes the sum back.
+            gemm(false, true, c.Rg, c.Kg, nb * L, B, nb * L, A, nb * L, T(1),
+                 gw_part + gi * c.Rg * c.Kg, c.Kg);
+        } else {
+            // gW_g (Kg, Rg) += gy_g (Kg, nb*L) @ cols^T (nb*L, Rg): for a handful of filters,
+            // which would fill few lanes of the micro-tile's columns above
+            gemm(false, true, c.Kg, c.Rg, nb * L, A, nb * L, B, nb * L, T(1),
+                 gw_part + gi * c.Kg * c.Rg, c.Rg);
+        }
     }
 }
 
@@ -365,13 +376,16 @@ py::array conv2d_backward_weight(py::array gy, py::array x, py::object w_shape,
             for_chunks(c, [&](index_t n0, index_t n1, int tid) {
                 wgrad_chunk<T>(pg, px, parts.data() + tid * size, c, n0, n1);
             });
-            // parts hold gW^T per group, (G, Rg, Kg): sum over threads and transpose
+            // sum over threads; parts hold gW^T per group, (G, Rg, Kg), or gW itself
+            const int threads = max_threads();
+            const bool tr = wgrad_transposed(c);
             for (index_t gi = 0; gi < c.G; ++gi)
                 for (index_t k = 0; k < c.Kg; ++k)
                     for (index_t r = 0; r < c.Rg; ++r) {
+                        const index_t at = tr ? (gi * c.Rg + r) * c.Kg + k
+                                              : (gi * c.Kg + k) * c.Rg + r;
                         T v = 0;
-                        for (int t = 0; t < max_threads(); ++t)
-                            v += parts[t * size + (gi * c.Rg + r) * c.Kg + k];
+                        for (int t = 0; t < threads; ++t) v += parts[t * size + at];
                         out[(gi * c.Kg + k) * c.Rg + r] = v;
                     }
         }

@@ -277,4 +277,79 @@ py::array gemm_py(py::array a, py::array b, bool ta, bool tb, py::object c0) {
     });
 }
 
+namespace {
+
+// A 2-D array's layout for the GEMM: row-major (ld = row stride) or column-major, i.e. the
+// transpose of a row-major array (trans, ld = column stride). False: neither.
+bool gemm_layout(const py::array& a, bool& trans, index_t& ld) {
+    const index_t item = a.itemsize(), s0 = a.strides(0), s1 = a.strides(1);
+    const index_t rows = a.shape(0), cols = a.shape(1);
+    if ((s1 == item || cols <= 1) && s0 % item == 0 && s0 / item >= cols && s0 > 0) {
+        trans = false, ld = std::max<index_t>(s0 / item, 1);
+        return true;
+    }
+    if ((s0 == item || rows <= 1) && s1 % item == 0 && s1 / item >= rows && s1 > 0) {
+        trans = true, ld = std::max<index_t>(s1 / item, 1);
+        return true;
+    }
+    return false;
+}
+
+// Multiply-adds above which a matmul splits its columns (or rows) over the threads.
+constexpr index_t kMatmulParallelMacs = index_t(1) << 20;
+
+template <typename T>
+void matmul_parallel(bool ta, bool tb, index_t M, index_t N, index_t K, const T* A, index_t lda,
+                     const T* B, index_t ldb, T* C) {
+    if (M * N * K < kMatmulParallelMacs) {
+        gemm(ta, tb, M, N, K, A, lda, B, ldb, T(0), C, N);
+        return;
+    }
+#pragma omp parallel
+    {
+#ifdef _OPENMP
+        const index_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        const index_t t = 0, nt = 1;
+#endif
+        if (N >= 64 * nt) {  // split the columns, in multiples of 32
+            const index_t blocks = (N + 31) / 32;
+            const index_t j0 = std::min(N, blocks * t / nt * 32);
+            const index_t j1 = std::min(N, blocks * (t + 1) / nt * 32);
+            if (j1 > j0)
+                gemm(ta, tb, M, j1 - j0, K, A, lda, tb ? B + j0 * ldb : B + j0, ldb, T(0),
+                     C + j0, N);
+        } else {             // few columns: split the rows
+            const index_t i0 = M * t / nt, i1 = M * (t + 1) / nt;
+            if (i1 > i0)
+                gemm(ta, tb, i1 - i0, N, K, ta ? A + i0 : A + i0 * lda, lda, B, ldb, T(0),
+                     C + i0 * N, N);
+        }
+    }
+}
+
+}  // namespace
+
+py::object matmul_py(py::array a, py::array b) {
+    const char* name = "matmul";
+    if (a.ndim() != 2 || b.ndim() != 2) return py::none();
+    require_same_dtype(a, b, name);
+    const index_t M = a.shape(0), K = a.shape(1), N = b.shape(1);
+    if (b.shape(0) != K) throw py::value_error("matmul: inner dimensions differ");
+    bool ta, tb;
+    index_t lda, ldb;
+    if (!gemm_layout(a, ta, lda) || !gemm_layout(b, tb, ldb)) return py::none();
+    return dispatch_float(a, name, [&](auto tag) -> py::object {
+        using T = decltype(tag);
+        py::array_t<T> c({M, N});
+        const T *pa = cdata_of<T>(a), *pb = cdata_of<T>(b);
+        T* pc = c.mutable_data();
+        {
+            py::gil_scoped_release nogil;
+            matmul_parallel<T>(ta, tb, M, N, K, pa, lda, pb, ldb, pc);
+        }
+        return std::move(c);
+    });
+}
+
 }  // namespace gpudiff

@@ -13,6 +13,9 @@ py::array col2im(py::array cols, int64_t C, int64_t H, int64_t W, int kh, int kw
 
 // gemm.cpp: for the tests (the convolution calls gemm() of gemm.h directly)
 py::array gemm_py(py::array a, py::array b, bool ta, bool tb, py::object c0);
+// 2-D a @ b (either may be a transposed view), threads over column blocks; None when the
+// layout is neither row- nor column-major
+py::object matmul_py(py::array a, py::array b);
 
 // conv.cpp: whole-op convolution, per-chunk im2col + gemm.h's GEMM, chunks over the threads
 py::array conv2d_forward(py::array x, py::array w, py::object b, py::object stride,

@@ -270,6 +270,19 @@ def cross_entropy(logits, target, weight, ignore_index, label_smoothing):
                             float(label_smoothing))
 
 
+# ---- matrix product ------------------------------------------------------------------------
+@_cpu_kernel("matmul")
+def matmul(a, b):
+    # a (M, K) @ b (K, N), views with transposed strides included, on our GEMM with the
+    # threads over column blocks: NumPy's OpenBLAS would wake its own thread pool, whose
+    # spinning workers then compete with ours for the same 2 cores. Other shapes: None.
+    if not _floats(a, b) or a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        return None
+    if 0 in a.shape or 0 in b.shape:  # empty product: zeros (strides of empties vary)
+        return np.zeros((a.shape[0], b.shape[1]), a.dtype)
+    return _C.matmul(a, b)
+
+
 # ---- whole-op convolution ---------------------------------------------------------------
 # csrc/cpu/conv.cpp: per chunk of samples, im2col into a cache-sized per-thread buffer and
 # one single-threaded GEMM of csrc/cpu/gemm.cpp (AVX-512 where the CPU has it), the chunks

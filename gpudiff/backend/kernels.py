@@ -32,6 +32,8 @@ The contract (same names and signatures on every device that has them):
   avg_pool2d_backward(gy, H, W, kh, kw, sh, sw, ph, pw, ceil_mode, count_include_pad,
                       divisor_override) -> gx
 
+  matmul(a (M, K), b (K, N)) -> c (M, N)       2-D only (None otherwise; xp.matmul then)
+
 Whole-op kernels (a device that has them skips the im2col/xp reference path); stride,
 padding, dilation are (h, w) pairs:
   conv2d(x (N, C, H, W), w (K, C/groups, kh, kw), b (K,) | None, stride, padding, dilation,
