@@ -33,6 +33,14 @@ T* scratch(index_t n) {
     return buf.data();
 }
 
+inline int max_threads() {
+#ifdef _OPENMP
+    return omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
 struct Conv {
     ConvGeom g;
     index_t N, C, K, G, Cg, Kg, Rg, L;
@@ -60,7 +68,12 @@ Conv make_conv(index_t N, index_t C, index_t H, index_t W, index_t K, index_t kh
                   p.second == 0;
     const index_t by_width = (kMinGemmColumns + c.L - 1) / c.L;
     const index_t by_bytes = std::max<index_t>(1, kChunkBytes / (c.Rg * c.L * itemsize));
-    c.B = std::max<index_t>(1, std::min({by_width, by_bytes, (N + 1) / 2}));
+    // the largest chunk that both limits allow, then evened out so that the chunk count is
+    // a multiple of the thread count (5 chunks on 2 threads would idle one a fifth of the time)
+    const index_t most = std::max<index_t>(1, std::min({by_width, by_bytes, (N + 1) / 2}));
+    const index_t threads = max_threads();
+    const index_t rounds = (N + most * threads - 1) / (most * threads);
+    c.B = std::max<index_t>(1, (N + rounds * threads - 1) / (rounds * threads));
     return c;
 }
 
@@ -86,14 +99,6 @@ void for_chunks(const Conv& c, F&& body) {
 #pragma omp for schedule(static)
         for (index_t i = 0; i < chunks; ++i) body(i * c.B, std::min(c.N, (i + 1) * c.B), tid);
     }
-}
-
-inline int max_threads() {
-#ifdef _OPENMP
-    return omp_get_max_threads();
-#else
-    return 1;
-#endif
 }
 
 // A zero-padded copy of input planes, (H + 2ph, W + 2pw), per thread: the borders are
