@@ -618,3 +618,40 @@ def test_dropout_kernel_matches_reference(shape, group, dtype, rng):
             assert (y == (x if p == 0 else 0)).all()
     # another seed, another mask
     assert (K.dropout(x, 0.5, 1, group) != K.dropout(x, 0.5, 2, group)).any()
+
+
+# ---- fused optimizer step ------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("opts", [dict(momentum=0.0), dict(momentum=0.9),
+                                  dict(momentum=0.9, dampening=0.3, weight_decay=1e-2),
+                                  dict(momentum=0.8, nesterov=True, weight_decay=1e-3),
+                                  dict(momentum=0.9, maximize=True)])
+def test_sgd_step_matches_the_reference_rule(opts, dtype, rng):
+    o = dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False)
+    o.update(opts)
+    shapes = [(3, 4), (5,), (3_000_000,)]                  # the last one splits over threads
+    ps = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    gs = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    bs = [rng.standard_normal(s).astype(dtype) if o["momentum"] else None for s in shapes]
+    want_p, want_b = [], []
+    for p, g, b in zip(ps, gs, bs):
+        p, g = p.astype(np.float64), g.astype(np.float64)
+        g = (-g if o["maximize"] else g) + o["weight_decay"] * p
+        if o["momentum"]:
+            b = o["momentum"] * b + (1 - o["dampening"]) * g
+            g = g + o["momentum"] * b if o["nesterov"] else b
+        want_p.append(p - 0.1 * g)
+        want_b.append(b)
+    assert K.sgd_step(ps, gs, bs, 0.1, **o) is None       # done in place
+    t = tol(dtype) if dtype == np.float64 else dict(rtol=1e-6, atol=1e-6)
+    for p, wp, b, wb in zip(ps, want_p, bs, want_b):
+        np.testing.assert_allclose(p, wp, **t)
+        if b is not None:
+            np.testing.assert_allclose(b, wb, **t)
+
+
+def test_sgd_step_declines_what_it_cannot_take():
+    p = np.zeros(4, np.float16)
+    assert K.sgd_step([p], [p], [None], 0.1, 0.0, 0.0, 0.0, False, False) is NotImplemented
+    q = np.zeros((4, 4), np.float32)[:, ::2]
+    assert K.sgd_step([q], [q], [None], 0.1, 0.0, 0.0, 0.0, False, False) is NotImplemented

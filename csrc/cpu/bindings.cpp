@@ -37,4 +37,5 @@ PYBIND11_MODULE(_C, m) {
     m.def("batch_norm_backward_reduce", &k::batch_norm_backward_reduce, "gy"_a, "x"_a, "mean"_a);
     m.def("channel_affine2", &k::channel_affine2, "gy"_a, "x"_a, "a"_a, "b"_a, "c"_a);
     m.def("dropout", &k::dropout, "x"_a, "p"_a, "seed"_a, "group"_a);
+    m.def("sgd_step", &k::sgd_step, "params"_a, "grads"_a, "momentum_buffers"_a, "lr"_a, "momentum"_a, "dampening"_a, "weight_decay"_a, "nesterov"_a, "maximize"_a);
 }

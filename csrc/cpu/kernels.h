@@ -63,4 +63,8 @@ py::tuple batch_norm_backward_reduce(py::array gy, py::array x, py::array mean);
 py::array channel_affine2(py::array gy, py::array x, py::array a, py::array b, py::array c);
 py::array dropout(py::array x, double p, uint64_t seed, int64_t group);
 
+// optim.cpp
+py::object sgd_step(py::list params, py::list grads, py::list bufs, double lr, double momentum,
+                    double dampening, double weight_decay, bool nesterov, bool maximize);
+
 }  // namespace gpudiff

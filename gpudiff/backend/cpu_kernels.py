@@ -299,6 +299,20 @@ def cross_entropy(logits, target, weight, ignore_index, label_smoothing):
                             float(label_smoothing))
 
 
+# ---- optimizer ------------------------------------------------------------------------------
+@_cpu_kernel("sgd_step")
+def sgd_step(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov,
+             maximize):
+    # in place, one C++ pass per parameter; NotImplemented (the optimizer's own loop) for
+    # what it does not take: other dtypes, non-contiguous or non-NumPy arrays
+    arrays = list(params) + list(grads) + [b for b in momentum_buffers if b is not None]
+    if not arrays or not _floats(*arrays) or not all(a.flags.c_contiguous for a in arrays):
+        return NotImplemented
+    _C.sgd_step(list(params), list(grads), list(momentum_buffers), float(lr), float(momentum),
+                float(dampening), float(weight_decay), bool(nesterov), bool(maximize))
+    return None
+
+
 # ---- matrix product ------------------------------------------------------------------------
 @_cpu_kernel("matmul")
 def matmul(a, b):
