@@ -358,8 +358,22 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
         raise RuntimeError(f"{name}: expected bias of shape ({K},), got {tuple(bias.shape)}")
     # the transposed conv is conv2d's input gradient: the input plays gy, the (N, K, OH, OW)
     # output plays x, and weight (C_in, C_out/G, kh, kw) is conv2d's (K', C'/G, kh, kw)
-    y = Conv2dBackwardInput.apply(input, weight, input_size=(N, K, OH, OW), stride=stride,
-                                    padding=padding, dilation=dilation, groups=int(groups))
+    if all(o < s for o, s in zip(output_padding, stride)):
+        y = Conv2dBackwardInput.apply(input, weight, input_size=(N, K, OH, OW), stride=stride,
+                                      padding=padding, dilation=dilation, groups=int(groups))
+    else:
+        # output_padding >= stride (allowed below the dilation): a conv2d of the (OH, OW)
+        # output would have more than (H, W) positions. Compute the whole unpadded output,
+        # (H-1)*s + d*(k-1) + 1 per dim, then cut the padding off and extend with zeros.
+        full = [(n - 1) * s + d * (k - 1) + 1
+                for n, s, d, k in zip((H, W), stride, dilation, (kh, kw))]
+        y = Conv2dBackwardInput.apply(input, weight, input_size=(N, K, *full), stride=stride,
+                                      padding=(0, 0), dilation=dilation, groups=int(groups))
+        y = y[:, :, padding[0]: padding[0] + OH, padding[1]: padding[1] + OW]
+        extra = (OH - y.shape[2], OW - y.shape[3])
+        if any(extra):
+            from ..nn.functional import pad
+            y = pad(y, (0, extra[1], 0, extra[0]))
     if bias is not None:
         y = y + bias.reshape(1, K, 1, 1)
     return y.squeeze(0) if unbatched else y

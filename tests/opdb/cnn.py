@@ -43,6 +43,10 @@ def conv_transpose_samples(make):
           output_padding=(1, 2), groups=2),
         S(make(1, 2, 3, 3), make(2, 3, 3, 2), stride=2, dilation=2, output_padding=1),
         S(make(2, 3, 3), make(2, 2, 3, 3)),                                  # unbatched
+        # output_padding >= stride (below the dilation): zeros beyond the reached positions
+        S(make(1, 2, 3, 4), make(2, 2, 2, 3), make(2), stride=1, dilation=2, output_padding=1),
+        S(make(1, 2, 3, 3), make(2, 1, 2, 2), stride=(2, 1), padding=1, dilation=3,
+          output_padding=(2, 1)),
     ]
 
 
