@@ -167,24 +167,59 @@ inline uint32_t mix32(uint32_t x) {
     return x;
 }
 
+inline uint32_t dropout_hash(uint32_t lo, uint32_t hi, uint32_t k0, uint32_t k1) {
+    return mix32(mix32(lo ^ k0) + k1 + hi);
+}
+
+// Elements [j0, j0 + n) with group 1 (j0 .. j0+n-1 within one 2^32 block): a plain uint32
+// loop the compiler vectorises (the per-element hash is 2 multiplies and 6 shift/xors).
 template <typename T>
-GPUDIFF_CLONES void dropout_kernel(const T* x, T* y, index_t n, uint32_t k0, uint32_t k1,
-                                   uint32_t threshold, T scale, index_t group) {
+GPUDIFF_CLONES void dropout_elements(const T* __restrict x, T* __restrict y, index_t j0,
+                                     index_t n, uint32_t k0, uint32_t k1, uint32_t threshold,
+                                     T scale) {
+    const uint32_t lo0 = uint32_t(j0), hi = uint32_t(uint64_t(j0) >> 32);
+    for (index_t t = 0; t < n; ++t) {
+        const uint32_t h = dropout_hash(lo0 + uint32_t(t), hi, k0, k1);
+        y[t] = x[t] * ((h >> 8) >= threshold ? scale : T(0));  // NaN * 0 stays NaN, as x * mask
+    }
+}
+
+// Groups [g0, g0 + ng) of `group` elements each: one draw per group.
+template <typename T>
+GPUDIFF_CLONES void dropout_groups(const T* __restrict x, T* __restrict y, index_t g0,
+                                   index_t ng, index_t group, uint32_t k0, uint32_t k1,
+                                   uint32_t threshold, T scale) {
+    for (index_t j = g0; j < g0 + ng; ++j) {
+        const uint32_t h =
+            dropout_hash(uint32_t(j), uint32_t(uint64_t(j) >> 32), k0, k1);
+        const T s = (h >> 8) >= threshold ? scale : T(0);
+        const T* xs = x + (j - g0) * group;
+        T* ys = y + (j - g0) * group;
+        for (index_t i = 0; i < group; ++i) ys[i] = xs[i] * s;
+    }
+}
+
+template <typename T>
+void dropout_kernel(const T* x, T* y, index_t n, uint32_t k0, uint32_t k1, uint32_t threshold,
+                    T scale, index_t group) {
     if (group == 1) {
-#pragma omp parallel for simd schedule(static) if (parallel_pays(n))
-        for (index_t i = 0; i < n; ++i) {
-            const uint32_t h = mix32(mix32(uint32_t(i) ^ k0) + k1 + uint32_t(uint64_t(i) >> 32));
-            y[i] = x[i] * ((h >> 8) >= threshold ? scale : T(0));  // NaN * 0 stays NaN, as x * mask
-        }
+        parallel_chunks(n, [&](index_t lo, index_t hi) {
+            constexpr index_t block = index_t(1) << 32;  // the hash's high word changes here
+            for (index_t j = lo; j < hi;) {
+                const index_t end = std::min(hi, (j / block + 1) * block);
+                dropout_elements<T>(x + j, y + j, j, end - j, k0, k1, threshold, scale);
+                j = end;
+            }
+        });
         return;
     }
     const index_t groups = n / group;
-#pragma omp parallel for schedule(static) if (parallel_pays(n))
-    for (index_t j = 0; j < groups; ++j) {
-        const uint32_t h = mix32(mix32(uint32_t(j) ^ k0) + k1 + uint32_t(uint64_t(j) >> 32));
-        const T s = (h >> 8) >= threshold ? scale : T(0);
-        for (index_t i = j * group; i < (j + 1) * group; ++i) y[i] = x[i] * s;
-    }
+    parallel_chunks(n, [&](index_t lo, index_t hi) {  // split on group boundaries
+        const index_t g0 = lo / group, g1 = hi == n ? groups : hi / group;
+        if (g1 > g0)
+            dropout_groups<T>(x + g0 * group, y + g0 * group, g0, g1 - g0, group, k0, k1,
+                              threshold, scale);
+    });
 }
 
 }  // namespace
