@@ -43,11 +43,41 @@ void require_channel_vector(const py::array& v, index_t C, const char* name, con
         throw py::value_error(std::string(name) + ": '" + arg + "' must be (C,) of x's dtype");
 }
 
-// Per-channel mean and biased variance (two passes over each channel).
+// Batch-norm work splits over the cores from this many elements on: a channel's two passes
+// run from its core's own L2, so unlike plain streaming loops two cores do help here.
+constexpr index_t kBnParallelGrain = index_t(1) << 18;
+
+// Mean and biased variance of channel c (two passes: the second reads from L2).
 template <typename T>
-GPUDIFF_CLONES void stats_kernel(const T* x, NCS d, T* mean, T* var) {
+GPUDIFF_CLONES void stats_channel(const T* x, NCS d, index_t c, T* mean, T* var) {
     const double M = double(d.N * d.S);
+    double s = 0;
+    for (index_t n = 0; n < d.N; ++n) {
+        const T* p = x + (n * d.C + c) * d.S;
+        T part = 0;  // a plane's partial sum vectorises; planes are short enough for T
+        for (index_t i = 0; i < d.S; ++i) part += p[i];
+        s += part;
+    }
+    const T mu = T(s / M);
+    double q = 0;
+    for (index_t n = 0; n < d.N; ++n) {
+        const T* p = x + (n * d.C + c) * d.S;
+        T part = 0;
+        for (index_t i = 0; i < d.S; ++i) {
+            const T z = p[i] - mu;
+            part += z * z;
+        }
+        q += part;
+    }
+    mean[c] = mu;
+    var[c] = T(q / M);
+}
+
+// Per-channel mean and biased variance.
+template <typename T>
+void stats_kernel(const T* x, NCS d, T* mean, T* var) {
     if (d.S == 1) {  // (N, C): accumulate rows, channels contiguous
+        const double M = double(d.N);
         std::vector<double> s(d.C, 0.0), q(d.C, 0.0);
         for (index_t n = 0; n < d.N; ++n)
             for (index_t c = 0; c < d.C; ++c) s[c] += x[n * d.C + c];
@@ -60,53 +90,66 @@ GPUDIFF_CLONES void stats_kernel(const T* x, NCS d, T* mean, T* var) {
         for (index_t c = 0; c < d.C; ++c) mean[c] = T(s[c]), var[c] = T(q[c] / M);
         return;
     }
-#pragma omp parallel for schedule(static) if (parallel_pays(d.N * d.C * d.S))
-    for (index_t c = 0; c < d.C; ++c) {
-        double s = 0;
-        for (index_t n = 0; n < d.N; ++n) {
-            const T* p = x + (n * d.C + c) * d.S;
-            T part = 0;  // a plane's partial sum vectorises; planes are short enough for T
-            for (index_t i = 0; i < d.S; ++i) part += p[i];
-            s += part;
-        }
-        const double mu = s / M;
-        const T muT = T(mu);
-        double q = 0;
-        for (index_t n = 0; n < d.N; ++n) {
-            const T* p = x + (n * d.C + c) * d.S;
-            T part = 0;
-            for (index_t i = 0; i < d.S; ++i) {
-                const T z = p[i] - muT;
-                part += z * z;
-            }
-            q += part;
-        }
-        mean[c] = muT;
-        var[c] = T(q / M);
+#pragma omp parallel for schedule(static) if (d.N * d.C * d.S >= kBnParallelGrain && d.C > 1)
+    for (index_t c = 0; c < d.C; ++c) stats_channel<T>(x, d, c, mean, var);
+}
+
+// y = a[c] * x + b[c] over planes [p0, p1).
+template <typename T>
+GPUDIFF_CLONES void affine_planes(const T* x, const T* a, const T* b, T* y, NCS d, index_t p0,
+                                  index_t p1) {
+    for (index_t p = p0; p < p1; ++p) {
+        const index_t c = p % d.C;
+        const T ac = a[c], bc = b[c];
+        const T* __restrict xs = x + p * d.S;
+        T* __restrict ys = y + p * d.S;
+        for (index_t i = 0; i < d.S; ++i) ys[i] = ac * xs[i] + bc;
     }
 }
 
 template <typename T>
-GPUDIFF_CLONES void affine_kernel(const T* x, const T* a, const T* b, T* y, NCS d) {
+void affine_kernel(const T* x, const T* a, const T* b, T* y, NCS d) {
     const index_t planes = d.N * d.C;
     if (d.S == 1) {
         for (index_t n = 0; n < d.N; ++n)
             for (index_t c = 0; c < d.C; ++c) y[n * d.C + c] = a[c] * x[n * d.C + c] + b[c];
         return;
     }
-#pragma omp parallel for schedule(static) if (parallel_pays(planes * d.S))
-    for (index_t p = 0; p < planes; ++p) {
-        const index_t c = p % d.C;
-        const T ac = a[c], bc = b[c];
-        const T* xs = x + p * d.S;
-        T* ys = y + p * d.S;
-        for (index_t i = 0; i < d.S; ++i) ys[i] = ac * xs[i] + bc;
+    if (planes * d.S < kBnParallelGrain) return affine_planes<T>(x, a, b, y, d, 0, planes);
+#pragma omp parallel
+    {
+#ifdef _OPENMP
+        const index_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        const index_t t = 0, nt = 1;
+#endif
+        affine_planes<T>(x, a, b, y, d, planes * t / nt, planes * (t + 1) / nt);
     }
 }
 
+// sum gy and sum gy * (x - mean) of channel c.
 template <typename T>
-GPUDIFF_CLONES void backward_reduce_kernel(const T* gy, const T* x, const T* mean, NCS d,
-                                           T* sum_gy, T* sum_gy_xmu) {
+GPUDIFF_CLONES void reduce_channel(const T* gy, const T* x, const T* mean, NCS d, index_t c,
+                                   T* sum_gy, T* sum_gy_xmu) {
+    double s = 0, q = 0;
+    const T mu = mean[c];
+    for (index_t n = 0; n < d.N; ++n) {
+        const index_t base = (n * d.C + c) * d.S;
+        T ps = 0, pq = 0;
+        for (index_t i = 0; i < d.S; ++i) {
+            ps += gy[base + i];
+            pq += gy[base + i] * (x[base + i] - mu);
+        }
+        s += ps;
+        q += pq;
+    }
+    sum_gy[c] = T(s);
+    sum_gy_xmu[c] = T(q);
+}
+
+template <typename T>
+void backward_reduce_kernel(const T* gy, const T* x, const T* mean, NCS d, T* sum_gy,
+                            T* sum_gy_xmu) {
     if (d.S == 1) {
         std::vector<double> s(d.C, 0.0), q(d.C, 0.0);
         for (index_t n = 0; n < d.N; ++n)
@@ -118,28 +161,28 @@ GPUDIFF_CLONES void backward_reduce_kernel(const T* gy, const T* x, const T* mea
         for (index_t c = 0; c < d.C; ++c) sum_gy[c] = T(s[c]), sum_gy_xmu[c] = T(q[c]);
         return;
     }
-#pragma omp parallel for schedule(static) if (parallel_pays(d.N * d.C * d.S))
-    for (index_t c = 0; c < d.C; ++c) {
-        double s = 0, q = 0;
-        const T mu = mean[c];
-        for (index_t n = 0; n < d.N; ++n) {
-            const index_t base = (n * d.C + c) * d.S;
-            T ps = 0, pq = 0;
-            for (index_t i = 0; i < d.S; ++i) {
-                ps += gy[base + i];
-                pq += gy[base + i] * (x[base + i] - mu);
-            }
-            s += ps;
-            q += pq;
-        }
-        sum_gy[c] = T(s);
-        sum_gy_xmu[c] = T(q);
+#pragma omp parallel for schedule(static) if (d.N * d.C * d.S >= kBnParallelGrain && d.C > 1)
+    for (index_t c = 0; c < d.C; ++c) reduce_channel<T>(gy, x, mean, d, c, sum_gy, sum_gy_xmu);
+}
+
+// out = a[c] * gy + b[c] * x + cc[c] over planes [p0, p1).
+template <typename T>
+GPUDIFF_CLONES void affine2_planes(const T* gy, const T* x, const T* a, const T* b, const T* cc,
+                                   T* out, NCS d, index_t p0, index_t p1) {
+    for (index_t p = p0; p < p1; ++p) {
+        const index_t c = p % d.C;
+        const T ac = a[c], bc = b[c], ccc = cc[c];
+        const index_t base = p * d.S;
+        const T* __restrict g = gy + base;
+        const T* __restrict xs = x + base;
+        T* __restrict o = out + base;
+        for (index_t i = 0; i < d.S; ++i) o[i] = ac * g[i] + bc * xs[i] + ccc;
     }
 }
 
 template <typename T>
-GPUDIFF_CLONES void affine2_kernel(const T* gy, const T* x, const T* a, const T* b, const T* cc,
-                                   T* out, NCS d) {
+void affine2_kernel(const T* gy, const T* x, const T* a, const T* b, const T* cc, T* out,
+                    NCS d) {
     const index_t planes = d.N * d.C;
     if (d.S == 1) {
         for (index_t n = 0; n < d.N; ++n)
@@ -149,12 +192,16 @@ GPUDIFF_CLONES void affine2_kernel(const T* gy, const T* x, const T* a, const T*
             }
         return;
     }
-#pragma omp parallel for schedule(static) if (parallel_pays(planes * d.S))
-    for (index_t p = 0; p < planes; ++p) {
-        const index_t c = p % d.C;
-        const T ac = a[c], bc = b[c], ccc = cc[c];
-        const index_t base = p * d.S;
-        for (index_t i = 0; i < d.S; ++i) out[base + i] = ac * gy[base + i] + bc * x[base + i] + ccc;
+    if (planes * d.S < kBnParallelGrain)
+        return affine2_planes<T>(gy, x, a, b, cc, out, d, 0, planes);
+#pragma omp parallel
+    {
+#ifdef _OPENMP
+        const index_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+#else
+        const index_t t = 0, nt = 1;
+#endif
+        affine2_planes<T>(gy, x, a, b, cc, out, d, planes * t / nt, planes * (t + 1) / nt);
     }
 }
 
