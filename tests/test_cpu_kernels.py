@@ -503,6 +503,10 @@ CONVS = [  # (x shape, w shape, stride, padding, dilation, groups, bias)
     ((16, 8, 12, 12), (16, 8, 3, 3), (1, 1), (1, 1), (1, 1), 1, True),  # both threads
     ((37, 8, 4, 4), (16, 8, 3, 3), (1, 1), (1, 1), (1, 1), 1, True),    # chunks of samples
     ((9, 4, 3, 3), (6, 2, 1, 1), (1, 1), (0, 0), (1, 1), 2, True),      # chunked pointwise
+    # few filters, many channels, stride 1: the input gradient as a flipped-kernel conv
+    ((4, 16, 9, 9), (8, 16, 3, 3), (1, 1), (1, 1), (1, 1), 1, True),
+    ((3, 16, 11, 10), (16, 16, 3, 2), (1, 1), (1, 0), (2, 3), 1, False),
+    ((2, 20, 7, 7), (4, 20, 5, 5), (1, 1), (2, 0), (1, 1), 1, True),
 ]
 
 

@@ -336,11 +336,43 @@ py::array conv2d_backward_input(py::array gy, py::array w, py::object x_shape, p
     if (gy.shape(0) != c.N || gy.shape(1) != c.K || gy.shape(2) != c.g.OH ||
         gy.shape(3) != c.g.OW || w.shape(1) != c.Cg)
         throw py::value_error("conv2d_backward_input: gy, w and x_shape do not match");
+    // With few filters (K <= 16) the input gradient's GEMM is (Rg, K) @ (K, L): a depth of
+    // K, and a column matrix Rg/K times bigger than gx to write and fold back. For stride 1
+    // it is also a plain convolution of gy with the flipped, transposed kernel,
+    //   gx = conv2d(gy, w'[c, k, i, j] = w[k, c, kh-1-i, kw-1-j], padding d*(k-1) - p),
+    // whose GEMM is (C, K*kh*kw) @ (K*kh*kw, L): deep, and nothing to fold.
+    const auto s = pair_of(stride), p = pair_of(padding), d = pair_of(dilation);
+    const index_t kh = w.shape(2), kw = w.shape(3);
+    const bool flipped = groups == 1 && s.first == 1 && s.second == 1 && c.K <= 16 &&
+                         c.C >= 16 && p.first <= d.first * (kh - 1) &&
+                         p.second <= d.second * (kw - 1);
     return dispatch_float(gy, name, [&](auto tag) -> py::array {
         using T = decltype(tag);
         auto gx = empty_array<T>({xs[0], xs[1], xs[2], xs[3]});
         const T *pg = cdata_of<T>(gy), *pw = cdata_of<T>(w);
         T* px = gx.mutable_data();
+        if (flipped) {
+            const Conv cf = make_conv(c.N, c.K, c.g.OH, c.g.OW, c.C, kh, kw, {1, 1},
+                                      {int(d.first * (kh - 1) - p.first),
+                                       int(d.second * (kw - 1) - p.second)},
+                                      d, 1, gy.itemsize(), name);
+            if (cf.g.OH != c.g.H || cf.g.OW != c.g.W)
+                throw std::logic_error("conv2d_backward_input: flipped geometry mismatch");
+            std::vector<T> wf(size_t(c.C) * c.K * kh * kw);  // (C, K, kh, kw)
+            for (index_t k = 0; k < c.K; ++k)
+                for (index_t ch = 0; ch < c.C; ++ch)
+                    for (index_t i = 0; i < kh; ++i)
+                        for (index_t j = 0; j < kw; ++j)
+                            wf[((ch * c.K + k) * kh + kh - 1 - i) * kw + kw - 1 - j] =
+                                pw[((k * c.C + ch) * kh + i) * kw + j];
+            {
+                py::gil_scoped_release nogil;
+                for_chunks(cf, [&](index_t n0, index_t n1, int) {
+                    forward_chunk<T>(pg, wf.data(), nullptr, px, cf, n0, n1);
+                });
+            }
+            return gx;
+        }
         {
             py::gil_scoped_release nogil;
             for_chunks(c, [&](index_t n0, index_t n1, int) {

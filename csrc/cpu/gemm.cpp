@@ -98,56 +98,52 @@ GD_INLINE void pack_b(bool tb, const T* B, index_t ldb, index_t N, index_t k0, i
     }
 }
 
-// C[0:mr, 0:nr] (+)= Ap (kc x MR panel)^T-ish @ Bp (kc x NR panel).
-template <typename V, typename T, int MR>
+// C[0:mr, 0:nr] (+)= Ap (MR-row panel, kc deep) @ Bp (NR = NV vectors wide, kc deep).
+template <typename V, typename T, int MR, int NV>
 GD_INLINE void micro(index_t kc, const T* __restrict Ap, const T* __restrict Bp, T* C,
                      index_t ldc, bool accumulate, index_t mr, index_t nr) {
     constexpr int W = sizeof(V) / sizeof(T);
-    constexpr int NR = 2 * W;
+    constexpr int NR = NV * W;
     typedef T VU __attribute__((vector_size(sizeof(V)), aligned(sizeof(T))));  // unaligned
-    V c0[MR], c1[MR];
+    V c[MR][NV];
 #pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) c0[i] = V{}, c1[i] = V{};
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) c[i][v] = V{};
     for (index_t k = 0; k < kc; ++k) {
-        const V b0 = *reinterpret_cast<const VU*>(Bp + k * NR);
-        const V b1 = *reinterpret_cast<const VU*>(Bp + k * NR + W);
+        V b[NV];
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) b[v] = *reinterpret_cast<const VU*>(Bp + k * NR + v * W);
         const T* a = Ap + k * MR;
 #pragma GCC unroll 16
-        for (int i = 0; i < MR; ++i) {
-            c0[i] += b0 * a[i];
-            c1[i] += b1 * a[i];
-        }
+        for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+            for (int v = 0; v < NV; ++v) c[i][v] += b[v] * a[i];
     }
     if (mr == MR && nr == NR) {
 #pragma GCC unroll 16
-        for (int i = 0; i < MR; ++i) {
-            VU* r0 = reinterpret_cast<VU*>(C + i * ldc);
-            VU* r1 = reinterpret_cast<VU*>(C + i * ldc + W);
-            if (accumulate) {
-                *r0 = *r0 + c0[i];
-                *r1 = *r1 + c1[i];
-            } else {
-                *r0 = c0[i];
-                *r1 = c1[i];
+        for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+            for (int v = 0; v < NV; ++v) {
+                VU* r = reinterpret_cast<VU*>(C + i * ldc + v * W);
+                *r = accumulate ? *r + c[i][v] : c[i][v];
             }
-        }
         return;
     }
     T tile[MR * NR];  // an edge tile: through a buffer, then the valid part
 #pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i) {
-        *reinterpret_cast<VU*>(tile + i * NR) = c0[i];
-        *reinterpret_cast<VU*>(tile + i * NR + W) = c1[i];
-    }
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) *reinterpret_cast<VU*>(tile + i * NR + v * W) = c[i][v];
     for (index_t i = 0; i < mr; ++i)
         for (index_t j = 0; j < nr; ++j)
             C[i * ldc + j] = accumulate ? C[i * ldc + j] + tile[i * NR + j] : tile[i * NR + j];
 }
 
-template <typename V, typename T, int MR>
+template <typename V, typename T, int MR, int NV>
 GD_INLINE void gemm_impl(bool ta, bool tb, index_t M, index_t N, index_t K, const T* A,
                          index_t lda, const T* B, index_t ldb, T beta, T* C, index_t ldc) {
-    constexpr int NR = 2 * int(sizeof(V) / sizeof(T));
+    constexpr int NR = NV * int(sizeof(V) / sizeof(T));
     constexpr index_t MC = MR * 10;
     if (M <= 0 || N <= 0) return;
     if (K <= 0) {  // C = beta * C
@@ -168,7 +164,7 @@ GD_INLINE void gemm_impl(bool ta, bool tb, index_t M, index_t N, index_t K, cons
                 pack_a<T, MR>(ta, A, lda, M, ic, mc, pc, kc, Ap);
                 for (index_t jr = 0; jr < nc; jr += NR)
                     for (index_t ir = 0; ir < mc; ir += MR)
-                        micro<V, T, MR>(kc, Ap + ir * kc, Bp + jr * kc,
+                        micro<V, T, MR, NV>(kc, Ap + ir * kc, Bp + jr * kc,
                                         C + (ic + ir) * ldc + jc + jr, ldc, acc,
                                         std::min<index_t>(MR, mc - ir),
                                         std::min<index_t>(NR, nc - jr));
@@ -187,20 +183,20 @@ template <typename T>
 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,fma"))) void gemm_avx512(
     GD_GEMM_ARGS) {
     typedef T V __attribute__((vector_size(64)));
-    gemm_impl<V, T, 8>(GD_GEMM_PASS);
+    gemm_impl<V, T, 8, 2>(GD_GEMM_PASS);
 }
 
 template <typename T>
 __attribute__((target("avx2,fma"))) void gemm_avx2(GD_GEMM_ARGS) {
     typedef T V __attribute__((vector_size(32)));
-    gemm_impl<V, T, 6>(GD_GEMM_PASS);
+    gemm_impl<V, T, 6, 2>(GD_GEMM_PASS);
 }
 #endif
 
 template <typename T>
 void gemm_base(GD_GEMM_ARGS) {
     typedef T V __attribute__((vector_size(16)));
-    gemm_impl<V, T, 4>(GD_GEMM_PASS);
+    gemm_impl<V, T, 4, 2>(GD_GEMM_PASS);
 }
 
 enum class Isa { base, avx2, avx512 };
