@@ -24,28 +24,27 @@ def t(a, requires_grad=False):
 
 
 # ---- output sizes, exactly as PyTorch's -----------------------------------------------------
-def _same_outcome(gd_call, torch_call):
-    """Both raise, or both give the same shape."""
+def _same_outcome(gd_fn, torch_fn, x, *args):
+    """gd_fn(x, *args) and torch_fn(x, *args) (weights among args as arrays) both raise, or
+    give the same shape."""
+    def call(fn, conv):
+        return fn(conv(x), *[conv(a) if isinstance(a, np.ndarray) else a for a in args])
     try:
-        want = tuple(torch_call().shape)
+        want = tuple(call(torch_fn, t).shape)
     except (RuntimeError, ValueError):
         with pytest.raises((RuntimeError, ValueError)):
-            gd_call()
-        return None
-    got = gd_call()
-    assert tuple(got.shape) == want
-    return got
+            call(gd_fn, g)
+        return
+    assert tuple(call(gd_fn, g).shape) == want, args
 
 
 @pytest.mark.parametrize("H", [1, 2, 5, 7, 8])
 def test_pool_output_sizes_match_torch(H):
     x = np.zeros((1, 1, H, H + 1), np.float32)
     for k, s, p, d, ceil in itertools.product((1, 2, 3), (1, 2, 3), (0, 1), (1, 2), (False, True)):
-        _same_outcome(lambda: F.max_pool2d(g(x), k, s, p, d, ceil),
-                      lambda: TF.max_pool2d(t(x), k, s, p, d, ceil))
+        _same_outcome(F.max_pool2d, TF.max_pool2d, x, k, s, p, d, ceil)
         if d == 1:
-            _same_outcome(lambda: F.avg_pool2d(g(x), k, s, p, ceil),
-                          lambda: TF.avg_pool2d(t(x), k, s, p, ceil))
+            _same_outcome(F.avg_pool2d, TF.avg_pool2d, x, k, s, p, ceil)
 
 
 @pytest.mark.parametrize("H", [1, 3, 6, 9])
@@ -53,16 +52,14 @@ def test_conv_output_sizes_match_torch(H):
     x = np.zeros((1, 2, H, H + 2), np.float32)
     for k, s, p, d in itertools.product((1, 2, 3), (1, 2), (0, 1, 2), (1, 2)):
         w = np.zeros((3, 2, k, k), np.float32)
-        _same_outcome(lambda: F.conv2d(g(x), g(w), None, s, p, d),
-                      lambda: TF.conv2d(t(x), t(w), None, s, p, d))
+        _same_outcome(F.conv2d, TF.conv2d, x, w, None, s, p, d)
 
 
 def test_conv_transpose_output_sizes_match_torch():
     x = np.zeros((1, 2, 4, 5), np.float32)
     for k, s, p, op, d in itertools.product((1, 3), (1, 2, 3), (0, 1), (0, 1, 2), (1, 2)):
         w = np.zeros((2, 3, k, k), np.float32)
-        _same_outcome(lambda: F.conv_transpose2d(g(x), g(w), None, s, p, op, 1, d),
-                      lambda: TF.conv_transpose2d(t(x), t(w), None, s, p, op, 1, d))
+        _same_outcome(F.conv_transpose2d, TF.conv_transpose2d, x, w, None, s, p, op, 1, d)
 
 
 # ---- argument errors -----------------------------------------------------------------------

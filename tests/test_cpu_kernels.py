@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("gpudiff._C")
-from gpudiff.backend import cpu_kernels as K  # noqa: E402
+from gpudiff.backend import cpu_kernels as K
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
@@ -16,7 +16,7 @@ DTYPES = [np.float32, np.float64]
 
 
 def tol(dtype):
-    return dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    return {"rtol": 1e-5, "atol": 1e-6} if dtype == np.float32 else {"rtol": 1e-12, "atol": 1e-12}
 
 
 @pytest.fixture
@@ -349,7 +349,7 @@ SHAPES_DIMS = [((5, 10), 1), ((5, 10), 0), ((5, 10), -1), ((4, 3, 5, 6), 1),
 def test_softmax_family(shape, dim, dtype, rng):
     x = (rng.standard_normal(shape) * 5).astype(dtype)
     x.flat[0] = 80  # large logits stay finite (stable)
-    t = dict(rtol=2e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-11, atol=1e-12)
+    t = {"rtol": 2e-5, "atol": 1e-6} if dtype == np.float32 else {"rtol": 1e-11, "atol": 1e-12}
     y = K.softmax(x, dim)
     np.testing.assert_allclose(y, softmax_ref(x.astype(np.float64), dim), **t)
     ly = K.log_softmax(x, dim)
@@ -398,7 +398,7 @@ def test_cross_entropy_matches_reference_and_torch(case, dtype, rng):
     w = rng.uniform(0.5, 2, C).astype(dtype) if weighted else None
     losses, dl = K.cross_entropy(x, t, w, ignore, eps)
     lr, dr = cross_entropy_ref(x, t, w, ignore, eps)
-    tl = dict(rtol=1e-5, atol=1e-6) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-13)
+    tl = {"rtol": 1e-5, "atol": 1e-6} if dtype == np.float32 else {"rtol": 1e-12, "atol": 1e-13}
     np.testing.assert_allclose(losses, lr, **tl)
     np.testing.assert_allclose(dl, dr, **tl)
     # PyTorch: per-row losses, and the gradient of their sum is dlogits row by row
@@ -444,8 +444,8 @@ def test_gemm(mkn, ta, tb, dtype, rng):
     b = rng.standard_normal((N, Kd) if tb else (Kd, N)).astype(dtype)
     c0 = rng.standard_normal((M, N)).astype(dtype)
     want = (a.T if ta else a).astype(np.float64) @ (b.T if tb else b).astype(np.float64)
-    t = dict(rtol=1e-4, atol=1e-4 * np.sqrt(Kd)) if dtype == np.float32 else \
-        dict(rtol=1e-12, atol=1e-12 * Kd)
+    t = {"rtol": 1e-4, "atol": 1e-4 * np.sqrt(Kd)} if dtype == np.float32 else \
+        {"rtol": 1e-12, "atol": 1e-12 * Kd}
     got = K._C.gemm(a, b, ta, tb)
     assert got.dtype == dtype and got.shape == (M, N)
     np.testing.assert_allclose(got, want, **t)
@@ -460,8 +460,8 @@ def test_matmul_kernel_layouts(mkn, dtype, rng):
     a = rng.standard_normal((M, Kd)).astype(dtype)
     b = rng.standard_normal((Kd, N)).astype(dtype)
     want = a.astype(np.float64) @ b.astype(np.float64)
-    t = dict(rtol=1e-4, atol=1e-4 * np.sqrt(Kd)) if dtype == np.float32 else \
-        dict(rtol=1e-11, atol=1e-11 * Kd)
+    t = {"rtol": 1e-4, "atol": 1e-4 * np.sqrt(Kd)} if dtype == np.float32 else \
+        {"rtol": 1e-11, "atol": 1e-11 * Kd}
     for A in (a, np.ascontiguousarray(a.T).T):          # row-major, and a transposed view
         for B in (b, np.ascontiguousarray(b.T).T):
             got = K.matmul(A, B)
@@ -480,7 +480,7 @@ def test_gemm_checks_shapes():
 
 # ---- whole-op convolution (csrc/cpu/conv.cpp) ---------------------------------------------
 def conv_ref(x, w, b, stride, padding, dilation, groups):
-    N, C, H, W = x.shape
+    N, _, H, W = x.shape
     Kout, Cg, kh, kw = w.shape
     k = (kh, kw, *stride, *padding, *dilation)
     cols = im2col_ref(x.astype(np.float64), *k)
@@ -517,7 +517,7 @@ def test_conv_kernels(case, dtype, rng):
     x = rng.standard_normal(xs).astype(dtype)
     w = rng.standard_normal(ws).astype(dtype)
     b = rng.standard_normal(ws[0]).astype(dtype) if bias else None
-    t = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-11, atol=1e-11)
+    t = {"rtol": 1e-4, "atol": 1e-4} if dtype == np.float32 else {"rtol": 1e-11, "atol": 1e-11}
     y = K.conv2d(x, w, b, stride, padding, dilation, groups)
     assert y.dtype == dtype
     np.testing.assert_allclose(y, conv_ref(x, w, b, stride, padding, dilation, groups), **t)
@@ -574,7 +574,7 @@ def test_batch_norm_kernels(shape, dtype, rng):
     axes = (0,) + tuple(range(2, len(shape)))
     mean, var = K._C.batch_norm_stats(x)
     x64 = x.astype(np.float64)
-    t = dict(rtol=1e-5, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    t = {"rtol": 1e-5, "atol": 1e-5} if dtype == np.float32 else {"rtol": 1e-12, "atol": 1e-12}
     np.testing.assert_allclose(mean, x64.mean(axes), **t)
     np.testing.assert_allclose(var, x64.var(axes), **t)
     w, b = rng.standard_normal(C).astype(dtype), rng.standard_normal(C).astype(dtype)
@@ -584,7 +584,7 @@ def test_batch_norm_kernels(shape, dtype, rng):
     wt, bt = torch.from_numpy(w).requires_grad_(), torch.from_numpy(b).requires_grad_()
     rmt, rvt = torch.zeros(C, dtype=xt.dtype), torch.ones(C, dtype=xt.dtype)
     yt = F.batch_norm(xt, rmt, rvt, wt, bt, True, 0.1, 1e-5)
-    t2 = dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-10)
+    t2 = {"rtol": 1e-4, "atol": 1e-4} if dtype == np.float32 else {"rtol": 1e-10, "atol": 1e-10}
     np.testing.assert_allclose(y, yt.detach().numpy(), **t2)
     np.testing.assert_allclose(rm, rmt.numpy(), **t2)
     np.testing.assert_allclose(rv, rvt.numpy(), **t2)
@@ -626,12 +626,12 @@ def test_dropout_kernel_matches_reference(shape, group, dtype, rng):
 
 # ---- fused optimizer step ------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("opts", [dict(momentum=0.0), dict(momentum=0.9),
-                                  dict(momentum=0.9, dampening=0.3, weight_decay=1e-2),
-                                  dict(momentum=0.8, nesterov=True, weight_decay=1e-3),
-                                  dict(momentum=0.9, maximize=True)])
+@pytest.mark.parametrize("opts", [{"momentum": 0.0}, {"momentum": 0.9},
+                                  {"momentum": 0.9, "dampening": 0.3, "weight_decay": 1e-2},
+                                  {"momentum": 0.8, "nesterov": True, "weight_decay": 1e-3},
+                                  {"momentum": 0.9, "maximize": True}])
 def test_sgd_step_matches_the_reference_rule(opts, dtype, rng):
-    o = dict(momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False)
+    o = {"momentum": 0.0, "dampening": 0.0, "weight_decay": 0.0, "nesterov": False, "maximize": False}
     o.update(opts)
     shapes = [(3, 4), (5,), (3_000_000,)]                  # the last one splits over threads
     ps = [rng.standard_normal(s).astype(dtype) for s in shapes]
@@ -647,7 +647,7 @@ def test_sgd_step_matches_the_reference_rule(opts, dtype, rng):
         want_p.append(p - 0.1 * g)
         want_b.append(b)
     assert K.sgd_step(ps, gs, bs, 0.1, **o) is None       # done in place
-    t = tol(dtype) if dtype == np.float64 else dict(rtol=1e-6, atol=1e-6)
+    t = tol(dtype) if dtype == np.float64 else {"rtol": 1e-6, "atol": 1e-6}
     for p, wp, b, wb in zip(ps, want_p, bs, want_b):
         np.testing.assert_allclose(p, wp, **t)
         if b is not None:

@@ -20,7 +20,6 @@ with G groups, Rg = C/G*kh*kw rows of columns per group and Kg = K/G filters per
 
 Output size: (H + 2p - d(k-1) - 1) // s + 1, as PyTorch (an error below 1).
 """
-import math
 from typing import NamedTuple
 
 from . import Op
@@ -150,7 +149,7 @@ def conv2d_backward_weight_ref(ctx, gy, x, g):
 
 
 def _params(stride, padding, dilation, groups):
-    return dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return {"stride": stride, "padding": padding, "dilation": dilation, "groups": groups}
 
 
 # ---- the ops --------------------------------------------------------------------------
@@ -272,7 +271,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     unbatched = input.ndim == 3
     if unbatched:
         input = input.unsqueeze(0)
-    N, C, H, W = input.shape
+    _, C, H, W = input.shape
     K, Cg, kh, kw = weight.shape
     if C != Cg * groups:
         raise RuntimeError(f"{name}: Given groups={groups}, weight of size {list(weight.shape)}, "
@@ -293,7 +292,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
             if any(extra):  # even kernel: the odd pixel of padding goes bottom/right
                 from ..nn.functional import pad
                 input = pad(input, (0, extra[1], 0, extra[0]))
-                N, C, H, W = input.shape
+                H, W = input.shape[2:]
         else:
             raise ValueError(f"{name}: invalid padding string {padding!r}, should be one of "
                              f"'valid', 'same'")

@@ -212,7 +212,7 @@ class DropoutOp(Op):
     name = "dropout"
 
     def forward(ctx, x, *, p, seed, group):
-        ctx.p = dict(p=p, seed=seed, group=group)
+        ctx.p = {"p": p, "seed": seed, "group": group}
         k = ctx.kernel("dropout")
         y = k(x, p, seed, group) if k else None
         return dropout_ref(ctx.xp, x, p, seed, group) if y is None else y
@@ -292,7 +292,7 @@ class InterpolateOp(Op):
     name = "interpolate"
 
     def forward(ctx, x, *, output_size, scales, exact):
-        ctx.p = dict(output_size=output_size, scales=scales, exact=exact)
+        ctx.p = {"output_size": output_size, "scales": scales, "exact": exact}
         ctx.in_size = x.shape[2:]
         y = x
         for d, (n_in, n_out, s) in enumerate(zip(x.shape[2:], output_size, scales)):
@@ -311,7 +311,7 @@ class InterpolateBackward(Op):
     name = "interpolate_backward"
 
     def forward(ctx, gy, *, input_size, output_size, scales, exact):
-        ctx.p = dict(output_size=output_size, scales=scales, exact=exact)
+        ctx.p = {"output_size": output_size, "scales": scales, "exact": exact}
         xp = ctx.xp
         g = gy
         for d, (n_in, n_out, s) in enumerate(zip(input_size, output_size, scales)):
@@ -371,7 +371,7 @@ def interpolate(input, size=None, scale_factor=None, mode="nearest", align_corne
             raise ValueError(f"Input and scale_factor must have the same number of spatial "
                              f"dimensions, but got input with spatial dimensions of "
                              f"{list(in_size)} and scale_factor of shape {scale_factor}.")
-        out = tuple(int(math.floor(n * float(s))) for n, s in zip(in_size, sf))
+        out = tuple(math.floor(n * float(s)) for n, s in zip(in_size, sf))
         scales = (None,) * dim if recompute_scale_factor else tuple(float(s) for s in sf)
     if min(out) < 1:
         raise RuntimeError(f"{name}: output size {out} must be positive (input {in_size})")

@@ -258,9 +258,9 @@ class AvgPool2dOp(Op):
 
     def forward(ctx, x, *, kernel_size, stride, padding, ceil_mode, count_include_pad,
                 divisor_override):
-        ctx.p = dict(kernel_size=kernel_size, stride=stride, padding=padding,
-                     ceil_mode=ceil_mode, count_include_pad=count_include_pad,
-                     divisor_override=divisor_override)
+        ctx.p = {"kernel_size": kernel_size, "stride": stride, "padding": padding,
+                     "ceil_mode": ceil_mode, "count_include_pad": count_include_pad,
+                     "divisor_override": divisor_override}
         ctx.hw = x.shape[-2:]
         args = kernel_size + stride + padding + (ceil_mode, count_include_pad, divisor_override)
         k = ctx.kernel("avg_pool2d")
@@ -276,9 +276,9 @@ class AvgPool2dBackward(Op):
 
     def forward(ctx, gy, *, input_size, kernel_size, stride, padding, ceil_mode,
                 count_include_pad, divisor_override):
-        ctx.p = dict(kernel_size=kernel_size, stride=stride, padding=padding,
-                     ceil_mode=ceil_mode, count_include_pad=count_include_pad,
-                     divisor_override=divisor_override)
+        ctx.p = {"kernel_size": kernel_size, "stride": stride, "padding": padding,
+                     "ceil_mode": ceil_mode, "count_include_pad": count_include_pad,
+                     "divisor_override": divisor_override}
         args = tuple(input_size) + kernel_size + stride + padding + (
             ceil_mode, count_include_pad, divisor_override)
         k = ctx.kernel("avg_pool2d_backward")

@@ -7,7 +7,7 @@ multiplies by the mask that our counter-based hash gives for that seed.
 """
 import numpy as np
 
-from . import Const, OpInfo, S, float32, float64
+from . import Const, OpInfo, S, float32
 
 CONV_KERNELS = ("conv2d", "conv2d_backward_input", "conv2d_backward_weight", "im2col",
                 "col2im")
@@ -51,7 +51,7 @@ def conv_transpose_samples(make):
 
 
 def max_pool_samples(make):
-    d = dict(distinct=True)  # no ties: finite differences stay on one side of each max
+    d = {"distinct": True}  # no ties: finite differences stay on one side of each max
     return [
         S(make(2, 3, 6, 6, **d), 2),
         S(make(2, 2, 7, 9, **d), 3, stride=2, padding=1),
