@@ -356,7 +356,6 @@ def _minmax(input, dim, keepdim, largest, name):
             raise RuntimeError(f"{name}(): Expected reduction dim to be specified for "
                                f"input.numel() == 0")
         return (R.amax if largest else R.amin).apply(input)
-    from collections import namedtuple
     vals, idx = R.max_dim.apply(input, dim=dim, keepdim=keepdim, largest=largest)
     return _MinMax(vals, idx)
 
@@ -700,8 +699,7 @@ def masked_fill(input, mask, value):
         raise RuntimeError("masked_fill only supports a 0-dimensional value tensor")
     if mask.dtype != np.bool_:
         raise RuntimeError(f"masked_fill: expected a bool mask, got {mask.dtype}")
-    return where(mask, _wrap(value if not isinstance(value, Tensor) else value,
-                             input).to(input.dtype), input)
+    return where(mask, _wrap(value, input).to(input.dtype), input)
 
 
 def gather(input, dim, index):

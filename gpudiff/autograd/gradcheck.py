@@ -88,14 +88,12 @@ def gradgradcheck(func, inputs, grad_outputs=None, *, eps=1e-6, atol=1e-5, rtol=
     from ..tensor import Tensor
     from . import grad as autograd_grad
     inputs = _as_tuple(inputs)
-    diff = [t for t in inputs if isinstance(t, Tensor) and t.requires_grad]
     outs = [o for o in _as_tuple(func(*inputs)) if isinstance(o, Tensor) and o.requires_grad]
     if grad_outputs is None:
         rng = np.random.default_rng(0)
         grad_outputs = [Tensor._make(o.device.xp.asarray(rng.standard_normal(o.shape)
                                                          .astype(o.dtype)), o.device)
                         for o in outs]
-    n_go = len(grad_outputs)
     for g in grad_outputs:
         g.requires_grad = True
 
@@ -106,6 +104,5 @@ def gradgradcheck(func, inputs, grad_outputs=None, *, eps=1e-6, atol=1e-5, rtol=
         return autograd_grad(o, d, list(gos), create_graph=True, allow_unused=True,
                              materialize_grads=True)
 
-    del n_go
     return gradcheck(first_grads, tuple(inputs) + tuple(grad_outputs), eps=eps, atol=atol,
                      rtol=rtol, raise_exception=raise_exception)

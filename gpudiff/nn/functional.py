@@ -350,7 +350,7 @@ def multi_margin_loss(input, target, p=1, margin=1.0, weight=None, size_average=
     if squeeze:
         input, target = input.unsqueeze(0), target.reshape(1)
     _class_targets("multi_margin_loss", input, target)
-    n, c = input.shape
+    c = input.shape[1]
     _check_target_range("multi_margin_loss", target, c, -(10 ** 9))
     xy = input.gather(1, target.unsqueeze(1))                     # (N, 1)
     m = (input - xy + margin).clamp(min=0)

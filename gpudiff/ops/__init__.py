@@ -198,4 +198,5 @@ def result_type(*arrays_or_dtypes):
 
 
 # the op modules register themselves on import
-from . import elementwise, reduce, shape, index, linalg, nn, device  # noqa: E402,F401
+from . import device as _device_ops  # noqa: E402,F401
+from . import elementwise, index, linalg, nn, reduce, shape  # noqa: E402,F401
