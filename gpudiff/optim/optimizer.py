@@ -176,19 +176,8 @@ class Optimizer:
     # ---- gradients ----------------------------------------------------------------------
     def zero_grad(self, set_to_none=True):
         """Reset the gradients: to None (default), or to zeros in place."""
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if set_to_none:
-                    p.grad = None
-                else:
-                    g = p.grad
-                    if g.grad_fn is not None:
-                        g.detach_()
-                    else:
-                        g.requires_grad_(False)
-                    g.zero_()
+        from ..autograd import zero_grads
+        zero_grads((p for group in self.param_groups for p in group["params"]), set_to_none)
 
     # ---- the step -----------------------------------------------------------------------
     def step(self, closure=None):

@@ -386,18 +386,8 @@ class Module:
 
     def zero_grad(self, set_to_none=True):
         """Reset the parameters' gradients (to None by default, like PyTorch 2.x)."""
-        for p in self.parameters():
-            if p.grad is None:
-                continue
-            if set_to_none:
-                p.grad = None
-            else:
-                g = p.grad
-                if g.grad_fn is not None:
-                    g.detach_()
-                else:
-                    g.requires_grad_(False)
-                g.zero_()
+        from ...autograd import zero_grads
+        zero_grads(self.parameters(), set_to_none)
 
     def apply(self, fn):
         """Call ``fn(m)`` on every submodule (children first) and then on self."""
