@@ -659,3 +659,19 @@ def test_sgd_step_declines_what_it_cannot_take():
     assert K.sgd_step([p], [p], [None], 0.1, 0.0, 0.0, 0.0, False, False) is NotImplemented
     q = np.zeros((4, 4), np.float32)[:, ::2]
     assert K.sgd_step([q], [q], [None], 0.1, 0.0, 0.0, 0.0, False, False) is NotImplemented
+
+
+def test_kernels_accept_equal_but_distinct_dtype_descriptors():
+    # arrays that came through a pickle (DataLoader workers) carry a float32 descriptor that
+    # is equal to, but not the same object as, numpy's builtin one
+    import pickle
+
+    import gpudiff
+    import gpudiff.nn.functional as F
+    x = pickle.loads(pickle.dumps(np.random.default_rng(0).random((2, 3, 8, 8), np.float32)))
+    w = np.random.default_rng(1).random((4, 3, 3, 3), np.float32)
+    assert x.dtype is not np.dtype("float32")
+    y = F.conv2d(gpudiff.from_numpy(x), gpudiff.from_numpy(w))
+    ref = F.conv2d(gpudiff.from_numpy(np.ascontiguousarray(x, np.dtype("float32"))),
+                   gpudiff.from_numpy(w))
+    np.testing.assert_array_equal(y.numpy(), ref.numpy())

@@ -59,8 +59,15 @@ inline void require_ndim(const py::array& a, int ndim, const char* kernel, const
                               "-D");
 }
 
+// dtypes compared by value (type number and native byte order), not by descriptor identity:
+// arrays that came through a pickle carry an equal but distinct float32 descriptor
+template <typename T>
+inline bool is_native(const py::dtype& d) {
+    return d.num() == py::dtype::of<T>().num() && d.byteorder() != '>';
+}
+
 inline void require_same_dtype(const py::array& a, const py::array& b, const char* kernel) {
-    if (!a.dtype().is(b.dtype()))
+    if (a.dtype().num() != b.dtype().num() || a.dtype().byteorder() != b.dtype().byteorder())
         throw py::type_error(std::string(kernel) + ": arguments must have the same dtype");
 }
 
@@ -75,8 +82,8 @@ inline bool same_shape(const py::array& a, const py::array& b) {
 // TypeError (the Python wrapper falls back to the reference path before getting here).
 template <typename F>
 auto dispatch_float(const py::array& a, const char* kernel, F&& f) -> decltype(f(float{})) {
-    if (a.dtype().is(py::dtype::of<float>())) return f(float{});
-    if (a.dtype().is(py::dtype::of<double>())) return f(double{});
+    if (is_native<float>(a.dtype())) return f(float{});
+    if (is_native<double>(a.dtype())) return f(double{});
     throw py::type_error(std::string(kernel) + ": expected float32 or float64, got " +
                          std::string(py::str(a.dtype())));
 }

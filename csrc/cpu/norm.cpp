@@ -39,7 +39,7 @@ NCS ncs_of(const py::array& x, const char* name) {
 template <typename T>
 void require_channel_vector(const py::array& v, index_t C, const char* name, const char* arg) {
     require_contiguous(v, name, arg);
-    if (v.ndim() != 1 || v.shape(0) != C || !v.dtype().is(py::dtype::of<T>()))
+    if (v.ndim() != 1 || v.shape(0) != C || !is_native<T>(v.dtype()))
         throw py::value_error(std::string(name) + ": '" + arg + "' must be (C,) of x's dtype");
 }
 

@@ -52,7 +52,7 @@ py::object sgd_step(py::list params, py::list grads, py::list bufs, double lr, d
             throw py::value_error("sgd_step: momentum needs every momentum buffer");
         }
         ps.push_back(p), gs.push_back(g), bs.push_back(b);
-        if (!p.dtype().is(ps[0].dtype())) throw py::type_error("sgd_step: mixed dtypes");
+        if (p.dtype().num() != ps[0].dtype().num()) throw py::type_error("sgd_step: mixed dtypes");
     }
     if (n == 0) return py::none();
     dispatch_float(ps[0], name, [&](auto tag) {

@@ -351,7 +351,7 @@ py::array max_pool2d_backward(py::array gy, py::array indices, int64_t H, int64_
     require_ndim(gy, 4, "max_pool2d_backward", "gy");
     require_contiguous(gy, "max_pool2d_backward", "gy");
     require_contiguous(indices, "max_pool2d_backward", "indices");
-    if (!indices.dtype().is(py::dtype::of<int64_t>()) || !same_shape(gy, indices))
+    if (!is_native<int64_t>(indices.dtype()) || !same_shape(gy, indices))
         throw py::value_error("max_pool2d_backward: indices must be int64 with gy's shape");
     const index_t N = gy.shape(0), C = gy.shape(1), OH = gy.shape(2), OW = gy.shape(3);
     return dispatch_float(gy, "max_pool2d_backward", [&](auto tag) -> py::array {

@@ -247,7 +247,7 @@ py::tuple cross_entropy(py::array logits, py::array target, py::object weight,
     require_contiguous(logits, name, "logits");
     require_ndim(target, 1, name, "target");
     require_contiguous(target, name, "target");
-    if (!target.dtype().is(py::dtype::of<int64_t>()))
+    if (!is_native<int64_t>(target.dtype()))
         throw py::type_error("cross_entropy: target must be int64");
     const index_t N = logits.shape(0), C = logits.shape(1);
     if (target.shape(0) != N)
