@@ -272,3 +272,55 @@ struct RowTeam {
 };
 
 }  // namespace gd
+
+namespace gd {
+
+// ---- short rows: a thread per row, staged through shared memory ------------------------
+// A warp per row wastes most of every request when rows are short: a 10-class row is 40
+// bytes, so a warp-wide load asks for 40 bytes and touches 2-3 sectors, and a per-row
+// scalar (the target) is one 8-byte read per warp. For rows of at most SMALL_ROW_MAX_COLS
+// columns the *_small kernels give a block of R = blockDim.x threads (1-D) R consecutive
+// rows at a time, a tile of R * cols contiguous elements:
+//   1. the block copies the tile into shared memory, consecutive threads reading consecutive
+//      elements (every sector fully used);
+//   2. each thread works on its own row in shared memory with a SoloTeam (the row functions
+//      are written once for any team);
+//   3. the block copies the results back the same way.
+// Shared rows are ld = cols | 1 elements apart: with an odd stride, R threads reading
+// column c of their rows hit R distinct 4-byte banks.
+constexpr int SMALL_ROW_MAX_COLS = 32;
+
+__device__ __forceinline__ int small_row_ld(int cols) { return cols | 1; }
+
+// s[r * ld + c] = src[(row0 + r) * cols + c] for r < nrows, c < cols
+template <typename T>
+__device__ __forceinline__ void tile_load(gptr<const T> src, T* s, long long row0, int nrows,
+                                          int cols, int ld) {
+    const long long base = row0 * cols;
+    const int n = nrows * cols;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const int r = i / cols;
+        s[r * ld + (i - r * cols)] = src[base + i];
+    }
+}
+
+// dst[(row0 + r) * cols + c] = s[r * ld + c]
+template <typename T>
+__device__ __forceinline__ void tile_store(const T* s, gptr<T> dst, long long row0, int nrows,
+                                           int cols, int ld) {
+    const long long base = row0 * cols;
+    const int n = nrows * cols;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+        const int r = i / cols;
+        dst[base + i] = s[r * ld + (i - r * cols)];
+    }
+}
+
+// A team of one thread: the row functions' loops run serially, allreduce is the identity.
+struct SoloTeam {
+    static constexpr int lane = 0, size = 1;
+    template <typename Acc>
+    __device__ __forceinline__ Acc allreduce(Acc a) const { return a; }
+};
+
+}  // namespace gd

@@ -21,6 +21,8 @@ _CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
 ELEMENTWISE_THREADS = 256
 WARP_ROW_MAX_COLS = 256  # rows up to this long get a warp each, longer ones a block
 ROWS_PER_BLOCK = 4       # warp-per-row blocks: (32, 4) threads
+SMALL_ROW_MAX_COLS = 32  # rows up to this long: a thread per row on a shared-memory tile
+SMALL_ROW_THREADS = {4: 128, 8: 64}  # rows per tile by itemsize: tiles of <= 34 KB shared
 MAX_RESIDENT_THREADS_PER_SM = 2048  # H100 (sm_90) and A100 (sm_80)
 
 
@@ -57,6 +59,18 @@ def row_config(rows, cols, a):
         block = (threads, 1, 1)
         grid = rows
     return max(1, min(grid, _wave(a, block[0] * block[1]))), block
+
+
+def small_row_config(rows, cols, itemsize, buffers, extra, a):
+    """(grid, block, shared bytes) for a *_small row kernel (common.cuh: short rows).
+
+    A block of R threads takes R rows at a time; its shared memory holds ``buffers`` tiles of
+    R rows padded to an odd stride, plus ``extra`` elements.
+    """
+    threads = SMALL_ROW_THREADS[itemsize]
+    shared = (buffers * threads * (cols | 1) + extra) * itemsize
+    grid = max(1, min(math.ceil(rows / threads), _wave(a, threads)))
+    return grid, (threads, 1, 1), shared
 
 
 # ---- elementwise activations ----------------------------------------------------------------
@@ -144,7 +158,13 @@ def _rows_call(kernel, dim, *arrays):
     cols = shape[-1]
     rows = x.size // cols if cols else 0
     out = xp.empty(shape, x.dtype)
-    if x.size:
+    if not x.size:
+        pass
+    elif cols <= SMALL_ROW_MAX_COLS:  # a thread per row, tiles staged in shared memory
+        grid, block, shared = small_row_config(rows, cols, x.itemsize, len(arrays), 0, x)
+        launch("softmax.cu", f"{kernel}_small<{t}>", grid, block,
+               (*moved, out, np.int64(rows), np.int32(cols)), shared)
+    else:
         grid, block = row_config(rows, cols, x)
         launch("softmax.cu", f"{kernel}<{t}>", grid, block,
                (*moved, out, np.int64(rows), np.int32(cols)))
@@ -189,9 +209,14 @@ def cross_entropy(logits, target, weight, ignore_index, label_smoothing):
     losses = xp.empty((n,), dt)
     dlogits = xp.empty((n, c), dt)
     if n:
-        grid, block = row_config(n, c, logits)
-        launch("cross_entropy.cu", f"cross_entropy_fwd_bwd<{t}>", grid, block,
-               (xp.ascontiguousarray(logits), xp.ascontiguousarray(target, dtype=np.int64), w,
+        args = (xp.ascontiguousarray(logits), xp.ascontiguousarray(target, dtype=np.int64), w,
                 losses, dlogits, np.int64(n), np.int32(c), np.int64(ignore_index),
-                dt.type(label_smoothing)))
+                dt.type(label_smoothing))
+        if c <= SMALL_ROW_MAX_COLS:  # a thread per row; the tile, then the weights, in shared
+            grid, block, shared = small_row_config(n, c, dt.itemsize, 1, c, logits)
+            launch("cross_entropy.cu", f"cross_entropy_fwd_bwd_small<{t}>", grid, block, args,
+                   shared)
+        else:
+            grid, block = row_config(n, c, logits)
+            launch("cross_entropy.cu", f"cross_entropy_fwd_bwd<{t}>", grid, block, args)
     return losses, dlogits

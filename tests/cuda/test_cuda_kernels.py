@@ -10,7 +10,7 @@ import torch
 
 from gpudiff.backend import cuda_kernels as ck
 from gpudiff.backend import kernels
-from gpudiff.backend.cuda_launch import launch
+from gpudiff.backend.cuda_launch import emulator, launch
 
 EDGE_COLS = [1, 31, 32, 33, 255, 256, 257, 1000]
 SIZES = [1, 31, 32, 33, 255, 256, 257, 1000, 4099]
@@ -222,3 +222,129 @@ def test_cross_entropy_with_masked_logits_and_no_smoothing(where):
     ref_l, ref_g, _ = _ce_torch(logits.astype(np.float64), target, None, -100, 0.0)
     np.testing.assert_allclose(where.get(losses), ref_l, rtol=1e-6)
     np.testing.assert_allclose(where.get(dl), ref_g, rtol=1e-6, atol=1e-7)
+
+
+# ---- short rows (cols <= 32): a thread per row on shared-memory tiles ------------------------
+# Tiles are SMALL_ROW_THREADS[itemsize] rows (128 float, 64 double): row counts hit 1, a tile
+# -1/+1, several tiles; columns hit 1, 2, odd/even strides, 31/32 and 33 (the warp kernel).
+SHORT_COLS = [1, 2, 7, 10, 16, 31, 32, 33]
+
+
+def _short_rows(dtype):
+    r = ck.SMALL_ROW_THREADS[np.dtype(dtype).itemsize]
+    return [1, r - 1, r, r + 1, 3 * r + 5]
+
+
+def _launched(monkeypatch):
+    names = []
+    real = ck.launch
+
+    def spy(source_file, name, *args, **kw):
+        names.append(name)
+        return real(source_file, name, *args, **kw)
+
+    monkeypatch.setattr(ck, "launch", spy)
+    return names
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cols", SHORT_COLS)
+def test_short_row_cross_entropy_matches_torch(where, cols, dtype, monkeypatch):
+    names = _launched(monkeypatch)
+    for n in _short_rows(dtype):
+        rng = np.random.default_rng(100 * cols + n)
+        logits = rand((n, cols), dtype, seed=n + cols)
+        target = rng.integers(0, cols, size=n).astype(np.int64)
+        target[::7] = -100  # ignored rows spread over the tiles
+        weight = rng.uniform(0.2, 2.0, size=cols).astype(dtype)
+        for w, smoothing in ((None, 0.0), (weight, 0.1)):
+            losses, dlogits = ck.cross_entropy(where.put(logits), where.put(target),
+                                               None if w is None else where.put(w), -100,
+                                               smoothing)
+            ref_l, ref_g, _ = _ce_torch(logits, target, w, -100, smoothing)
+            np.testing.assert_allclose(where.get(losses), ref_l, **tol(dtype))
+            np.testing.assert_allclose(where.get(dlogits), ref_g, **tol(dtype))
+    small = cols <= ck.SMALL_ROW_MAX_COLS
+    assert all(name.startswith("cross_entropy_fwd_bwd_small<") == small for name in names)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("cols", SHORT_COLS)
+def test_short_row_softmax_forward_backward(where, cols, dtype, monkeypatch):
+    names = _launched(monkeypatch)
+    for n in _short_rows(dtype):
+        x = rand((n, cols), dtype, seed=n + cols)
+        gy = rand((n, cols), dtype, seed=n + cols + 1)
+        p = _softmax_ref(x, 1)
+        np.testing.assert_allclose(where.get(ck.softmax(where.put(x), 1)), p, **tol(dtype))
+        np.testing.assert_allclose(where.get(ck.log_softmax(where.put(x), 1)), np.log(p),
+                                   **tol(dtype))
+        y64 = p.astype(dtype).astype(np.float64)
+        g64 = gy.astype(np.float64)
+        gx = ck.softmax_backward(where.put(p.astype(dtype)), where.put(gy), 1)
+        np.testing.assert_allclose(where.get(gx), y64 * (g64 - (g64 * y64).sum(1, keepdims=True)),
+                                   **tol(dtype))
+        ly = np.log(p).astype(dtype)
+        lgx = ck.log_softmax_backward(where.put(ly), where.put(gy), 1)
+        np.testing.assert_allclose(
+            where.get(lgx), g64 - np.exp(ly.astype(np.float64)) * g64.sum(1, keepdims=True),
+            **tol(dtype))
+    small = cols <= ck.SMALL_ROW_MAX_COLS
+    assert names and all(name.split("<")[0].endswith("_small") == small for name in names)
+
+
+def test_short_row_special_rows(where):
+    # masked logits, an all -inf row (NaN, as torch), NaN, ignore_index and an out-of-range
+    # target inside one tile
+    x = np.array([[0.0, -np.inf, 1.0], [2.0, 1.0, -np.inf], [-np.inf] * 3, [np.nan, 0.0, 1.0],
+                  [1.0, 2.0, 3.0], [3.0, 2.0, 1.0]], np.float32)
+    t = torch.from_numpy(x)
+    np.testing.assert_allclose(where.get(ck.softmax(where.put(x), 1)), torch.softmax(t, 1),
+                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(where.get(ck.log_softmax(where.put(x), 1)),
+                               torch.log_softmax(t, 1), rtol=1e-6, atol=1e-7)
+    target = np.array([0, 1, -100, -100, 5, 2])
+    losses, dl = ck.cross_entropy(where.put(x), where.put(target), None, -100, 0.0)
+    losses, dl = where.get(losses), where.get(dl)
+    ref_l, ref_g, _ = _ce_torch(x[[0, 1, 5]].astype(np.float64), target[[0, 1, 5]], None, -100,
+                                0.0)
+    np.testing.assert_allclose(losses[[0, 1, 5]], ref_l, rtol=1e-6)
+    np.testing.assert_allclose(dl[[0, 1, 5]], ref_g, rtol=1e-6, atol=1e-7)
+    assert losses[2] == losses[3] == 0 and not dl[2:4].any()
+    assert np.isnan(losses[4]) and np.isnan(dl[4]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_short_row_tiles_are_grid_strided(dtype):
+    # fewer blocks than tiles: each block loops over several tiles, reusing its shared memory
+    itemsize = np.dtype(dtype).itemsize
+    n, cols = 7 * ck.SMALL_ROW_THREADS[itemsize] + 3, 10
+    x = rand((n, cols), dtype, seed=9)
+    target = np.random.default_rng(9).integers(0, cols, size=n).astype(np.int64)
+    w = np.linspace(0.5, 1.5, cols).astype(dtype)
+    losses, dl = np.empty(n, dtype), np.empty_like(x)
+    _, block, shared = ck.small_row_config(n, cols, itemsize, 1, cols, x)
+    t = "float" if dtype == np.float32 else "double"
+    for order in ("forward", "reverse", "random"):
+        with emulator(order=order, seed=3, shuffle_blocks=True):
+            launch("cross_entropy.cu", f"cross_entropy_fwd_bwd_small<{t}>", 2, block,
+                   (x, target, w, losses, dl, np.int64(n), np.int32(cols), np.int64(-100),
+                    dtype(0.05)), shared)
+        ref_l, ref_g, _ = _ce_torch(x, target, w, -100, 0.05)
+        np.testing.assert_allclose(losses, ref_l, **tol(dtype))
+        np.testing.assert_allclose(dl, ref_g, **tol(dtype))
+        y = np.empty_like(x)
+        _, block2, shared2 = ck.small_row_config(n, cols, itemsize, 1, 0, x)
+        with emulator(order=order, seed=4, shuffle_blocks=True):
+            launch("softmax.cu", f"log_softmax_fwd_small<{t}>", 3, block2,
+                   (x, y, np.int64(n), np.int32(cols)), shared2)
+        np.testing.assert_allclose(y, np.log(_softmax_ref(x, 1)), **tol(dtype))
+
+
+def test_small_row_config_fits_shared_memory():
+    x = np.zeros(1, np.float32)
+    for itemsize in (4, 8):
+        for cols in (1, 10, ck.SMALL_ROW_MAX_COLS):
+            grid, block, shared = ck.small_row_config(10_000, cols, itemsize, 2, cols, x)
+            assert block[0] % 32 == 0 and block[0] <= 512 and grid >= 1
+            assert shared <= 48 * 1024  # no opt-in needed for dynamic shared memory
