@@ -16,6 +16,7 @@ from . import functions as _functions
 from . import autograd
 from .autograd import no_grad, enable_grad, set_grad_enabled, inference_mode, is_grad_enabled
 from . import cuda  # noqa: E402
+from . import backends  # noqa: E402
 from . import nn, optim, utils, datasets, transforms  # noqa: E402
 from .serialization import save, load  # noqa: E402
 

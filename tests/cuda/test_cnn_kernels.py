@@ -353,6 +353,10 @@ POOL_CASES = [
     # 2x2 stride 2 on even widths: the pair-load path (odd height: ceil_mode clips rows)
     ((2, 3, 6, 8), (2, 2), (2, 2), (0, 0), (1, 1), False),
     ((1, 2, 7, 8), (2, 2), (2, 2), (0, 0), (1, 1), True),
+    # LeNet's 10-wide planes; pair windows three rows high with row padding (avg: two lanes
+    # per output, odd row counts)
+    ((3, 2, 10, 10), (2, 2), (2, 2), (0, 0), (1, 1), False),
+    ((2, 3, 9, 6), (3, 2), (2, 2), (1, 0), (1, 1), True),
 ]
 
 
@@ -397,6 +401,62 @@ def test_avg_pool2d_forward_backward(order, case, count_include_pad, divisor):
                                 count_include_pad, divisor)
     np.testing.assert_allclose(order.get(y), ty.detach().numpy(), rtol=1e-13, atol=1e-14)
     np.testing.assert_allclose(order.get(gx), tx.grad.numpy(), rtol=1e-13, atol=1e-14)
+
+
+def _spy_launches(monkeypatch):
+    names = []
+    real = cc.launch
+
+    def spy(source_file, name, *args, **kw):
+        names.append(name)
+        return real(source_file, name, *args, **kw)
+
+    monkeypatch.setattr(cc, "launch", spy)
+    return names
+
+
+# (shape, kernel, stride, padding, ceil_mode): outputs not a multiple of a warp's 16, LeNet's
+# two pools, 3-row windows, row padding, ceil_mode's clipped last row
+PAIR_CASES = [((1, 1, 2, 2), (2, 2), (2, 2), (0, 0), False),
+              ((2, 6, 28, 28), (2, 2), (2, 2), (0, 0), False),
+              ((5, 16, 10, 10), (2, 2), (2, 2), (0, 0), False),
+              ((3, 5, 11, 14), (3, 2), (2, 2), (1, 0), True),
+              ((2, 3, 7, 6), (2, 2), (1, 2), (1, 0), True)]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", range(len(PAIR_CASES)))
+def test_avg_pool2d_pair_windows_two_lanes_per_output(order, case, dtype, monkeypatch):
+    # the pair kernel runs, matches torch, and equals the one-lane kernel bit for bit (same
+    # summation order); a misaligned input (a view one element in) takes the one-lane kernel
+    shape, k, s, p, ceil = PAIR_CASES[case]
+    x = rand(shape, dtype, seed=case)
+    ref = F.avg_pool2d(t64(x), k, s, p, ceil, False).detach().numpy()
+    names = _spy_launches(monkeypatch)
+    y = order.get(cc.avg_pool2d(order.put(x), *k, *s, *p, ceil, False, None))
+    assert names == [f"avg_pool2d_fwd_pairs<{'float' if dtype == np.float32 else 'double'}>"]
+    np.testing.assert_allclose(y, ref, **tol(dtype))
+    if isinstance(order, Emulated):
+        buf = np.empty(x.size + 1, dtype)
+        xm = buf[1:].reshape(shape)
+        xm[...] = x
+        ym = cc.avg_pool2d(xm, *k, *s, *p, ceil, False, None)
+        assert names[-1].startswith("avg_pool2d_fwd<")
+        assert ym.tobytes() == y.tobytes()
+
+
+def test_avg_pool2d_pairs_grid_strided():
+    # fewer threads than outputs x 2: every warp loops, its 16 outputs a step apart
+    x = rand((3, 4, 10, 10), np.float32, seed=3)
+    y = np.empty((3, 4, 5, 5), np.float32)
+    ref = F.avg_pool2d(torch.from_numpy(x), 2, 2).numpy()
+    for o, shuffled in ORDERS:
+        y[...] = np.nan
+        with cuda_launch.emulator(order=o, seed=5, shuffle_blocks=shuffled):
+            cc.launch("pool.cu", "avg_pool2d_fwd_pairs<float>", 3, 64,
+                      (x, y, np.int64(12)) + cc._i32(10, 10, 5, 5, 2, 2, 0, True)
+                      + (np.int64(0),))
+        np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-7)
 
 
 # (input H, W) -> (output H, W): shrinking, equal, growing, to 1x1
@@ -732,3 +792,37 @@ def test_gpu_suite_runs_on_the_emulated_device(tmp_path):
     assert [r["model"] for r in saved["train"]] == ["lenet", "resnet-small"]
     assert saved["settings"]["tf32"].startswith("off")
     assert (tmp_path / "gpu_suite.txt").read_text().startswith("gpudiff GPU suite")
+
+
+# ================================ public settings ============================================
+def test_backends_cuda_conv_algorithm_setting_forces_the_path():
+    # gpudiff.backends.cuda.conv_algorithm (torch.backends.cudnn's place) sets what conv2d
+    # runs on the cuda device, and last_conv_algorithm says what ran
+    import gpudiff
+    import gpudiff.nn.functional as gF
+
+    settings = gpudiff.backends.cuda
+    x = gpudiff.randn(2, 3, 8, 8, device="cuda", requires_grad=True)
+    w = gpudiff.randn(4, 3, 3, 3, device="cuda", requires_grad=True)
+    ref = F.conv2d(torch.from_numpy(x.detach().cpu().numpy()),
+                   torch.from_numpy(w.detach().cpu().numpy()),
+                   padding=1).numpy()
+    assert settings.conv_algorithm == "auto"
+    try:
+        for algo in ("im2col", "direct", "implicit_gemm"):
+            settings.conv_algorithm = algo
+            assert cc.conv_algorithm == algo
+            y = gF.conv2d(x, w, padding=1)
+            y.sum().backward()
+            assert settings.last_conv_algorithm == {"forward": algo, "backward_input": algo,
+                                                    "backward_weight": algo}
+            np.testing.assert_allclose(y.detach().cpu().numpy(), ref, rtol=1e-4, atol=1e-4)
+        with settings.use_conv_algorithm("direct"):
+            gF.conv2d(x, w, padding=1)
+            assert settings.last_conv_algorithm["forward"] == "direct"
+        assert settings.conv_algorithm == "implicit_gemm"
+        with pytest.raises(ValueError, match="conv_algorithm must be one of"):
+            settings.conv_algorithm = "cudnn"
+        assert settings.conv_algorithm == "implicit_gemm"
+    finally:
+        settings.conv_algorithm = "auto"

@@ -1,0 +1,5 @@
+"""Backend settings, in the manner of ``torch.backends``: ``gpudiff.backends.cuda``.
+
+(The backend itself, the one place that knows NumPy from CuPy, is ``gpudiff.backend``.)
+"""
+from . import cuda  # noqa: F401
