@@ -25,6 +25,10 @@ xp.matmul (cuBLAS on a GPU) are not our kernels and are not traced.
 
     python bench/cuda_memory_report.py [--batch 64] [--models lenet,mnist-cnn,resnet-small]
                                        [--out bench/results/cuda_memory_report.json]
+                                       [--no-variants]
+
+A second table traces VARIANTS of the LeNet step (the im2col and direct convolution paths
+forced, log_softmax + nll_loss, Adam), for the kernels the default steps never launch.
 """
 import argparse
 import collections
@@ -173,27 +177,47 @@ def record_conv_choices(rec):
 MODELS = {"lenet": (1, 28), "mnist-cnn": (1, 28), "resnet-small": (3, 32)}
 
 
-def training_step(model, batch, rec):
+# Variants of a step that run the kernels the default steps do not (the forced convolution
+# paths, the softmax family, the fused Adam): reported in a second table, for information.
+# name -> (model, conv algorithm, loss, optimizer)
+VARIANTS = {
+    "lenet/im2col": ("lenet", "im2col", "cross_entropy", "sgd"),
+    "lenet/direct": ("lenet", "direct", "cross_entropy", "sgd"),
+    "lenet/log_softmax+nll_loss+adam": ("lenet", "auto", "log_softmax+nll_loss", "adam"),
+}
+
+
+def training_step(model, batch, rec, tag=None, algorithm="auto", loss="cross_entropy",
+                  optimizer="sgd"):
     from gpudiff.models import create_model
+    F = gpudiff.nn.functional
     c, s = MODELS[model]
     rng = np.random.default_rng(0)
     net = create_model(model, c, s, 10).to("cuda")
     net.train()
-    opt = gpudiff.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    if optimizer == "sgd":
+        opt = gpudiff.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+    else:
+        opt = gpudiff.optim.Adam(net.parameters(), lr=1e-3)
     x = gpudiff.tensor(rng.standard_normal((batch, c, s, s)).astype(np.float32), device="cuda")
     y = gpudiff.tensor(rng.integers(0, 10, batch), device="cuda")
 
     def step():
         opt.zero_grad()
-        loss = gpudiff.nn.functional.cross_entropy(net(x), y)
-        loss.backward()
+        out = net(x)
+        if loss == "cross_entropy":
+            loss_value = F.cross_entropy(out, y)
+        else:  # the PyTorch MNIST example's head
+            loss_value = F.nll_loss(F.log_softmax(out, dim=1), y)
+        loss_value.backward()
         opt.step()
-    step()  # momentum buffers start as the first gradients (the reference path)
-    rec.model, rec.on = model, True
-    try:
-        step()
-    finally:
-        rec.on = False
+    with cuda_cnn.use_conv_algorithm(algorithm):
+        step()  # momentum buffers start as the first gradients (the reference path)
+        rec.model, rec.on = tag or model, True
+        try:
+            step()
+        finally:
+            rec.on = False
 
 
 def summarise(launches, resources):
@@ -255,7 +279,12 @@ def load_resources(path):
 def resummarize(args):
     with open(args.resummarize) as f:
         report = json.load(f)
-    report["kernels"] = summarise(report["launches"], load_resources(args.resources))
+    resources = load_resources(args.resources)
+    main = [r for r in report["launches"] if r["model"] in MODELS]
+    report["kernels"] = summarise(main, resources)
+    if "variants" in report:
+        report["variants"]["kernels"] = summarise(
+            [r for r in report["launches"] if r["model"] not in MODELS], resources)
     report["all_targets_met"] = all(r["meets_efficiency_target"] and
                                     r.get("meets_traffic_target", True)
                                     for r in report["kernels"])
@@ -273,6 +302,8 @@ def main(argv=None):
                                                   "cuda_memory_report.json"))
     ap.add_argument("--resources", default=os.path.join(ROOT, "bench", "results",
                                                         "cuda_resources.json"))
+    ap.add_argument("--no-variants", action="store_true",
+                    help="only the default training steps (skip VARIANTS)")
     ap.add_argument("--resummarize", metavar="JSON",
                     help="recompute the per-kernel table of a saved report (e.g. with fresh "
                          "--resources) instead of tracing again")
@@ -295,6 +326,12 @@ def main(argv=None):
         print(f"# {model}: traced one training step (batch {args.batch}) in "
               f"{time.time() - t1:.0f} s", file=sys.stderr)
     rows = summarise(rec.launches, resources)
+    main_launches = len(rec.launches)
+    for tag in ([] if args.no_variants else VARIANTS):
+        model, algorithm, loss, optimizer = VARIANTS[tag]
+        training_step(model, args.batch, rec, tag, algorithm, loss, optimizer)
+        print(f"# {tag}: traced one training step", file=sys.stderr)
+    variant_rows = summarise(rec.launches[main_launches:], resources)
     report = {
         "what": "memory efficiency of gpudiff's CUDA kernels: a MODEL from the emulator's "
                 "access trace (no GPU, no caches, no timing); roofline bounds for an H100 SXM",
@@ -309,16 +346,24 @@ def main(argv=None):
         "all_targets_met": all(r["meets_efficiency_target"] and r.get("meets_traffic_target",
                                                                       True) for r in rows),
         "kernels": rows,
-        "conv_algorithms": rec.convs,
+        "variants": {"what": "kernels the default steps do not run, on the same shapes: "
+                             "forced convolution paths, log_softmax + nll_loss, fused Adam "
+                             "(for information; the targets are judged on the table above)",
+                     "steps": VARIANTS if not args.no_variants else {},
+                     "kernels": variant_rows},
+        "conv_algorithms": [c for c in rec.convs if c["model"] in args.models.split(",")],
         "launches": rec.launches,
     }
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1, default=float)
     print(table(rows))
+    if variant_rows:
+        print("\nvariants (" + ", ".join(VARIANTS) + "): kernels off the default steps")
+        print(table(variant_rows))
     print("\nconvolutions ('auto' choice): "
           + ", ".join(f"{c['model']} {c['pass']} x{c['x']} w{c['w']}: {c['algorithm']}"
-                      for c in rec.convs if c["pass"] == "forward"))
+                      for c in rec.convs if c["pass"] == "forward" and c["model"] in MODELS))
     print(f"wrote {args.out} (a model, not a GPU measurement)")
     return 0
 
