@@ -794,6 +794,31 @@ def test_gpu_suite_runs_on_the_emulated_device(tmp_path):
     assert (tmp_path / "gpu_suite.txt").read_text().startswith("gpudiff GPU suite")
 
 
+@pytest.mark.slow
+def test_memory_report_lenet_meets_the_row_and_pooling_targets(tmp_path):
+    # bench/cuda_memory_report.py (a subprocess: it patches the launchers) on LeNet's step:
+    # the 10-class cross-entropy (short-row kernel) and the 2x2 average pools keep their
+    # sector-efficiency targets, every memory-bound kernel its traffic ratio
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "report.json"
+    subprocess.run([sys.executable, os.path.join(root, "bench", "cuda_memory_report.py"),
+                    "--models", "lenet", "--no-variants", "--out", str(out),
+                    "--resources", str(tmp_path / "none.json")],
+                   check=True, capture_output=True, env=dict(os.environ, GPUDIFF_CUDA="emulate"))
+    rows = {r["kernel"]: r for r in json.loads(out.read_text())["kernels"]}
+    assert rows["cross_entropy_fwd_bwd_small<float>"]["sector_efficiency"] >= 0.9
+    assert rows["cross_entropy_fwd_bwd_small<float>"]["traffic_ratio"] <= 1.05
+    assert rows["avg_pool2d_fwd_pairs<float>"]["sector_efficiency"] >= 0.8
+    assert rows["sgd_step_multi<float>"]["sector_efficiency"] >= 0.9
+    for r in rows.values():
+        if "traffic_target" in r:
+            assert r["meets_traffic_target"], r
+
+
 # ================================ public settings ============================================
 def test_backends_cuda_conv_algorithm_setting_forces_the_path():
     # gpudiff.backends.cuda.conv_algorithm (torch.backends.cudnn's place) sets what conv2d
