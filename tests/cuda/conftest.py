@@ -66,3 +66,16 @@ def where(request):
 def host():
     """gpudiff._cuda_host, the emulator extension (a build error, not a skip, if missing)."""
     return importlib.import_module("gpudiff._cuda_host")
+
+
+@pytest.fixture
+def launched(monkeypatch):
+    """The names of the kernels the wrappers (cuda_kernels, cuda_cnn) launch during a test."""
+    from gpudiff.backend import cuda_cnn, cuda_kernels
+    names = []
+    for module in (cuda_kernels, cuda_cnn):
+        def spy(source_file, name, *args, _real=module.launch, **kw):
+            names.append(name)
+            return _real(source_file, name, *args, **kw)
+        monkeypatch.setattr(module, "launch", spy)
+    return names

@@ -403,18 +403,6 @@ def test_avg_pool2d_forward_backward(order, case, count_include_pad, divisor):
     np.testing.assert_allclose(order.get(gx), tx.grad.numpy(), rtol=1e-13, atol=1e-14)
 
 
-def _spy_launches(monkeypatch):
-    names = []
-    real = cc.launch
-
-    def spy(source_file, name, *args, **kw):
-        names.append(name)
-        return real(source_file, name, *args, **kw)
-
-    monkeypatch.setattr(cc, "launch", spy)
-    return names
-
-
 # (shape, kernel, stride, padding, ceil_mode): outputs not a multiple of a warp's 16, LeNet's
 # two pools, 3-row windows, row padding, ceil_mode's clipped last row
 PAIR_CASES = [((1, 1, 2, 2), (2, 2), (2, 2), (0, 0), False),
@@ -426,13 +414,13 @@ PAIR_CASES = [((1, 1, 2, 2), (2, 2), (2, 2), (0, 0), False),
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", range(len(PAIR_CASES)))
-def test_avg_pool2d_pair_windows_two_lanes_per_output(order, case, dtype, monkeypatch):
+def test_avg_pool2d_pair_windows_two_lanes_per_output(order, case, dtype, launched):
     # the pair kernel runs, matches torch, and equals the one-lane kernel bit for bit (same
     # summation order); a misaligned input (a view one element in) takes the one-lane kernel
     shape, k, s, p, ceil = PAIR_CASES[case]
     x = rand(shape, dtype, seed=case)
     ref = F.avg_pool2d(t64(x), k, s, p, ceil, False).detach().numpy()
-    names = _spy_launches(monkeypatch)
+    names = launched
     y = order.get(cc.avg_pool2d(order.put(x), *k, *s, *p, ceil, False, None))
     assert names == [f"avg_pool2d_fwd_pairs<{'float' if dtype == np.float32 else 'double'}>"]
     np.testing.assert_allclose(y, ref, **tol(dtype))
