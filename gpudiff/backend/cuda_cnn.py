@@ -594,8 +594,8 @@ def avg_pool2d(x, kh, kw, sh, sw, ph, pw, ceil_mode, count_include_pad, divisor_
     y = xp.empty((n, c, oh, ow), x.dtype)
     divisor = (np.int64(divisor_override or 0),)
     if not y.size:
-        pass
-    elif kw == 2 and sw == 2 and pw == 0 and w % 2 == 0 and _address(x) % (2 * x.itemsize) == 0:
+        return y[0] if unbatched else y
+    if kw == 2 and sw == 2 and pw == 0 and w % 2 == 0 and _address(x) % (2 * x.itemsize) == 0:
         # windows two wide and two apart: pair loads, two lanes per output (pool.cu)
         launch("pool.cu", f"avg_pool2d_fwd_pairs<{t}>", _grid_1d(2 * y.size, x), THREADS,
                (x, y, np.int64(n * c)) + _i32(h, w, oh, ow, kh, sh, ph, bool(count_include_pad))

@@ -7,7 +7,9 @@ when it does not handle the dtype or layout; the op then uses its xp reference.
 
 Layouts: elementwise kernels see flat contiguous arrays; row kernels (softmax family,
 cross-entropy) see a contiguous (rows, cols) matrix reduced along cols, so ``dim`` is moved
-last first (a copy when it is not last already).
+last first (a copy when it is not last already). Rows of up to SMALL_ROW_MAX_COLS columns
+take the ``*_small`` kernels (a thread per row on shared-memory tiles), longer ones a warp
+or a block per row (row_config).
 """
 import math
 
@@ -158,16 +160,13 @@ def _rows_call(kernel, dim, *arrays):
     cols = shape[-1]
     rows = x.size // cols if cols else 0
     out = xp.empty(shape, x.dtype)
-    if not x.size:
-        pass
-    elif cols <= SMALL_ROW_MAX_COLS:  # a thread per row, tiles staged in shared memory
+    args = (*moved, out, np.int64(rows), np.int32(cols))
+    if x.size and cols <= SMALL_ROW_MAX_COLS:  # a thread per row, tiles staged in shared memory
         grid, block, shared = small_row_config(rows, cols, x.itemsize, len(arrays), 0, x)
-        launch("softmax.cu", f"{kernel}_small<{t}>", grid, block,
-               (*moved, out, np.int64(rows), np.int32(cols)), shared)
-    else:
+        launch("softmax.cu", f"{kernel}_small<{t}>", grid, block, args, shared)
+    elif x.size:
         grid, block = row_config(rows, cols, x)
-        launch("softmax.cu", f"{kernel}<{t}>", grid, block,
-               (*moved, out, np.int64(rows), np.int32(cols)))
+        launch("softmax.cu", f"{kernel}<{t}>", grid, block, args)
     return xp.moveaxis(out, -1, dim)
 
 
