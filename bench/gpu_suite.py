@@ -225,7 +225,7 @@ def memory_cases(env, batch, tiny):
     return (_pool_cases(env, (b, 4, 8, 8) if tiny else (b, 64, 32, 32))
             + _bn_cases(env, (b, 4, 6, 6) if tiny else (b, 64, 32, 32))
             + _table_cases(env, (b, 4, 8, 8) if tiny else (b, 64, 32, 32),
-                           (8, 10) if tiny else (1024, 1000)))
+                           (8, 10) if tiny else (1024, 1000), 300 if tiny else 1 << 20))
 
 
 def _pool_cases(env, shape):
@@ -302,19 +302,36 @@ def _bn_cases(env, shape):
     ]
 
 
-def _table_cases(env, act_shape, row_shape):
-    """The elementwise and row kernels of the table (issue 8's), for the bandwidth picture."""
+def _table_cases(env, act_shape, row_shape, head_rows):
+    """The elementwise and row kernels of the table, for the bandwidth picture; the 10-class
+    head (``head_rows`` rows) runs the short-row kernels."""
     F = env.torch.nn.functional
     table = kernels.KERNELS["cuda"]
     x = rand(act_shape)
     dx, tx = env.put(x), env.tensor(x)
     r = rand(row_shape)
     dr, tr = env.put(r), env.tensor(r)
+    h = rand((head_rows, 10), 6)
+    target = np.random.default_rng(7).integers(0, 10, head_rows)
+    dh, th, dt = env.put(h), env.tensor(h, grad=True), env.put(target)
+    tt = env.torch.tensor(target, device=env.tdev)
+
+    def ce_torch():  # loss and logits gradient, as the fused kernel gives them
+        loss = F.cross_entropy(th, tt, reduction="none")
+        return loss, env.torch.autograd.grad(loss.sum(), th)[0]
+    head_bytes = 2 * h.nbytes + target.nbytes + h.nbytes // 10  # logits, grad, target, loss
     return [
         ("relu fwd", lambda: table["relu"](dx), lambda: F.relu(tx), lambda: table["relu"](dx),
          F.relu(tx), 2 * x.nbytes),
         ("softmax fwd", lambda: table["softmax"](dr, 1), lambda: F.softmax(tr, 1),
          lambda: table["softmax"](dr, 1), F.softmax(tr, 1), 2 * r.nbytes),
+        ("log_softmax fwd (10 classes)", lambda: table["log_softmax"](dh, 1),
+         lambda: F.log_softmax(th.detach(), 1), lambda: table["log_softmax"](dh, 1),
+         F.log_softmax(th.detach(), 1), 2 * h.nbytes),
+        ("cross_entropy fwd+bwd (10 classes)",
+         lambda: table["cross_entropy"](dh, dt, None, -100, 0.0), ce_torch,
+         lambda: table["cross_entropy"](dh, dt, None, -100, 0.0)[1], ce_torch()[1],
+         head_bytes),
     ]
 
 

@@ -776,7 +776,8 @@ def test_gpu_suite_runs_on_the_emulated_device(tmp_path):
     saved = json.loads((tmp_path / "gpu_suite.json").read_text())
     assert {r["ran"] for r in saved["conv"]} >= {"implicit_gemm", "direct"}
     assert {r["op"] for r in saved["memory"]} >= {"max_pool2d bwd 2x2", "batch_norm bwd (train)",
-                                                  "sgd step (fused, 29 tensors)"}
+                                                  "sgd step (fused, 29 tensors)",
+                                                  "cross_entropy fwd+bwd (10 classes)"}
     assert [r["model"] for r in saved["train"]] == ["lenet", "resnet-small"]
     assert saved["settings"]["tf32"].startswith("off")
     assert (tmp_path / "gpu_suite.txt").read_text().startswith("gpudiff GPU suite")
