@@ -54,7 +54,9 @@ def _binary_args(name, a, b):
         a = a if a.dtype == dt else a.to(dt)
         b = b if b.dtype == dt else b.to(dt)
     try:
-        np.broadcast_shapes(a.shape, b.shape)
+        sa, sb = a.array.shape, b.array.shape
+        if sa != sb and sa and sb:  # equal shapes and scalars always broadcast
+            np.broadcast_shapes(sa, sb)
     except ValueError:
         raise RuntimeError(f"{name}: shapes {tuple(a.shape)} and {tuple(b.shape)} cannot be "
                            f"broadcast together") from None

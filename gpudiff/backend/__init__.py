@@ -10,6 +10,7 @@ A Device says where a tensor's array lives and which array module (``xp``) compu
 Everything above this package asks ``device.xp`` and ``kernel(device, name)``; no
 ``if cupy`` anywhere else.
 """
+import contextlib
 import os
 
 import numpy as np
@@ -146,12 +147,14 @@ def to_numpy(a):
     return a
 
 
+_NO_GUARD = contextlib.nullcontext()  # stateless: one instance serves every CPU op
+
+
 def on_device(dev):
     """Context manager making ``dev`` current for allocations (a no-op off real GPUs)."""
-    import contextlib
     if dev.type == "cuda" and not _EMULATE:
         return _cupy.cuda.Device(dev.index or 0)
-    return contextlib.nullcontext()
+    return _NO_GUARD
 
 
 # ---- random numbers -------------------------------------------------------------------

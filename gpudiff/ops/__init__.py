@@ -98,6 +98,15 @@ class Op:
 
 
 def _device_of(op, tensors):
+    dev = None
+    for t in tensors:  # fast path: every tensor on the same Device object
+        if t is not None:
+            if dev is None:
+                dev = t.device
+            elif t.device is not dev:
+                break
+    else:
+        return dev
     dev, first = None, None
     for name, t in zip(op.arg_names or ("input",) * len(tensors), tensors):
         if t is None:
@@ -112,15 +121,15 @@ def _device_of(op, tensors):
 
 
 def apply(op, tensors, params):
-    from ..tensor import Tensor
+    Tensor = _tensor_class()
     dev = _device_of(op, tensors)
     if dev is None:
         raise TypeError(f"{op.name}: expected at least one tensor argument")
-    record = (op.differentiable and is_grad_enabled()
-              and any(t is not None and t.requires_grad for t in tensors))
+    needs_grad = tuple(t is not None and t._requires_grad for t in tensors)
+    record = op.differentiable and True in needs_grad and is_grad_enabled()
     if record:
         _check_views(op, tensors)
-    ctx = Context(dev, tuple(t is not None and t.requires_grad for t in tensors))
+    ctx = Context(dev, needs_grad)
     ctx.op_name, ctx.op = op.name, op
     arrays = [None if t is None else t.array for t in tensors]
     with backend.on_device(dev):
@@ -155,6 +164,17 @@ def apply(op, tensors, params):
         ctx._saved = tuple(_save(a, tensors, results, node) for a in ctx._saved_arrays)
     ctx._saved_arrays = ()
     return tuple(results) if multi else results[0]
+
+
+_TENSOR = []
+
+
+def _tensor_class():
+    """gpudiff.tensor.Tensor (imported on first use: tensor.py imports this package)."""
+    if not _TENSOR:
+        from ..tensor import Tensor
+        _TENSOR.append(Tensor)
+    return _TENSOR[0]
 
 
 def _as_ndarrays(ctx, outs):
