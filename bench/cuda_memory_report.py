@@ -280,8 +280,8 @@ def resummarize(args):
     with open(args.resummarize) as f:
         report = json.load(f)
     resources = load_resources(args.resources)
-    main = [r for r in report["launches"] if r["model"] in MODELS]
-    report["kernels"] = summarise(main, resources)
+    default = [r for r in report["launches"] if r["model"] in MODELS]
+    report["kernels"] = summarise(default, resources)
     if "variants" in report:
         report["variants"]["kernels"] = summarise(
             [r for r in report["launches"] if r["model"] not in MODELS], resources)

@@ -271,10 +271,6 @@ struct RowTeam {
     }
 };
 
-}  // namespace gd
-
-namespace gd {
-
 // ---- short rows: a thread per row, staged through shared memory ------------------------
 // A warp per row wastes most of every request when rows are short: a 10-class row is 40
 // bytes, so a warp-wide load asks for 40 bytes and touches 2-3 sectors, and a per-row

@@ -166,15 +166,15 @@ def apply(op, tensors, params):
     return tuple(results) if multi else results[0]
 
 
-_TENSOR = []
+_Tensor = None
 
 
 def _tensor_class():
     """gpudiff.tensor.Tensor (imported on first use: tensor.py imports this package)."""
-    if not _TENSOR:
-        from ..tensor import Tensor
-        _TENSOR.append(Tensor)
-    return _TENSOR[0]
+    global _Tensor
+    if _Tensor is None:
+        from ..tensor import Tensor as _Tensor
+    return _Tensor
 
 
 def _as_ndarrays(ctx, outs):
