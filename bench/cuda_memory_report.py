@@ -3,7 +3,7 @@
 
 Runs one training step of each benchmark model (gpudiff/benchmark.py: LeNet-5, the PyTorch
 examples' MNIST net, the small ResNet; batch 64, SGD with momentum) on the emulated cuda
-device with the memory tracer on (csrc/cuda_host/trace.cpp, gpudiff/backend/cuda_trace.py),
+device with the memory tracer on (csrc/cuda_host/trace.cpp, gpudiff/runtime/cuda/trace.py),
 so every kernel launch of the step is recorded with its real shapes. Per launch, and summed
 per kernel:
 
@@ -47,7 +47,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import gpudiff  # noqa: E402
-from gpudiff.backend import cuda_cnn, cuda_kernels, cuda_launch, cuda_trace  # noqa: E402
+from gpudiff.runtime import cuda as rc  # noqa: E402
+from gpudiff.runtime.cuda import launch as cuda_launch, trace as cuda_trace  # noqa: E402
 
 H100 = {"name": "H100 SXM (model)", "bandwidth": 3.35e12, "fp32": 67e12, "fp64": 34e12}
 
@@ -157,8 +158,8 @@ class Recorder:
 
 
 def record_conv_choices(rec):
-    """Log (pass, geometry, algorithm) of every convolution (wraps cuda_cnn._algorithm)."""
-    inner = cuda_cnn._algorithm
+    """Log (pass, geometry, algorithm) of every convolution (wraps rc.conv._algorithm)."""
+    inner = rc.conv._algorithm
 
     def logged(geom, pass_):
         algo = inner(geom, pass_)
@@ -166,11 +167,11 @@ def record_conv_choices(rec):
             g = geom
             rec.convs.append({
                 "model": rec.model, "pass": pass_, "algorithm": algo,
-                "x": [g.N, g.C, g.H, g.W], "w": [g.K, g.Cg, g.KH, g.KW],
-                "stride": [g.SH, g.SW], "padding": [g.PH, g.PW], "dilation": [g.DH, g.DW],
+                "x": [g.N, g.C, g.H, g.W], "w": [g.K, g.Cg, g.kh, g.kw],
+                "stride": [g.sh, g.sw], "padding": [g.ph, g.pw], "dilation": [g.dh, g.dw],
                 "groups": g.G, "gflop": g.flops() / 1e9})
         return algo
-    cuda_cnn._algorithm = logged
+    rc.conv._algorithm = logged
 
 
 # the benchmark models' inputs (gpudiff/benchmark.py): (channels, image size)
@@ -211,7 +212,7 @@ def training_step(model, batch, rec, tag=None, algorithm="auto", loss="cross_ent
             loss_value = F.nll_loss(F.log_softmax(out, dim=1), y)
         loss_value.backward()
         opt.step()
-    with cuda_cnn.use_conv_algorithm(algorithm):
+    with rc.conv.use_conv_algorithm(algorithm):
         step()  # momentum buffers start as the first gradients (the reference path)
         rec.model, rec.on = tag or model, True
         try:
@@ -316,8 +317,8 @@ def main(argv=None):
         ap.error("gpudiff._cuda_host has no tracer: rebuild it (pip install -e .)")
     resources = load_resources(args.resources)
     rec = Recorder()
-    cuda_cnn.launch = rec.launch
-    cuda_kernels.launch = rec.launch
+    for module in rc.WRAPPERS:
+        module.launch = rec.launch
     record_conv_choices(rec)
     t0 = time.time()
     for model in args.models.split(","):

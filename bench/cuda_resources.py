@@ -40,7 +40,7 @@ H100 = {
 }
 
 # What each file's kernels are and the block sizes (threads) the backend launches them with
-# (gpudiff/backend/cuda_kernels.py: elementwise_config, row_config). Files not listed are
+# (gpudiff/runtime/cuda/launch.py: elementwise_config, row_config). Files not listed are
 # reported at 256 threads without a target.
 FILE_KINDS = {
     "activations.cu": ("elementwise", [256]),

@@ -56,8 +56,9 @@ if "gpudiff" not in sys.modules and _want_emulation():
 import numpy as np  # noqa: E402
 
 import gpudiff  # noqa: E402
-from gpudiff.backend import cuda_cnn as cc  # noqa: E402
-from gpudiff.backend import kernels  # noqa: E402
+from gpudiff import geometry  # noqa: E402
+from gpudiff.runtime import cuda as rc  # noqa: E402
+from gpudiff.runtime import kernels  # noqa: E402
 
 TOL = {"float32": dict(rtol=2e-3, atol=2e-3)}  # FP32 vs cuDNN/cuBLAS: other summation orders
 
@@ -181,7 +182,7 @@ def _conv_layer_rows(env, layer, algos, tiny, repeat):
     F = torch.nn.functional
     name, xs, ws, s, p, g = layer
     x, w = rand(xs), rand(ws, 1)
-    geom = cc.ConvGeom(xs, ws, s, p, 1, g)
+    geom = geometry.ConvGeom(xs, ws, s, p, 1, g)
     gy = rand((geom.N, geom.K, geom.OH, geom.OW), 2)
     dx, dw, dgy = env.put(x), env.put(w), env.put(gy)
     tx, tw, tgy = env.tensor(x), env.tensor(w), env.tensor(gy)
@@ -197,9 +198,9 @@ def _conv_layer_rows(env, layer, algos, tiny, repeat):
         "backward_weight": env.time(lambda: t_backward([False, True, False]), repeat),
     }
     calls = {
-        "forward": (lambda: cc.conv2d(dx, dw, None, s, p, 1, g), ty),
-        "backward_input": (lambda: cc.conv2d_backward_input(dgy, dw, xs, s, p, 1, g), tgx),
-        "backward_weight": (lambda: cc.conv2d_backward_weight(dgy, dx, ws, s, p, 1, g), tgw),
+        "forward": (lambda: rc.conv.conv2d(dx, dw, None, s, p, 1, g), ty),
+        "backward_input": (lambda: rc.conv.conv2d_backward_input(dgy, dw, xs, s, p, 1, g), tgx),
+        "backward_weight": (lambda: rc.conv.conv2d_backward_weight(dgy, dx, ws, s, p, 1, g), tgw),
     }
     rows = []
     for algo in algos:
@@ -207,10 +208,10 @@ def _conv_layer_rows(env, layer, algos, tiny, repeat):
             if algo == "direct" and not tiny and not geom.depthwise() and \
                     pass_ == "backward_weight" and geom.K * geom.Cg > 64 * 64:
                 continue  # a block per weight element: not a contender for wide layers
-            with cc.use_conv_algorithm(algo):
+            with rc.conv.use_conv_algorithm(algo):
                 err, ok = check(env, fn(), ref)
                 t = env.time(fn, repeat)
-                ran = cc.last_conv_algorithm[pass_]
+                ran = rc.conv.last_conv_algorithm[pass_]
             rows.append({"op": f"conv2d {pass_}", "layer": name, "x": list(xs), "w": list(ws),
                          "stride": s, "padding": p, "groups": g, "algorithm": algo,
                          "ran": ran, "ms": 1e3 * t, "torch_ms": 1e3 * t_ref[pass_],
@@ -233,7 +234,7 @@ def _pool_cases(env, shape):
     x = rand(shape)
     dx, tx = env.put(x), env.tensor(x)
     ty, ti = F.max_pool2d(tx, 2, 2, return_indices=True)
-    _, idx = cc.max_pool2d(dx, 2, 2, 2, 2, 0, 0, 1, 1, False)
+    _, idx = rc.pool.max_pool2d(dx, 2, 2, 2, 2, 0, 0, 1, 1, False)
     gy = rand(ty.shape, 1)
     dgy, tgy = env.put(gy), env.tensor(gy)
     H, W = x.shape[2:]
@@ -241,20 +242,20 @@ def _pool_cases(env, shape):
     win = (2, 2, 2, 2, 0, 0, 1, 1)
 
     def max_fwd():
-        return cc.max_pool2d(dx, *win, False)
+        return rc.pool.max_pool2d(dx, *win, False)
 
     def max_bwd():
-        return cc.max_pool2d_with_indices_backward(dgy, idx, H, W, *win)
+        return rc.pool.max_pool2d_with_indices_backward(dgy, idx, H, W, *win)
 
     def t_max_bwd():
         return aten.max_pool2d_with_indices_backward(tgy, tx, [2, 2], [2, 2], [0, 0], [1, 1],
                                                      False, ti)
 
     def avg_fwd():
-        return cc.avg_pool2d(dx, 2, 2, 2, 2, 0, 0, False, True, None)
+        return rc.pool.avg_pool2d(dx, 2, 2, 2, 2, 0, 0, False, True, None)
 
     def avg_bwd():
-        return cc.avg_pool2d_backward(dgy, H, W, 2, 2, 2, 2, 0, 0, False, True, None)
+        return rc.pool.avg_pool2d_backward(dgy, H, W, 2, 2, 2, 2, 0, 0, False, True, None)
 
     def t_avg_bwd():
         return aten.avg_pool2d_backward(tgy, tx, [2, 2], [2, 2], [0, 0], False, True, None)
@@ -267,8 +268,8 @@ def _pool_cases(env, shape):
         ("avg_pool2d fwd 2x2", avg_fwd, lambda: F.avg_pool2d(tx, 2, 2), avg_fwd,
          F.avg_pool2d(tx, 2, 2), nb + nb // 4),
         ("avg_pool2d bwd 2x2", avg_bwd, t_avg_bwd, avg_bwd, t_avg_bwd(), nb // 4 + nb),
-        ("adaptive_avg_pool2d fwd ->1x1", lambda: cc.adaptive_avg_pool2d(dx, 1, 1),
-         lambda: F.adaptive_avg_pool2d(tx, 1), lambda: cc.adaptive_avg_pool2d(dx, 1, 1),
+        ("adaptive_avg_pool2d fwd ->1x1", lambda: rc.pool.adaptive_avg_pool2d(dx, 1, 1),
+         lambda: F.adaptive_avg_pool2d(tx, 1), lambda: rc.pool.adaptive_avg_pool2d(dx, 1, 1),
          F.adaptive_avg_pool2d(tx, 1), nb),
     ]
 
@@ -283,7 +284,7 @@ def _bn_cases(env, shape):
     tx, tw, tb = env.tensor(x), env.tensor(wgt), env.tensor(bias)
     trm, trv = env.tensor(np.zeros(c, np.float32)), env.tensor(np.ones(c, np.float32))
     ty, tmean, tinv = aten.native_batch_norm(tx, tw, tb, trm, trv, True, 0.1, 1e-5)
-    _, mean, invstd = cc.batch_norm_forward(dx, dw, db, rm, rv, True, 0.1, 1e-5)
+    _, mean, invstd = rc.batch_norm.batch_norm_forward(dx, dw, db, rm, rv, True, 0.1, 1e-5)
     gy = rand(x.shape, 5)
     dgy, tgy = env.put(gy), env.tensor(gy)
 
@@ -293,11 +294,11 @@ def _bn_cases(env, shape):
     nb = x.nbytes
     return [
         ("batch_norm fwd (train)",
-         lambda: cc.batch_norm_forward(dx, dw, db, rm, rv, True, 0.1, 1e-5),
+         lambda: rc.batch_norm.batch_norm_forward(dx, dw, db, rm, rv, True, 0.1, 1e-5),
          lambda: aten.native_batch_norm(tx, tw, tb, trm, trv, True, 0.1, 1e-5),
-         lambda: cc.batch_norm_forward(dx, dw, db, None, None, True, 0.1, 1e-5)[0], ty, 2 * nb),
-        ("batch_norm bwd (train)", lambda: cc.batch_norm_backward(dgy, dx, dw, mean, invstd),
-         t_bwd, lambda: cc.batch_norm_backward(dgy, dx, dw, mean, invstd)[0], t_bwd()[0],
+         lambda: rc.batch_norm.batch_norm_forward(dx, dw, db, None, None, True, 0.1, 1e-5)[0], ty, 2 * nb),
+        ("batch_norm bwd (train)", lambda: rc.batch_norm.batch_norm_backward(dgy, dx, dw, mean, invstd),
+         t_bwd, lambda: rc.batch_norm.batch_norm_backward(dgy, dx, dw, mean, invstd)[0], t_bwd()[0],
          3 * nb),
     ]
 
@@ -356,12 +357,12 @@ def optimizer_cases(env, tiny):
         kw = {} if env.emulated else ({"foreach": True} if name == "sgd" else {"fused": True})
         if name == "sgd":
             def ours(dp=dp, dg=dg, st1=st1):
-                return cc.sgd_step(dp, dg, st1, 0.01, 0.9, 0, 0, False, False)
+                return rc.optim.sgd_step(dp, dg, st1, 0.01, 0.9, 0, 0, False, False)
             topt = torch.optim.SGD(tp, lr=0.01, momentum=0.9, **kw)
             bytes_ = 5 * n_bytes  # p, buf read+written, g read
         else:
             def ours(dp=dp, dg=dg, st1=st1, st2=st2):
-                return cc.adam_step(dp, dg, st1, st2, None, [1.0] * len(dp), 1e-3, 0.9, 0.999,
+                return rc.optim.adam_step(dp, dg, st1, st2, None, [1.0] * len(dp), 1e-3, 0.9, 0.999,
                                     1e-8, 0, False, False, False)
             topt = torch.optim.Adam(tp, lr=1e-3, **kw)
             bytes_ = 7 * n_bytes  # p, m, v read+written, g read

@@ -4,8 +4,8 @@ Speaks PyTorch's dialect: ``import gpudiff as torch`` ports a typical training s
 """
 import numpy as _np
 
-from . import backend
-from .backend import Device, Generator, device, manual_seed
+from . import runtime
+from .runtime import Device, Generator, device, manual_seed
 from .tensor import Tensor, get_default_dtype, set_default_dtype
 from .creation import (tensor, as_tensor, from_numpy, from_dlpack, zeros, ones, empty, full,  # noqa
                        zeros_like, ones_like, empty_like, full_like, arange, linspace, eye,
@@ -58,20 +58,20 @@ def detach(t):
 
 
 def seed():
-    return backend.default_generator.initial_seed()
+    return runtime.default_generator.initial_seed()
 
 
 def initial_seed():
-    return backend.default_generator.initial_seed()
+    return runtime.default_generator.initial_seed()
 
 
 def get_rng_state():
     """The default generator's state (a plain dict: JSON-safe for checkpoints)."""
-    return backend.default_generator.get_state()
+    return runtime.default_generator.get_state()
 
 
 def set_rng_state(state):
-    backend.default_generator.set_state(state)
+    runtime.default_generator.set_state(state)
 
 
 __version__ = "0.1.0"

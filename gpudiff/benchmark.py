@@ -253,7 +253,7 @@ def _backend_info(b):
     if b.framework == "torch":
         info["threads"] = b.lib.get_num_threads()
     else:
-        info["cpu_extension"] = b.lib.backend._C is not None
+        info["cpu_extension"] = b.lib.runtime._C is not None
     return info
 
 
@@ -522,7 +522,7 @@ def machine_info():
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "cpu": cpu_model(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
         "python": platform.python_version(), "numpy": np.__version__,
-        "gpudiff": gpudiff.__version__, "cpu_extension": gpudiff.backend._C is not None,
+        "gpudiff": gpudiff.__version__, "cpu_extension": gpudiff.runtime._C is not None,
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "gpu": None, "gpu_emulated": False,
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,

@@ -1,7 +1,7 @@
 """Factories: tensor, zeros, ones, arange, randn, ... (PyTorch's names and defaults)."""
 import numpy as np
 
-from . import backend
+from . import runtime
 from .tensor import Tensor, get_default_dtype
 
 
@@ -24,19 +24,19 @@ def _infer_dtype(data):
 
 def _to_array(data, dtype, dev):
     if isinstance(data, Tensor):
-        data = backend.to_numpy(data.array)
+        data = runtime.to_numpy(data.array)
     if isinstance(data, (list, tuple)) and any(isinstance(d, Tensor) for d in data):
-        data = [backend.to_numpy(d.array) if isinstance(d, Tensor) else d for d in data]
-    if backend.is_array(data) and not isinstance(data, np.ndarray):
+        data = [runtime.to_numpy(d.array) if isinstance(d, Tensor) else d for d in data]
+    if runtime.is_array(data) and not isinstance(data, np.ndarray):
         a = data if dtype is None else data.astype(dtype)
-        return backend.to_device(a, dev)
+        return runtime.to_device(a, dev)
     dt = _dtype(dtype) or _infer_dtype(data)
     a = np.array(data, dtype=dt)
-    return backend.to_device(a, dev)
+    return runtime.to_device(a, dev)
 
 
 def _device(device):
-    return backend.CPU if device is None else backend.device(device)
+    return runtime.CPU if device is None else runtime.device(device)
 
 
 def _new(array, dev, requires_grad):
@@ -73,16 +73,16 @@ def from_numpy(a):
     """A CPU tensor sharing memory with the ndarray ``a``."""
     if not isinstance(a, np.ndarray):
         raise TypeError(f"from_numpy: expected np.ndarray (got {type(a).__name__})")
-    return Tensor._make(a, backend.CPU)
+    return Tensor._make(a, runtime.CPU)
 
 
 def from_dlpack(ext):
     if hasattr(ext, "__dlpack_device__"):
         dev_type, dev_id = ext.__dlpack_device__()
         if int(dev_type) == 2:  # kDLCUDA
-            xp = backend.device(f"cuda:{dev_id}").xp
-            return Tensor._make(xp.from_dlpack(ext), backend.Device("cuda", dev_id))
-    return Tensor._make(np.from_dlpack(ext), backend.CPU)
+            xp = runtime.device(f"cuda:{dev_id}").xp
+            return Tensor._make(xp.from_dlpack(ext), runtime.Device("cuda", dev_id))
+    return Tensor._make(np.from_dlpack(ext), runtime.CPU)
 
 
 def _size(size):
@@ -94,7 +94,7 @@ def _size(size):
 def _filled(fn_name, size, dtype, device, requires_grad, *args):
     dev = _device(device)
     dt = _dtype(dtype) or get_default_dtype()
-    with backend.on_device(dev):
+    with runtime.on_device(dev):
         a = getattr(dev.xp, fn_name)(_size(size), *args, dtype=dt)
     return _new(a, dev, requires_grad)
 
@@ -147,27 +147,27 @@ def arange(start, end=None, step=1, dtype=None, device=None, requires_grad=False
         is_int = all(isinstance(v, (int, np.integer)) for v in (start, end, step))
         dtype = np.int64 if is_int else get_default_dtype()
     dev = _device(device)
-    return _new(backend.to_device(np.arange(start, end, step, dtype=dtype), dev), dev,
+    return _new(runtime.to_device(np.arange(start, end, step, dtype=dtype), dev), dev,
                 requires_grad)
 
 
 def linspace(start, end, steps, dtype=None, device=None, requires_grad=False):
     dev = _device(device)
     a = np.linspace(start, end, steps, dtype=_dtype(dtype) or get_default_dtype())
-    return _new(backend.to_device(a, dev), dev, requires_grad)
+    return _new(runtime.to_device(a, dev), dev, requires_grad)
 
 
 def eye(n, m=None, dtype=None, device=None, requires_grad=False):
     dev = _device(device)
     a = np.eye(n, m, dtype=_dtype(dtype) or get_default_dtype())
-    return _new(backend.to_device(a, dev), dev, requires_grad)
+    return _new(runtime.to_device(a, dev), dev, requires_grad)
 
 
 # ---- random (drawn on the host from gpudiff's generator: same numbers on every device) --
 def _random(draw, size, dtype, device, requires_grad, generator):
     dev = _device(device)
-    a = draw(backend.rng(generator), _size(size)).astype(_dtype(dtype) or get_default_dtype())
-    return _new(backend.to_device(a, dev), dev, requires_grad)
+    a = draw(runtime.rng(generator), _size(size)).astype(_dtype(dtype) or get_default_dtype())
+    return _new(runtime.to_device(a, dev), dev, requires_grad)
 
 
 def rand(*size, generator=None, dtype=None, device=None, requires_grad=False):
@@ -189,8 +189,8 @@ def randint(low, high=None, size=None, generator=None, dtype=None, device=None,
 
 def randperm(n, generator=None, dtype=None, device=None):
     dev = _device(device)
-    a = backend.rng(generator).permutation(n).astype(_dtype(dtype) or np.int64)
-    return _new(backend.to_device(a, dev), dev, False)
+    a = runtime.rng(generator).permutation(n).astype(_dtype(dtype) or np.int64)
+    return _new(runtime.to_device(a, dev), dev, False)
 
 
 def rand_like(t, dtype=None, device=None, requires_grad=False):

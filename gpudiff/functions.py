@@ -9,7 +9,7 @@ import builtins
 
 import numpy as np
 
-from . import backend
+from . import runtime
 from .ops import elementwise as E
 from .ops import index as I
 from .ops import linalg as L
@@ -36,7 +36,7 @@ def _wrap(value, like):
     """A Python number (or array) as a 0-d tensor on ``like``'s device."""
     if isinstance(value, Tensor):
         return value
-    if isinstance(value, (list, tuple)) or backend.is_array(value):
+    if isinstance(value, (list, tuple)) or runtime.is_array(value):
         from .creation import tensor
         return tensor(value, device=like.device)
     dt = _scalar_dtype(like, value)
@@ -665,7 +665,7 @@ def _index_key(t, key):
                                  f"(got {k.dtype})")
             out.append(k.array)
         elif isinstance(k, (list, np.ndarray)):
-            out.append(backend.to_device(np.asarray(k), t.device))
+            out.append(runtime.to_device(np.asarray(k), t.device))
         else:
             out.append(k)
     return tuple(out)

@@ -5,7 +5,7 @@ from gpudiff.functions, so each is written once.
 """
 import numpy as np
 
-from . import backend
+from . import runtime
 from .autograd.grad_mode import is_grad_enabled
 
 _DEFAULT_DTYPE = [np.dtype("float32")]
@@ -35,7 +35,7 @@ class Tensor:
         from .creation import _to_array
         if data is None:
             data = []
-        dev = backend.device(device) if device is not None else backend.CPU
+        dev = runtime.device(device) if device is not None else runtime.CPU
         arr = _to_array(data, dtype or get_default_dtype(), dev)
         self._init(arr, dev)
         self.requires_grad = requires_grad
@@ -151,10 +151,10 @@ class Tensor:
         if self.device.type != "cpu" and not force:
             raise TypeError(f"can't convert {self.device} tensor to numpy. Use Tensor.cpu() "
                             f"to copy the tensor to host memory first.")
-        return backend.to_numpy(self.array)
+        return runtime.to_numpy(self.array)
 
     def __array__(self, dtype=None, copy=None):
-        a = backend.to_numpy(self.array)
+        a = runtime.to_numpy(self.array)
         return a.astype(dtype) if dtype is not None else a
 
     def __dlpack__(self, *args, **kwargs):
@@ -167,10 +167,10 @@ class Tensor:
         if self.array.size != 1:
             raise RuntimeError(f"a Tensor with {self.array.size} elements cannot be converted "
                                f"to Scalar")
-        return backend.to_numpy(self.array).reshape(()).item()
+        return runtime.to_numpy(self.array).reshape(()).item()
 
     def tolist(self):
-        return backend.to_numpy(self.array).tolist()
+        return runtime.to_numpy(self.array).tolist()
 
     def __float__(self):
         return float(self.item())
@@ -195,7 +195,7 @@ class Tensor:
         for a in args:
             if isinstance(a, Tensor):
                 dev, dtype = a.device, a.dtype
-            elif isinstance(a, (backend.Device,)) or (isinstance(a, str) and
+            elif isinstance(a, (runtime.Device,)) or (isinstance(a, str) and
                                                         a.split(":")[0] in ("cpu", "cuda")):
                 dev = a
             else:
@@ -205,7 +205,7 @@ class Tensor:
             from .ops.elementwise import to_dtype
             out = to_dtype.apply(out, dtype=np.dtype(dtype))
         if dev is not None:
-            dev = backend.device(dev)
+            dev = runtime.device(dev)
             if dev != out.device:
                 from .ops.device import to_device
                 out = to_device.apply(out, device=dev)
@@ -215,7 +215,7 @@ class Tensor:
         return self.to("cpu")
 
     def cuda(self, device=None):
-        return self.to(backend.device("cuda" if device is None else
+        return self.to(runtime.device("cuda" if device is None else
                                       (f"cuda:{device}" if isinstance(device, int) else device)))
 
     def type(self, dtype=None):
@@ -449,36 +449,36 @@ class Tensor:
             src = tensor(src)
         if self._needs_graph(src):
             return self._inplace(lambda s: s * 0 + src.to(self.device))
-        a = backend.to_device(src.array, self.device)
+        a = runtime.to_device(src.array, self.device)
         self.array[...] = a
         self._version[0] += 1
         return self
 
     def uniform_(self, a=0.0, b=1.0, generator=None):
-        r = backend.rng(generator).uniform(a, b, size=self.shape)
+        r = runtime.rng(generator).uniform(a, b, size=self.shape)
         return self._set_random(r)
 
     def normal_(self, mean=0.0, std=1.0, generator=None):
-        r = backend.rng(generator).normal(mean, std, size=self.shape)
+        r = runtime.rng(generator).normal(mean, std, size=self.shape)
         return self._set_random(r)
 
     def bernoulli_(self, p=0.5, generator=None):
-        r = backend.rng(generator).random(size=self.shape) < p
+        r = runtime.rng(generator).random(size=self.shape) < p
         return self._set_random(r)
 
     def exponential_(self, lambd=1.0, generator=None):
-        r = backend.rng(generator).exponential(1.0 / lambd, size=self.shape)
+        r = runtime.rng(generator).exponential(1.0 / lambd, size=self.shape)
         return self._set_random(r)
 
     def random_(self, low=0, high=None, generator=None):
-        r = backend.rng(generator).integers(low, high, size=self.shape)
+        r = runtime.rng(generator).integers(low, high, size=self.shape)
         return self._set_random(r)
 
     def _set_random(self, r):
         if self._needs_graph():
             raise RuntimeError("a leaf Variable that requires grad is being used in an in-place "
                                "operation (initialise it inside gpudiff.no_grad())")
-        self.array[...] = backend.to_device(r.astype(self.dtype), self.device)
+        self.array[...] = runtime.to_device(r.astype(self.dtype), self.device)
         self._version[0] += 1
         return self
 
@@ -499,7 +499,7 @@ class Tensor:
 
     # ---- printing ---------------------------------------------------------------------
     def __repr__(self):
-        a = backend.to_numpy(self.array)
+        a = runtime.to_numpy(self.array)
         # as torch: integral floats as "1.", others with 4 decimals ("1.5000")
         mode = "maxprec_equal"
         if a.dtype.kind == "f" and a.size:
@@ -521,13 +521,13 @@ class Tensor:
         return "tensor(" + body + "".join(", " + e for e in extras) + ")"
 
     def __reduce__(self):  # pickling (DataLoader workers): the host array only
-        return (_rebuild, (backend.to_numpy(self.array), str(self.device).split(" ")[0],
+        return (_rebuild, (runtime.to_numpy(self.array), str(self.device).split(" ")[0],
                            self.requires_grad))
 
 
 def _rebuild(array, device, requires_grad):
-    dev = backend.device(device)
-    t = Tensor._make(backend.to_device(array, dev), dev)
+    dev = runtime.device(device)
+    t = Tensor._make(runtime.to_device(array, dev), dev)
     if requires_grad:
         t.requires_grad = True
     return t

@@ -9,7 +9,7 @@ import sys
 
 if os.environ.get("GPUDIFF_TEST_REAL_GPU") != "1":
     os.environ["GPUDIFF_CUDA"] = "emulate"
-    if "gpudiff" in sys.modules and not sys.modules["gpudiff"].backend.cuda_mode():
+    if "gpudiff" in sys.modules and not sys.modules["gpudiff"].runtime.cuda_mode():
         raise RuntimeError("gpudiff was imported before tests/conftest.py could select the "
                            "emulated CUDA device")
 

@@ -9,7 +9,7 @@ import pytest
 
 import gpudiff
 import gpudiff.nn.functional as F
-from gpudiff import backend
+from gpudiff import runtime
 
 torch = pytest.importorskip("torch")
 TF = torch.nn.functional
@@ -114,7 +114,7 @@ def test_batch_norm_running_stats_follow_torch(shape, use_kernels):
     C = shape[1]
     rm_g, rv_g = g(np.zeros(C)), g(np.ones(C))
     rm_t, rv_t = torch.zeros(C, dtype=torch.float64), torch.ones(C, dtype=torch.float64)
-    with backend.use_kernels(use_kernels):
+    with runtime.use_kernels(use_kernels):
         for step in range(3):
             x = rng.standard_normal(shape) * 2 + step
             v0 = rm_g._version[0]
@@ -155,7 +155,7 @@ def test_batch_norm_module_train_eval():
 @pytest.mark.parametrize("use_kernels", [True, False])
 def test_dropout_statistics_and_backward(use_kernels):
     x = g(np.ones((200, 500), np.float32), requires_grad=True)
-    with backend.use_kernels(use_kernels):
+    with runtime.use_kernels(use_kernels):
         y = F.dropout(x, 0.3)
         y.backward(gpudiff.ones(200, 500))
     yv = y.detach().numpy()
@@ -217,7 +217,7 @@ def test_conv_kernel_vs_reference_at_training_size(case):
     def fn(x, w, b):
         return F.conv2d(x, w, b, **kw)
     fast = _run(fn, arrays)
-    with backend.use_kernels(False):
+    with runtime.use_kernels(False):
         ref = _run(fn, arrays)
     for a, b in zip(fast, ref):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4 * np.abs(b).max())
@@ -230,7 +230,7 @@ def test_pool_and_bn_kernels_vs_reference_at_training_size():
                lambda a: F.adaptive_avg_pool2d(a, 5), lambda a: F.adaptive_max_pool2d(a, 7),
                lambda a: F.batch_norm(a, None, None, training=True)):
         fast = _run(fn, [x])
-        with backend.use_kernels(False):
+        with runtime.use_kernels(False):
             ref = _run(fn, [x])
         for a, b in zip(fast, ref):
             np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)

@@ -1,4 +1,4 @@
-"""The C++ CPU kernels (gpudiff._C via gpudiff/backend/cpu_kernels.py) against NumPy
+"""The C++ CPU kernels (gpudiff._C via gpudiff/runtime/cpu_kernels.py) against NumPy
 reference implementations written here, and against PyTorch where it has the same op.
 
 Skipped when gpudiff._C is not built.
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("gpudiff._C")
-from gpudiff.backend import cpu_kernels as K
+from gpudiff.runtime import cpu_kernels as K
 
 torch = pytest.importorskip("torch")
 F = torch.nn.functional

@@ -15,7 +15,7 @@ import pytest
 from opdb import NOT_YET_COVERED, OPS, Const, device_params, float64
 
 import gpudiff
-from gpudiff import backend
+from gpudiff import runtime
 from gpudiff.autograd import gradcheck, gradgradcheck
 
 torch = pytest.importorskip("torch")
@@ -84,7 +84,7 @@ def gpudiff_inputs(sample, device, requires_grad=True):
             a = a.array
         if not isinstance(a, np.ndarray):
             return a
-        t = gpudiff.Tensor._make(backend.to_device(_copy(a), dev), dev)
+        t = gpudiff.Tensor._make(runtime.to_device(_copy(a), dev), dev)
         if requires_grad and not const and a.dtype.kind == "f":
             t.requires_grad_()
             leaves.append(t)
@@ -120,7 +120,7 @@ def flat(out):
 def host(t):
     """A gpudiff or torch tensor (or None) as a NumPy array."""
     if isinstance(t, gpudiff.Tensor):
-        return np.asarray(backend.to_numpy(t.array))
+        return np.asarray(runtime.to_numpy(t.array))
     return t.detach().numpy()
 
 
@@ -262,12 +262,12 @@ def _compare_runs(r1, r2, dtype, what):
 @pytest.mark.parametrize("name,dtype,i", _cases(lambda e: bool(e.kernels)))
 def test_kernel_vs_reference(name, dtype, i, device):
     entry, sample = _sample(name, dtype, i)
-    active = [k for k in entry.kernels if backend.kernel(gpudiff.device(device), k)]
+    active = [k for k in entry.kernels if runtime.kernel(gpudiff.device(device), k)]
     if not active:
         pytest.skip(f"no fast kernel among {entry.kernels} on {device}")
     fast = run_gpudiff(entry, sample, device)
-    with backend.use_kernels(False):
-        assert backend.kernel(gpudiff.device(device), active[0]) is None
+    with runtime.use_kernels(False):
+        assert runtime.kernel(gpudiff.device(device), active[0]) is None
         ref = run_gpudiff(entry, sample, device)
     _compare_runs(fast, ref, dtype, f"{name} with kernels {active} vs reference on {device}")
 

@@ -42,7 +42,7 @@ def gradcheck(func, inputs, *, eps=1e-6, atol=1e-5, rtol=1e-3, raise_exception=T
     """
     from ..tensor import Tensor
     from . import grad as autograd_grad
-    from ..backend import to_numpy
+    from ..runtime import to_numpy
     inputs = _as_tuple(inputs)
     diff = [i for i, t in enumerate(inputs) if isinstance(t, Tensor) and t.requires_grad]
     for i in diff:

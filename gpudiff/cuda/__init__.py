@@ -3,19 +3,19 @@
 With GPUDIFF_CUDA=emulate the 'cuda' device is the CPU emulator of our CUDA kernels: it says
 "emulated" wherever it reports itself and never counts as a GPU result.
 """
-from .. import backend
+from .. import runtime
 
 
 def is_available():
-    return backend.cuda_mode() is not None
+    return runtime.cuda_mode() is not None
 
 
 def is_emulated():
-    return backend.cuda_mode() == "emulate"
+    return runtime.cuda_mode() == "emulate"
 
 
 def device_count():
-    return backend.cuda_device_count()
+    return runtime.cuda_device_count()
 
 
 def current_device():
@@ -23,12 +23,12 @@ def current_device():
 
 
 def get_device_name(device=None):
-    mode = backend.cuda_mode()
+    mode = runtime.cuda_mode()
     if mode is None:
         raise RuntimeError("get_device_name: CUDA is not available")
     if mode == "emulate":
         return "gpudiff CUDA emulator (emulated, CPU)"
-    idx = 0 if device is None else backend.device(device if not isinstance(device, int)
+    idx = 0 if device is None else runtime.device(device if not isinstance(device, int)
                                                   else f"cuda:{device}").index
     import cupy
     props = cupy.cuda.runtime.getDeviceProperties(idx)
@@ -37,13 +37,13 @@ def get_device_name(device=None):
 
 
 def synchronize(device=None):
-    if backend.cuda_mode() == "gpu":
+    if runtime.cuda_mode() == "gpu":
         import cupy
         cupy.cuda.Device().synchronize()
 
 
 def _pool():
-    if backend.cuda_mode() == "gpu":
+    if runtime.cuda_mode() == "gpu":
         import cupy
         return cupy.get_default_memory_pool()
     return None
@@ -84,8 +84,8 @@ def empty_cache():
 
 
 def manual_seed(seed):
-    backend.manual_seed(seed)
+    runtime.manual_seed(seed)
 
 
 def manual_seed_all(seed):
-    backend.manual_seed(seed)
+    runtime.manual_seed(seed)

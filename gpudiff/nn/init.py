@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 
-from .. import backend
+from .. import runtime
 from ..autograd.grad_mode import no_grad
 
 
@@ -67,7 +67,7 @@ def _calculate_correct_fan(tensor, mode):
 def _fill(tensor, values):
     """Write host values (float64 numpy) into ``tensor`` in place, outside the graph."""
     with no_grad():
-        tensor.array[...] = backend.to_device(np.asarray(values).astype(tensor.dtype),
+        tensor.array[...] = runtime.to_device(np.asarray(values).astype(tensor.dtype),
                                               tensor.device)
         tensor._version[0] += 1
     return tensor
@@ -83,19 +83,19 @@ def _fill_row_zero(tensor, row):
 
 def uniform_(tensor, a=0.0, b=1.0, generator=None):
     """Fill with U(a, b)."""
-    return _fill(tensor, backend.rng(generator).uniform(a, b, size=tensor.shape))
+    return _fill(tensor, runtime.rng(generator).uniform(a, b, size=tensor.shape))
 
 
 def normal_(tensor, mean=0.0, std=1.0, generator=None):
     """Fill with N(mean, std^2)."""
-    return _fill(tensor, backend.rng(generator).normal(mean, std, size=tensor.shape))
+    return _fill(tensor, runtime.rng(generator).normal(mean, std, size=tensor.shape))
 
 
 def trunc_normal_(tensor, mean=0.0, std=1.0, a=-2.0, b=2.0, generator=None):
     """Fill with N(mean, std^2) truncated to [a, b] (rejection: draws outside are redrawn)."""
     if a >= b:
         raise ValueError(f"trunc_normal_: a ({a}) must be smaller than b ({b})")
-    rng = backend.rng(generator)
+    rng = runtime.rng(generator)
     n = int(np.prod(tensor.shape))
     out = np.empty(n)
     todo = np.arange(n)
@@ -198,7 +198,7 @@ def orthogonal_(tensor, gain=1, generator=None):
         return tensor
     rows = tensor.shape[0]
     cols = tensor.numel() // rows
-    flat = backend.rng(generator).normal(0.0, 1.0, size=(rows, cols))
+    flat = runtime.rng(generator).normal(0.0, 1.0, size=(rows, cols))
     if rows < cols:
         flat = flat.T
     q, r = np.linalg.qr(flat)
@@ -213,7 +213,7 @@ def sparse_(tensor, sparsity, std=0.01, generator=None):
     if tensor.ndim != 2:
         raise ValueError("Only tensors with 2 dimensions are supported")
     rows, cols = tensor.shape
-    rng = backend.rng(generator)
+    rng = runtime.rng(generator)
     w = rng.normal(0.0, std, size=(rows, cols))
     nz = math.ceil(sparsity * rows)
     for c in range(cols):

@@ -24,7 +24,7 @@ import inspect
 
 import numpy as np
 
-from .. import backend
+from .. import runtime
 from ..autograd.graph import Node, SavedTensor
 from ..autograd.grad_mode import is_anomaly_enabled, is_grad_enabled
 
@@ -46,7 +46,7 @@ class Context:
 
     def kernel(self, name):
         """This device's fast kernel ``name``, or None (use the reference code)."""
-        return backend.kernel(self.device, name)
+        return runtime.kernel(self.device, name)
 
     def save_for_backward(self, *arrays):
         self._saved_arrays = arrays
@@ -132,7 +132,7 @@ def apply(op, tensors, params):
     ctx = Context(dev, needs_grad)
     ctx.op_name, ctx.op = op.name, op
     arrays = [None if t is None else t.array for t in tensors]
-    with backend.on_device(dev):
+    with runtime.on_device(dev):
         out = op.forward(ctx, *arrays, **params)
     multi = isinstance(out, tuple)
     outs = out if multi else (out,)

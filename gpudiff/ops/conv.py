@@ -20,65 +20,8 @@ with G groups, Rg = C/G*kh*kw rows of columns per group and Kg = K/G filters per
 
 Output size: (H + 2p - d(k-1) - 1) // s + 1, as PyTorch (an error below 1).
 """
-from typing import NamedTuple
-
+from ..geometry import ConvGeom, conv_output_size, pair
 from . import Op
-
-
-# ---- geometry -------------------------------------------------------------------------
-def _pair(v, name, what):
-    if isinstance(v, (tuple, list)):
-        if len(v) != 2:
-            raise ValueError(f"{name}: expected {what} to be a single int or a pair, got {v!r}")
-        return int(v[0]), int(v[1])
-    return int(v), int(v)
-
-
-def conv_output_size(n, k, s, p, d):
-    return (n + 2 * p - d * (k - 1) - 1) // s + 1
-
-
-class ConvGeom(NamedTuple):
-    N: int
-    C: int
-    H: int
-    W: int
-    K: int      # output channels
-    kh: int
-    kw: int
-    sh: int
-    sw: int
-    ph: int
-    pw: int
-    dh: int
-    dw: int
-    G: int      # groups
-    OH: int
-    OW: int
-
-    @property
-    def taps(self):
-        """(kh, kw, sh, sw, ph, pw, dh, dw): the im2col / col2im geometry arguments."""
-        return (self.kh, self.kw, self.sh, self.sw, self.ph, self.pw, self.dh, self.dw)
-
-    @property
-    def Rg(self):  # rows of columns per group
-        return self.C // self.G * self.kh * self.kw
-
-    @property
-    def Kg(self):  # filters per group
-        return self.K // self.G
-
-    @property
-    def L(self):
-        return self.OH * self.OW
-
-
-def conv_geom(x_shape, w_shape, stride, padding, dilation, groups):
-    (N, C, H, W), (K, _, kh, kw) = x_shape, w_shape
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    OH, OW = conv_output_size(H, kh, sh, ph, dh), conv_output_size(W, kw, sw, pw, dw)
-    return ConvGeom(N, C, H, W, K, kh, kw, sh, sw, ph, pw, dh, dw, groups, OH, OW)
 
 
 # ---- xp reference im2col / col2im -----------------------------------------------------
@@ -164,7 +107,7 @@ class Conv2dOp(Op):
         k = ctx.kernel("conv2d")
         y = k(x, w, b, stride, padding, dilation, groups) if k else None
         if y is None:
-            y = conv2d_ref(ctx, x, w, b, conv_geom(x.shape, w.shape, stride, padding,
+            y = conv2d_ref(ctx, x, w, b, ConvGeom(x.shape, w.shape, stride, padding,
                                                     dilation, groups))
         return y
 
@@ -189,7 +132,7 @@ class Conv2dBackwardInput(Op):
         k = ctx.kernel("conv2d_backward_input")
         gx = k(gy, w, input_size, stride, padding, dilation, groups) if k else None
         if gx is None:
-            gx = conv2d_backward_input_ref(ctx, gy, w, conv_geom(
+            gx = conv2d_backward_input_ref(ctx, gy, w, ConvGeom(
                 input_size, w.shape, stride, padding, dilation, groups))
         return gx
 
@@ -214,7 +157,7 @@ class Conv2dBackwardWeight(Op):
         k = ctx.kernel("conv2d_backward_weight")
         gw = k(gy, x, weight_size, stride, padding, dilation, groups) if k else None
         if gw is None:
-            gw = conv2d_backward_weight_ref(ctx, gy, x, conv_geom(
+            gw = conv2d_backward_weight_ref(ctx, gy, x, ConvGeom(
                 x.shape, weight_size, stride, padding, dilation, groups))
         return gw
 
@@ -266,8 +209,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """
     name = "conv2d"
     _check_conv_args(name, input, weight, bias, groups)
-    stride = _pair(stride, name, "stride")
-    dilation = _pair(dilation, name, "dilation")
+    stride = pair(stride, name, "stride")
+    dilation = pair(dilation, name, "dilation")
     unbatched = input.ndim == 3
     if unbatched:
         input = input.unsqueeze(0)
@@ -297,7 +240,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
             raise ValueError(f"{name}: invalid padding string {padding!r}, should be one of "
                              f"'valid', 'same'")
     else:
-        padding = _pair(padding, name, "padding")
+        padding = pair(padding, name, "padding")
         if min(padding) < 0:
             raise RuntimeError(f"{name}: negative padding is not supported, got {padding}")
     OH = conv_output_size(H, kh, stride[0], padding[0], dilation[0])
@@ -325,10 +268,10 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     """
     name = "conv_transpose2d"
     _check_conv_args(name, input, weight, bias, groups)
-    stride = _pair(stride, name, "stride")
-    padding = _pair(padding, name, "padding")
-    output_padding = _pair(output_padding, name, "output_padding")
-    dilation = _pair(dilation, name, "dilation")
+    stride = pair(stride, name, "stride")
+    padding = pair(padding, name, "padding")
+    output_padding = pair(output_padding, name, "output_padding")
+    dilation = pair(dilation, name, "dilation")
     unbatched = input.ndim == 3
     if unbatched:
         input = input.unsqueeze(0)

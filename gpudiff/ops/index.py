@@ -1,12 +1,12 @@
 """Indexing: x[key], gather, scatter_add. Keys hold slices, ints, None, Ellipsis and
 integer/bool arrays (already on the tensor's device). Gradients of repeated indices add up.
 """
-from .. import backend
+from .. import runtime
 from . import Op
 
 
 def _is_advanced(key):
-    return any(backend.is_array(k) for k in key)
+    return any(runtime.is_array(k) for k in key)
 
 
 class getitem(Op):
@@ -27,7 +27,7 @@ class index_put_zeros(Op):
         ctx.key = key
         out = ctx.xp.zeros(shape, dtype=g.dtype)
         if _is_advanced(key):
-            backend.index_add_at(out, key, g)  # repeated indices accumulate
+            runtime.index_add_at(out, key, g)  # repeated indices accumulate
         else:
             out[key] = g
         return out
@@ -66,7 +66,7 @@ class scatter_add(Op):
         out = x.copy()
         ctx.src_shape = src.shape
         src = src[tuple(slice(0, n) for n in index.shape)]  # only src[:index.shape] is used
-        backend.index_add_at(out, _grid(ctx.xp, index, dim), src)
+        runtime.index_add_at(out, _grid(ctx.xp, index, dim), src)
         return out
 
     def backward(ctx, gy):

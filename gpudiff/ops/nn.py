@@ -6,13 +6,13 @@ differentiable (double backward) while the first backward still runs the fused k
 """
 import math
 
-from .. import backend
+from .. import runtime
 from ..autograd.grad_mode import is_grad_enabled
 from . import Op
 
 
 def _k(device, name):
-    return backend.kernel(device, name)
+    return runtime.kernel(device, name)
 
 
 def _run(ctx, name, *args):
@@ -166,7 +166,7 @@ class softplus(Op):
 class erf(Op):
     def forward(ctx, x):
         ctx.save_for_backward(x)
-        return backend.erf(x)
+        return runtime.erf(x)
 
     def backward(ctx, gy):
         x, = ctx.saved_tensors

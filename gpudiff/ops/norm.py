@@ -21,7 +21,7 @@ import math
 
 import numpy as np
 
-from .. import backend
+from .. import runtime
 from ..autograd.grad_mode import is_grad_enabled
 from . import Op
 
@@ -101,7 +101,7 @@ def _batch_norm_backward_fused(gy, x, w, mean, invstd):
     from ..tensor import Tensor
     dev = x.device
     arrays = (gy.array, x.array, None if w is None else w.array, mean.array, invstd.array)
-    k = backend.kernel(dev, "batch_norm_backward")
+    k = runtime.kernel(dev, "batch_norm_backward")
     out = k(*arrays) if k else None
     if out is None:
         out = batch_norm_backward_ref(dev.xp, *arrays)
@@ -222,7 +222,7 @@ class DropoutOp(Op):
 
 
 def _draw_seed():
-    return int(backend.rng().integers(0, 2**63))
+    return int(runtime.rng().integers(0, 2**63))
 
 
 def _dropout(name, input, p, training, inplace, group):

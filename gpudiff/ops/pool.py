@@ -15,26 +15,8 @@ i of n_out over n covers [floor(i*n/n_out), ceil((i+1)*n/n_out)).
 """
 import numpy as np
 
+from ..geometry import pair, pool_output_size
 from . import Op
-
-
-# ---- geometry -------------------------------------------------------------------------
-def _pair(v, name, what):
-    if isinstance(v, (tuple, list)):
-        if len(v) == 1:
-            return int(v[0]), int(v[0])
-        if len(v) != 2:
-            raise ValueError(f"{name}: {what} must be a single int or a pair, got {v!r}")
-        return int(v[0]), int(v[1])
-    return int(v), int(v)
-
-
-def pool_output_size(n, k, s, p, d, ceil_mode):
-    span = n + 2 * p - d * (k - 1) - 1
-    out = (-(-span // s) if ceil_mode else span // s) + 1
-    if ceil_mode and (out - 1) * s >= n + p:  # the last window would start in the padding
-        out -= 1
-    return out
 
 
 def _as4d(xp_array):
@@ -328,11 +310,11 @@ def _check_input(name, input):
 
 
 def _window(name, input, kernel_size, stride, padding, dilation, ceil_mode, effective):
-    kernel = _pair(kernel_size, name, "kernel_size")
+    kernel = pair(kernel_size, name, "kernel_size")
     stride = kernel if (stride is None or (isinstance(stride, (tuple, list)) and not stride)) \
-        else _pair(stride, name, "stride")
-    padding = _pair(padding, name, "padding")
-    dilation = _pair(dilation, name, "dilation")
+        else pair(stride, name, "stride")
+    padding = pair(padding, name, "padding")
+    dilation = pair(dilation, name, "dilation")
     if min(kernel) < 1 or min(stride) < 1 or min(dilation) < 1:
         raise RuntimeError(f"{name}: kernel_size, stride and dilation must be positive, got "
                            f"kernel_size={kernel}, stride={stride}, dilation={dilation}")

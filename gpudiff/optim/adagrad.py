@@ -1,5 +1,5 @@
 """Adagrad, PyTorch's update rule (state created for every parameter up front)."""
-from .. import backend
+from .. import runtime
 from ..tensor import Tensor
 from .optimizer import Optimizer, _new_step, _step_value
 
@@ -34,7 +34,7 @@ class Adagrad(Optimizer):
 
     def _init_state(self, p, state, group):
         state["step"] = _new_step()
-        with backend.on_device(p.device):
+        with runtime.on_device(p.device):
             state["sum"] = Tensor._make(
                 p.device.xp.full(p.shape, group["initial_accumulator_value"], dtype=p.dtype),
                 p.device)

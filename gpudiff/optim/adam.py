@@ -1,5 +1,5 @@
 """Adam (with amsgrad) and AdamW (decoupled weight decay), PyTorch's update rule."""
-from .. import backend
+from .. import runtime
 from .optimizer import Optimizer, _lerp_, _new_step, _step_value, _zeros_like
 
 
@@ -41,7 +41,7 @@ class Adam(Optimizer):
             state["max_exp_avg_sq"] = _zeros_like(p)
 
     def _fused_step(self, device, group, params, states):
-        k = backend.kernel(device, "adam_step")
+        k = runtime.kernel(device, "adam_step")
         if k is None:
             return NotImplemented
         steps = []

@@ -5,7 +5,7 @@ An optimizer updates parameters in place, under ``no_grad``, on the raw arrays
 Each subclass writes its update rule once, for one parameter, in ``_update`` (PyTorch's
 "single tensor" formulas, same order of float32 operations). ``_step_group`` is the one
 place that loops over a group's parameters; a fused multi-tensor kernel
-(``backend.kernel(device, 'sgd_step')``, see gpudiff/backend/kernels.py) replaces that loop
+(``runtime.kernel(device, 'sgd_step')``, see gpudiff/runtime/kernels.py) replaces that loop
 for a (device, dtype) bucket when a device provides one.
 """
 import functools
@@ -14,7 +14,7 @@ from collections import OrderedDict, defaultdict
 
 import numpy as np
 
-from .. import backend
+from .. import runtime
 from ..autograd.grad_mode import enable_grad, no_grad
 from ..tensor import Tensor
 
@@ -208,7 +208,7 @@ class Optimizer:
         for p in params:
             buckets.setdefault((p.device, p.dtype), []).append(p)
         for (dev, _), ps in buckets.items():
-            with backend.on_device(dev):  # new state arrays land on the parameters' GPU
+            with runtime.on_device(dev):  # new state arrays land on the parameters' GPU
                 self._step_bucket(dev, group, ps)
 
     def _step_bucket(self, dev, group, ps):
@@ -314,7 +314,7 @@ class Optimizer:
             if isinstance(value, (list, tuple)):
                 return type(value)(cast(param, v) for v in value)
             if isinstance(value, np.ndarray):
-                return cast(param, Tensor._make(value, backend.CPU), key)
+                return cast(param, Tensor._make(value, runtime.CPU), key)
             return value
 
         state = defaultdict(dict)
@@ -344,7 +344,7 @@ def _step_value(state):
 
 
 def _new_step():
-    return Tensor._make(np.zeros((), np.float32), backend.CPU)
+    return Tensor._make(np.zeros((), np.float32), runtime.CPU)
 
 
 def _zeros_like(p):

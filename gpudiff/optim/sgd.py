@@ -1,5 +1,5 @@
 """SGD with momentum, dampening, Nesterov and weight decay (PyTorch's update rule)."""
-from .. import backend
+from .. import runtime
 from ..tensor import Tensor
 from .optimizer import Optimizer, required
 
@@ -33,7 +33,7 @@ class SGD(Optimizer):
         return self.state[p] if group["momentum"] != 0 else {}
 
     def _fused_step(self, device, group, params, states):
-        k = backend.kernel(device, "sgd_step")
+        k = runtime.kernel(device, "sgd_step")
         if k is None or (group["momentum"] != 0 and
                          any(s.get("momentum_buffer") is None for s in states)):
             return NotImplemented  # the first momentum step (b = g) goes the reference way

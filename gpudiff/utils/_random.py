@@ -23,7 +23,7 @@ def _global_rng():
     """gpudiff's global numpy Generator (the one ``gpudiff.manual_seed`` seeds), or numpy's
     legacy global RandomState where the engine does not provide one."""
     try:
-        from ..backend import rng
+        from ..runtime import rng
         r = rng()
     except (ImportError, AttributeError, TypeError):
         return np.random.mtrand._rand
@@ -104,7 +104,7 @@ def seed_all(seed):
     """
     seed = int(seed)
     try:
-        from ..backend import manual_seed
+        from ..runtime import manual_seed
     except ImportError:
         manual_seed = None
     if manual_seed is not None:

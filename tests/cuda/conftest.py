@@ -8,7 +8,7 @@ import importlib
 import numpy as np
 import pytest
 
-from gpudiff.backend import cuda_launch
+from gpudiff.runtime.cuda import launch as cuda_launch
 
 
 def gpu_available():
@@ -70,10 +70,10 @@ def host():
 
 @pytest.fixture
 def launched(monkeypatch):
-    """The names of the kernels the wrappers (cuda_kernels, cuda_cnn) launch during a test."""
-    from gpudiff.backend import cuda_cnn, cuda_kernels
+    """The names of the kernels the wrappers (gpudiff.runtime.cuda.*) launch during a test."""
+    from gpudiff.runtime import cuda as rc
     names = []
-    for module in (cuda_kernels, cuda_cnn):
+    for module in rc.WRAPPERS:
         def spy(source_file, name, *args, _real=module.launch, **kw):
             names.append(name)
             return _real(source_file, name, *args, **kw)

@@ -1,4 +1,4 @@
-"""The CNN kernels of the 'cuda' table (gpudiff/backend/cuda_cnn.py, csrc/cuda/{conv,im2col,
+"""The CNN kernels of the 'cuda' table (gpudiff/runtime/cuda/{conv,im2col,pool,batch_norm,optim}.py, csrc/cuda/{conv,im2col,
 pool,batch_norm,optim}.cu) against PyTorch (float64 oracle), the CPU reference, and themselves.
 
 Every kernel test runs in the emulator with the threads between sync points in forward,
@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 import torch
 
-from gpudiff.backend import cuda_cnn as cc
-from gpudiff.backend import cuda_launch, kernels
+from gpudiff import geometry
+from gpudiff.runtime import cuda as rc
+from gpudiff.runtime import kernels
+from gpudiff.runtime.cuda import launch as cuda_launch
 
 F = torch.nn.functional
 ALGOS = ["implicit_gemm", "im2col", "direct"]
@@ -123,9 +125,9 @@ def conv_reference(case, dtype, seed=0):
 def run_conv(where, inputs):
     x, w, b, gy, stride, pad, dil, groups = inputs
     put, get = where.put, where.get
-    y = cc.conv2d(put(x), put(w), None if b is None else put(b), stride, pad, dil, groups)
-    gx = cc.conv2d_backward_input(put(gy), put(w), x.shape, stride, pad, dil, groups)
-    gw = cc.conv2d_backward_weight(put(gy), put(x), w.shape, stride, pad, dil, groups)
+    y = rc.conv.conv2d(put(x), put(w), None if b is None else put(b), stride, pad, dil, groups)
+    gx = rc.conv.conv2d_backward_input(put(gy), put(w), x.shape, stride, pad, dil, groups)
+    gw = rc.conv.conv2d_backward_weight(put(gy), put(x), w.shape, stride, pad, dil, groups)
     return get(y), get(gx), get(gw)
 
 
@@ -133,9 +135,9 @@ def run_conv(where, inputs):
                                        if _cheap(c, a)])
 def test_conv2d_all_passes_match_torch(order, case, algo):
     inputs, ref = conv_reference(case, np.float32)
-    with cc.use_conv_algorithm(algo):
+    with rc.conv.use_conv_algorithm(algo):
         got = run_conv(order, inputs)
-    assert cc.last_conv_algorithm == {"forward": algo, "backward_input": algo,
+    assert rc.conv.last_conv_algorithm == {"forward": algo, "backward_input": algo,
                                       "backward_weight": algo}
     for g, r, what in zip(got, ref, ("y", "gx", "gw")):
         assert g.dtype == np.float32 and g.shape == r.shape, what
@@ -147,7 +149,7 @@ def test_conv2d_all_passes_match_torch(order, case, algo):
     for a in ALGOS if _cheap(c, a)])
 def test_conv2d_float64(case, algo):
     inputs, ref = conv_reference(case, np.float64)
-    with cc.use_conv_algorithm(algo):
+    with rc.conv.use_conv_algorithm(algo):
         got = run_conv(Emulated(), inputs)
     for g, r, what in zip(got, ref, ("y", "gx", "gw")):
         assert g.dtype == np.float64
@@ -171,7 +173,7 @@ def test_implicit_gemm_row_edges(rows):
         tx, tw = t64(x), t64(w)
         ty = F.conv2d(tx, tw, None, 1, 1)
         ty.backward(torch.tensor(gy))
-        with cc.use_conv_algorithm("implicit_gemm"):
+        with rc.conv.use_conv_algorithm("implicit_gemm"):
             got = run_conv(Emulated(), (x, w, None, gy, 1, 1, 1, 1))
         for g, r in zip(got, (ty.detach().numpy(), tx.grad.numpy(), tw.grad.numpy())):
             np.testing.assert_allclose(g, r, **tol(np.float64))
@@ -187,7 +189,7 @@ def test_implicit_gemm_column_and_depth_edges(order, spatial, depth):
     tx, tw = t64(x), t64(w)
     ty = F.conv2d(tx, tw)
     ty.backward(torch.tensor(gy))
-    with cc.use_conv_algorithm("implicit_gemm"):
+    with rc.conv.use_conv_algorithm("implicit_gemm"):
         got = run_conv(order, (x, w, None, gy, 1, 0, 1, 1))
     for g, r in zip(got, (ty.detach().numpy(), tx.grad.numpy(), tw.grad.numpy())):
         np.testing.assert_allclose(g, r, **tol(np.float64))
@@ -197,13 +199,13 @@ def test_implicit_gemm_column_and_depth_edges(order, spatial, depth):
 def test_wgrad_split_reduction(order, min_chunk, monkeypatch):
     # force the N*OH*OW reduction over several blocks (chunks on and off the BK edges);
     # the partial tiles are summed by the second kernel
-    monkeypatch.setattr(cc, "WGRAD_MIN_CHUNK", min_chunk)
+    monkeypatch.setattr(rc.conv, "WGRAD_MIN_CHUNK", min_chunk)
     inputs, ref = conv_reference("split", np.float64)
-    geom = cc.ConvGeom(inputs[0].shape, inputs[1].shape, *inputs[4:8])
-    splits, chunk = cc.wgrad_splits(geom, inputs[0])
-    assert splits > 1 and chunk % cc._tile(geom.Kg)[2] == 0
-    with cc.use_conv_algorithm("implicit_gemm"):
-        gw = order.get(cc.conv2d_backward_weight(order.put(inputs[3]), order.put(inputs[0]),
+    geom = geometry.ConvGeom(inputs[0].shape, inputs[1].shape, *inputs[4:8])
+    splits, chunk = rc.conv.wgrad_splits(geom, inputs[0])
+    assert splits > 1 and chunk % rc.conv._tile(geom.Kg)[2] == 0
+    with rc.conv.use_conv_algorithm("implicit_gemm"):
+        gw = order.get(rc.conv.conv2d_backward_weight(order.put(inputs[3]), order.put(inputs[0]),
                                                  inputs[1].shape, *inputs[4:8]))
     np.testing.assert_allclose(gw, ref[2], **tol(np.float64))
 
@@ -214,66 +216,66 @@ def test_conv_backward_is_bitwise_reproducible(algo):
     x, w, gy = rand((2, 12, 16, 16)), rand((20, 12, 3, 3), seed=1), rand((2, 20, 16, 16), seed=2)
     if algo == "direct":  # a block per weight element: keep it small in the emulator
         x, w, gy = x[:, :3, :8, :8].copy(), w[:4, :3].copy(), gy[:, :4, :8, :8].copy()
-    geom = cc.ConvGeom(x.shape, w.shape, 1, 1, 1, 1)
+    geom = geometry.ConvGeom(x.shape, w.shape, 1, 1, 1, 1)
     if algo == "implicit_gemm":
-        assert cc.wgrad_splits(geom, x)[0] > 1  # the split reduction is part of the check
+        assert rc.conv.wgrad_splits(geom, x)[0] > 1  # the split reduction is part of the check
     runs = []
     for seed in (1, 2):
         with cuda_launch.emulator(order="random", seed=seed, shuffle_blocks=True), \
-                cc.use_conv_algorithm(algo):
-            runs.append((cc.conv2d_backward_input(gy, w, x.shape, 1, 1, 1, 1),
-                         cc.conv2d_backward_weight(gy, x, w.shape, 1, 1, 1, 1)))
+                rc.conv.use_conv_algorithm(algo):
+            runs.append((rc.conv.conv2d_backward_input(gy, w, x.shape, 1, 1, 1, 1),
+                         rc.conv.conv2d_backward_weight(gy, x, w.shape, 1, 1, 1, 1)))
     for a, b in zip(*runs):
         assert a.tobytes() == b.tobytes()
 
 
 def test_auto_algorithm_choice_and_log():
     geoms = {
-        "depthwise": cc.ConvGeom((8, 32, 16, 16), (32, 1, 3, 3), 1, 1, 1, 32),
-        "pointwise": cc.ConvGeom((8, 32, 16, 16), (64, 32, 1, 1), 1, 0, 1, 1),
-        "lenet-conv1": cc.ConvGeom((64, 1, 28, 28), (6, 1, 5, 5), 1, 2, 1, 1),
-        "resnet-3x3": cc.ConvGeom((64, 64, 8, 8), (64, 64, 3, 3), 1, 1, 1, 1),
-        "wide-3x3": cc.ConvGeom((64, 256, 8, 8), (256, 256, 3, 3), 1, 1, 1, 1),
+        "depthwise": geometry.ConvGeom((8, 32, 16, 16), (32, 1, 3, 3), 1, 1, 1, 32),
+        "pointwise": geometry.ConvGeom((8, 32, 16, 16), (64, 32, 1, 1), 1, 0, 1, 1),
+        "lenet-conv1": geometry.ConvGeom((64, 1, 28, 28), (6, 1, 5, 5), 1, 2, 1, 1),
+        "resnet-3x3": geometry.ConvGeom((64, 64, 8, 8), (64, 64, 3, 3), 1, 1, 1, 1),
+        "wide-3x3": geometry.ConvGeom((64, 256, 8, 8), (256, 256, 3, 3), 1, 1, 1, 1),
     }
-    got = {k: cc.choose_conv_algorithm(g) for k, g in geoms.items()}
+    got = {k: rc.conv.choose_conv_algorithm(g) for k, g in geoms.items()}
     assert got == {"depthwise": "direct", "pointwise": "im2col", "lenet-conv1": "implicit_gemm",
                    "resnet-3x3": "implicit_gemm", "wide-3x3": "im2col"}
-    cc.reset_conv_log()
+    rc.conv.reset_conv_log()
     x, w = rand((1, 4, 5, 5)), rand((4, 1, 3, 3), seed=1)
-    cc.conv2d(x, w, None, 1, 1, 1, 4)
-    assert cc.last_conv_algorithm == {"forward": "direct"}
-    assert cc.conv_algorithm_counts[("forward", "direct")] == 1
-    old = cc.conv_algorithm
+    rc.conv.conv2d(x, w, None, 1, 1, 1, 4)
+    assert rc.conv.last_conv_algorithm == {"forward": "direct"}
+    assert rc.conv.conv_algorithm_counts[("forward", "direct")] == 1
+    old = rc.conv.conv_algorithm
     try:
-        cc.conv_algorithm = "im2col"  # the module setting forces a path
-        cc.conv2d(x, w, None, 1, 1, 1, 4)
-        assert cc.last_conv_algorithm["forward"] == "im2col"
-        cc.conv_algorithm = "winograd"
+        rc.conv.conv_algorithm = "im2col"  # the module setting forces a path
+        rc.conv.conv2d(x, w, None, 1, 1, 1, 4)
+        assert rc.conv.last_conv_algorithm["forward"] == "im2col"
+        rc.conv.conv_algorithm = "winograd"
         with pytest.raises(ValueError, match="conv_algorithm"):
-            cc.conv2d(x, w, None, 1, 1, 1, 4)
+            rc.conv.conv2d(x, w, None, 1, 1, 1, 4)
     finally:
-        cc.conv_algorithm = old
-    with pytest.raises(ValueError), cc.use_conv_algorithm("fft"):
+        rc.conv.conv_algorithm = old
+    with pytest.raises(ValueError), rc.conv.use_conv_algorithm("fft"):
         pass
 
 
 def test_conv_declines_what_it_does_not_handle():
     x, w = rand((1, 2, 5, 5)), rand((3, 2, 3, 3), seed=1)
-    assert cc.conv2d(x.astype(np.float16), w.astype(np.float16), None, 1, 0, 1, 1) is None
-    assert cc.conv2d(x, w.astype(np.float32), None, 1, 0, 1, 1) is None  # mixed dtypes
-    assert cc.conv2d(x, w, None, 1, 0, 1, 2) is None  # C != Cg * groups
-    assert cc.conv2d(x, rand((3, 2, 7, 7)), None, 1, 0, 1, 1) is None  # output < 1
+    assert rc.conv.conv2d(x.astype(np.float16), w.astype(np.float16), None, 1, 0, 1, 1) is None
+    assert rc.conv.conv2d(x, w.astype(np.float32), None, 1, 0, 1, 1) is None  # mixed dtypes
+    assert rc.conv.conv2d(x, w, None, 1, 0, 1, 2) is None  # C != Cg * groups
+    assert rc.conv.conv2d(x, rand((3, 2, 7, 7)), None, 1, 0, 1, 1) is None  # output < 1
     # empty batch: an empty result, no launch
-    assert cc.conv2d(x[:0], w, None, 1, 0, 1, 1).shape == (0, 3, 3, 3)
+    assert rc.conv.conv2d(x[:0], w, None, 1, 0, 1, 1).shape == (0, 3, 3, 3)
 
 
 def test_im2col_and_col2im_entries_match_the_reference():
     from gpudiff.ops.conv import col2im_ref, im2col_ref
     x = rand((2, 3, 7, 6))
     geo = (3, 2, 2, 1, 1, 0, 1, 2)  # kh kw sh sw ph pw dh dw
-    cols = cc.im2col(x, *geo)
+    cols = rc.im2col.im2col(x, *geo)
     np.testing.assert_array_equal(cols, im2col_ref(np, x, *geo))
-    back = cc.col2im(cols, 3, 7, 6, *geo)
+    back = rc.im2col.col2im(cols, 3, 7, 6, *geo)
     np.testing.assert_allclose(back, col2im_ref(np, cols, 3, 7, 6, *geo), rtol=1e-14, atol=1e-14)
 
 
@@ -283,19 +285,19 @@ def test_kernel_guard_catches_an_undersized_output():
     host = importlib.import_module("gpudiff._cuda_host")
     x, w, b = rand((1, 1, 4, 4)), rand((1, 1, 3, 3)), np.zeros(1)
     y = np.empty(3)  # needs 4
-    geom = cc.ConvGeom(x.shape, w.shape, 1, 0, 1, 1)
+    geom = geometry.ConvGeom(x.shape, w.shape, 1, 0, 1, 1)
     with pytest.raises(host.KernelError, match="conv2d_fwd_direct"):
         cuda_launch.launch("conv.cu", "conv2d_fwd_direct<double>", 1, 32,
-                           (x, w, b, y) + geom.args() + (np.int32(1),))
+                           (x, w, b, y) + rc.launch.i32(*geom.kernel_args()) + (np.int32(1),))
 
 
 def test_every_name_the_wrappers_use_is_listed():
     # the NVRTC test (test_cuda_nvrtc.py) compiles exactly the listed names
     listed = set(cuda_launch.name_expressions("conv.cu"))
     for t in ("float", "double"):
-        for tile in (cc.TILE_L, cc.TILE_S):
+        for tile in (rc.conv.TILE_L, rc.conv.TILE_S):
             for k in ("conv2d_fwd_igemm", "conv2d_dgrad_igemm", "conv2d_wgrad_igemm"):
-                assert cc._igemm_name(k, t, tile) in listed
+                assert rc.conv._igemm_name(k, t, tile) in listed
 
 
 # ---- conv ops on the emulated cuda device vs the CPU device -----------------------------------
@@ -325,14 +327,14 @@ def test_conv_transpose2d_op_on_cuda_matches_torch():
     x, w, b = rand((2, 4, 5, 6), np.float32), rand((4, 3, 3, 2), np.float32, 1), \
         rand(6, np.float32, 2)
     kw = dict(stride=(2, 1), padding=(1, 0), output_padding=(1, 0), groups=2, dilation=(1, 2))
-    cc.reset_conv_log()
+    rc.conv.reset_conv_log()
     tx = gpudiff.tensor(x, device="cuda", requires_grad=True)
     tw = gpudiff.tensor(w, device="cuda", requires_grad=True)
     tb = gpudiff.tensor(b, device="cuda", requires_grad=True)
     y = gF.conv_transpose2d(tx, tw, tb, **kw)
     (y * y).sum().backward()
     # the transposed conv ran as conv2d's input gradient, its backward as forward + wgrad
-    assert set(cc.last_conv_algorithm) == {"forward", "backward_input", "backward_weight"}
+    assert set(rc.conv.last_conv_algorithm) == {"forward", "backward_input", "backward_weight"}
     rx, rw, rb = t64(x), t64(w), t64(b)
     ry = F.conv_transpose2d(rx, rw, rb, **kw)
     (ry * ry).sum().backward()
@@ -376,12 +378,12 @@ def test_max_pool2d_forward_backward(order, case):
     ty, ti = F.max_pool2d(tx, k, s, p, d, ceil, return_indices=True)
     gy = rand(tuple(ty.shape), seed=1)
     ty.backward(torch.tensor(gy))
-    y, idx = cc.max_pool2d(order.put(x), *k, *s, *p, *d, ceil)
+    y, idx = rc.pool.max_pool2d(order.put(x), *k, *s, *p, *d, ceil)
     np.testing.assert_array_equal(order.get(idx), ti.numpy())
     np.testing.assert_array_equal(order.get(y), ty.detach().numpy())  # NaNs in place too
     H, W = shape[2:]
-    gx_geom = cc.max_pool2d_with_indices_backward(order.put(gy), idx, H, W, *k, *s, *p, *d)
-    gx_any = cc.max_pool2d_backward(order.put(gy), idx, H, W)  # no geometry: all candidates
+    gx_geom = rc.pool.max_pool2d_with_indices_backward(order.put(gy), idx, H, W, *k, *s, *p, *d)
+    gx_any = rc.pool.max_pool2d_backward(order.put(gy), idx, H, W)  # no geometry: all candidates
     np.testing.assert_allclose(order.get(gx_geom), tx.grad.numpy(), rtol=1e-14, atol=1e-14)
     assert order.get(gx_any).tobytes() == order.get(gx_geom).tobytes()
 
@@ -396,8 +398,8 @@ def test_avg_pool2d_forward_backward(order, case, count_include_pad, divisor):
     ty = F.avg_pool2d(tx, k, s, p, ceil, count_include_pad, divisor)
     gy = rand(tuple(ty.shape), seed=1)
     ty.backward(torch.tensor(gy))
-    y = cc.avg_pool2d(order.put(x), *k, *s, *p, ceil, count_include_pad, divisor)
-    gx = cc.avg_pool2d_backward(order.put(gy), *shape[2:], *k, *s, *p, ceil,
+    y = rc.pool.avg_pool2d(order.put(x), *k, *s, *p, ceil, count_include_pad, divisor)
+    gx = rc.pool.avg_pool2d_backward(order.put(gy), *shape[2:], *k, *s, *p, ceil,
                                 count_include_pad, divisor)
     np.testing.assert_allclose(order.get(y), ty.detach().numpy(), rtol=1e-13, atol=1e-14)
     np.testing.assert_allclose(order.get(gx), tx.grad.numpy(), rtol=1e-13, atol=1e-14)
@@ -421,14 +423,14 @@ def test_avg_pool2d_pair_windows_two_lanes_per_output(order, case, dtype, launch
     x = rand(shape, dtype, seed=case)
     ref = F.avg_pool2d(t64(x), k, s, p, ceil, False).detach().numpy()
     names = launched
-    y = order.get(cc.avg_pool2d(order.put(x), *k, *s, *p, ceil, False, None))
+    y = order.get(rc.pool.avg_pool2d(order.put(x), *k, *s, *p, ceil, False, None))
     assert names == [f"avg_pool2d_fwd_pairs<{'float' if dtype == np.float32 else 'double'}>"]
     np.testing.assert_allclose(y, ref, **tol(dtype))
     if isinstance(order, Emulated):
         buf = np.empty(x.size + 1, dtype)
         xm = buf[1:].reshape(shape)
         xm[...] = x
-        ym = cc.avg_pool2d(xm, *k, *s, *p, ceil, False, None)
+        ym = rc.pool.avg_pool2d(xm, *k, *s, *p, ceil, False, None)
         assert names[-1].startswith("avg_pool2d_fwd<")
         assert ym.tobytes() == y.tobytes()
 
@@ -441,8 +443,8 @@ def test_avg_pool2d_pairs_grid_strided():
     for o, shuffled in ORDERS:
         y[...] = np.nan
         with cuda_launch.emulator(order=o, seed=5, shuffle_blocks=shuffled):
-            cc.launch("pool.cu", "avg_pool2d_fwd_pairs<float>", 3, 64,
-                      (x, y, np.int64(12)) + cc._i32(10, 10, 5, 5, 2, 2, 0, True)
+            rc.launch.launch("pool.cu", "avg_pool2d_fwd_pairs<float>", 3, 64,
+                      (x, y, np.int64(12)) + rc.launch.i32(10, 10, 5, 5, 2, 2, 0, True)
                       + (np.int64(0),))
         np.testing.assert_allclose(y, ref, rtol=1e-6, atol=1e-7)
 
@@ -460,8 +462,8 @@ def test_adaptive_pools_forward_backward(order, hw, out):
     ty, ti = F.adaptive_max_pool2d(tx, out, return_indices=True)
     gy = rand(tuple(ty.shape), seed=1)
     ty.backward(torch.tensor(gy))
-    y, idx = cc.adaptive_max_pool2d(order.put(x), *out)
-    gx = cc.adaptive_max_pool2d_backward(order.put(gy), idx, *hw)
+    y, idx = rc.pool.adaptive_max_pool2d(order.put(x), *out)
+    gx = rc.pool.adaptive_max_pool2d_backward(order.put(gy), idx, *hw)
     np.testing.assert_array_equal(order.get(idx), ti.numpy())
     np.testing.assert_array_equal(order.get(y), ty.detach().numpy())
     np.testing.assert_allclose(order.get(gx), tx.grad.numpy(), rtol=1e-14, atol=1e-14)
@@ -469,8 +471,8 @@ def test_adaptive_pools_forward_backward(order, hw, out):
     tx = t64(x)
     ty = F.adaptive_avg_pool2d(tx, out)
     ty.backward(torch.tensor(gy))
-    y = cc.adaptive_avg_pool2d(order.put(x), *out)
-    gx = cc.adaptive_avg_pool2d_backward(order.put(gy), *hw)
+    y = rc.pool.adaptive_avg_pool2d(order.put(x), *out)
+    gx = rc.pool.adaptive_avg_pool2d_backward(order.put(gy), *hw)
     np.testing.assert_allclose(order.get(y), ty.detach().numpy(), rtol=1e-13, atol=1e-14)
     np.testing.assert_allclose(order.get(gx), tx.grad.numpy(), rtol=1e-13, atol=1e-14)
 
@@ -481,14 +483,14 @@ def test_pools_match_the_cpu_kernels_and_unbatched_input():
         pytest.skip("gpudiff._C (CPU kernels) not built")
     x = rand((3, 10, 9), np.float32)  # unbatched (C, H, W)
     geo = (3, 3, 2, 2, 1, 1, 1, 1)
-    y, idx = cc.max_pool2d(x, *geo, True)
+    y, idx = rc.pool.max_pool2d(x, *geo, True)
     yc, ic = cpu["max_pool2d"](x, *geo, True)
     np.testing.assert_array_equal(y, yc)
     np.testing.assert_array_equal(idx, ic)
     gy = rand(y.shape, np.float32, 1)
-    np.testing.assert_allclose(cc.max_pool2d_with_indices_backward(gy, idx, 10, 9, *geo),
+    np.testing.assert_allclose(rc.pool.max_pool2d_with_indices_backward(gy, idx, 10, 9, *geo),
                                cpu["max_pool2d_backward"](gy, idx, 10, 9), rtol=1e-6)
-    a = cc.avg_pool2d(x, 3, 2, 2, 1, 1, 0, True, False, None)
+    a = rc.pool.avg_pool2d(x, 3, 2, 2, 1, 1, 0, True, False, None)
     np.testing.assert_allclose(a, cpu["avg_pool2d"](x, 3, 2, 2, 1, 1, 0, True, False, None),
                                rtol=1e-6)
 
@@ -500,17 +502,17 @@ def test_pool_backward_is_bitwise_reproducible(kind):
     for seed in (1, 2):
         with cuda_launch.emulator(order="random", seed=seed, shuffle_blocks=True):
             if kind == "max":  # overlapping windows: inputs gather several outputs
-                y, idx = cc.max_pool2d(x, 3, 3, 1, 1, 1, 1, 1, 1, False)
-                g = cc.max_pool2d_with_indices_backward(np.ones_like(y), idx, 12, 11,
+                y, idx = rc.pool.max_pool2d(x, 3, 3, 1, 1, 1, 1, 1, 1, False)
+                g = rc.pool.max_pool2d_with_indices_backward(np.ones_like(y), idx, 12, 11,
                                                         3, 3, 1, 1, 1, 1, 1, 1)
             elif kind == "avg":
-                g = cc.avg_pool2d_backward(rand((2, 3, 12, 11), seed=3), 12, 11, 3, 3, 1, 1,
+                g = rc.pool.avg_pool2d_backward(rand((2, 3, 12, 11), seed=3), 12, 11, 3, 3, 1, 1,
                                            1, 1, False, True, None)
             elif kind == "adaptive_max":
-                y, idx = cc.adaptive_max_pool2d(x, 5, 7)
-                g = cc.adaptive_max_pool2d_backward(rand(y.shape, seed=3), idx, 12, 11)
+                y, idx = rc.pool.adaptive_max_pool2d(x, 5, 7)
+                g = rc.pool.adaptive_max_pool2d_backward(rand(y.shape, seed=3), idx, 12, 11)
             else:
-                g = cc.adaptive_avg_pool2d_backward(rand((2, 3, 5, 7), seed=3), 12, 11)
+                g = rc.pool.adaptive_avg_pool2d_backward(rand((2, 3, 5, 7), seed=3), 12, 11)
             runs.append(g)
     assert runs[0].tobytes() == runs[1].tobytes()
 
@@ -534,9 +536,9 @@ def test_batch_norm_training_forward_backward(order, shape, dtype):
     gy = rand(shape, dtype, 5)
     ty.backward(torch.tensor(gy, dtype=torch.float64))
     rm_d, rv_d = order.put(rm), order.put(rv)
-    y, mean, invstd = cc.batch_norm_forward(order.put(x), order.put(w), order.put(b), rm_d,
+    y, mean, invstd = rc.batch_norm.batch_norm_forward(order.put(x), order.put(w), order.put(b), rm_d,
                                             rv_d, True, 0.1, 1e-5)
-    gx, gw, gb = cc.batch_norm_backward(order.put(gy), order.put(x), order.put(w), mean,
+    gx, gw, gb = rc.batch_norm.batch_norm_backward(order.put(gy), order.put(x), order.put(w), mean,
                                         invstd)
     t = tol(dtype)
     np.testing.assert_allclose(order.get(y), ty.detach().numpy(), **t)
@@ -553,14 +555,14 @@ def test_batch_norm_training_forward_backward(order, shape, dtype):
 @pytest.mark.parametrize("cache_bytes", [0, 40, 4 * 7 * 13])
 def test_batch_norm_shared_memory_cache(order, cache_bytes, monkeypatch):
     # none, some (the walk's first values) or all of a channel kept between the passes
-    monkeypatch.setattr(cc, "BN_CACHE_BYTES", cache_bytes)
+    monkeypatch.setattr(rc.batch_norm, "BN_CACHE_BYTES", cache_bytes)
     x, gy, w = (rand((7, 2, 13)) * 2 + 5), rand((7, 2, 13), seed=1), rand(2, seed=2)
     tx, tw = t64(x), t64(w)
     ty = F.batch_norm(tx, None, None, tw, None, True, 0.1, 1e-5)
     ty.backward(torch.tensor(gy))
-    y, m, s = cc.batch_norm_forward(order.put(x), order.put(w), None, None, None, True, 0.1,
+    y, m, s = rc.batch_norm.batch_norm_forward(order.put(x), order.put(w), None, None, None, True, 0.1,
                                     1e-5)
-    gx, gw, _ = cc.batch_norm_backward(order.put(gy), order.put(x), order.put(w), m, s)
+    gx, gw, _ = rc.batch_norm.batch_norm_backward(order.put(gy), order.put(x), order.put(w), m, s)
     np.testing.assert_allclose(order.get(y), ty.detach().numpy(), **tol(np.float64))
     np.testing.assert_allclose(order.get(gx), tx.grad.numpy(), **tol(np.float64))
     np.testing.assert_allclose(order.get(gw), tw.grad.numpy(), **tol(np.float64))
@@ -571,7 +573,7 @@ def test_batch_norm_eval_and_no_affine(order, shape):
     c = shape[1]
     x, w, b = rand(shape), rand(c, seed=1), rand(c, seed=2)
     rm, rv = rand(c, seed=3), np.abs(rand(c, seed=4)) + 0.5
-    y, _, _ = cc.batch_norm_forward(order.put(x), order.put(w), order.put(b), order.put(rm),
+    y, _, _ = rc.batch_norm.batch_norm_forward(order.put(x), order.put(w), order.put(b), order.put(rm),
                                     order.put(rv), False, 0.1, 1e-5)
     ref = F.batch_norm(torch.tensor(x), torch.tensor(rm), torch.tensor(rv), torch.tensor(w),
                        torch.tensor(b), False, 0.1, 1e-5)
@@ -581,9 +583,9 @@ def test_batch_norm_eval_and_no_affine(order, shape):
     ty = F.batch_norm(tx, None, None, None, None, True, 0.1, 1e-5)
     gy = rand(shape, seed=5)
     ty.backward(torch.tensor(gy))
-    y, mean, invstd = cc.batch_norm_forward(order.put(x), None, None, None, None, True, 0.1,
+    y, mean, invstd = rc.batch_norm.batch_norm_forward(order.put(x), None, None, None, None, True, 0.1,
                                             1e-5)
-    gx, _, _ = cc.batch_norm_backward(order.put(gy), order.put(x), None, mean, invstd)
+    gx, _, _ = rc.batch_norm.batch_norm_backward(order.put(gy), order.put(x), None, mean, invstd)
     np.testing.assert_allclose(order.get(y), ty.detach().numpy(), **tol(np.float64))
     np.testing.assert_allclose(order.get(gx), tx.grad.numpy(), **tol(np.float64))
 
@@ -593,14 +595,14 @@ def test_batch_norm_is_bitwise_reproducible():
     runs = []
     for seed in (1, 2):
         with cuda_launch.emulator(order="random", seed=seed, shuffle_blocks=True):
-            y, m, s = cc.batch_norm_forward(x, w, None, None, None, True, 0.1, 1e-5)
-            gx, gw, gb = cc.batch_norm_backward(gy, x, w, m, s)
+            y, m, s = rc.batch_norm.batch_norm_forward(x, w, None, None, None, True, 0.1, 1e-5)
+            gx, gw, gb = rc.batch_norm.batch_norm_backward(gy, x, w, m, s)
             runs.append(np.concatenate([a.ravel() for a in (y, m, s, gx, gw, gb)]))
     assert runs[0].tobytes() == runs[1].tobytes()
 
 
 # ================================ fused optimizers ============================================
-OPT_SHAPES = [(3, 5), (cc.OPTIM_CHUNK + 1,), (1,), (2, 3, 3, 3), (cc.OPTIM_CHUNK,)]
+OPT_SHAPES = [(3, 5), (rc.optim.OPTIM_CHUNK + 1,), (1,), (2, 3, 3, 3), (rc.optim.OPTIM_CHUNK,)]
 OPT_CASES = {
     "sgd": ("SGD", dict(lr=0.1)),
     "sgd-momentum-wd": ("SGD", dict(lr=0.1, momentum=0.9, weight_decay=0.01)),
@@ -632,8 +634,9 @@ def _optimize(dev, case, dtype, use_kernels=True, steps=3):
 @pytest.mark.parametrize("case", sorted(OPT_CASES))
 def test_fused_optimizer_matches_the_cpu_optimizer(case, dtype, monkeypatch):
     names = []
-    launch = cc.launch
-    monkeypatch.setattr(cc, "launch", lambda f, n, *a, **k: (names.append(n), launch(f, n, *a, **k)))
+    launch = rc.launch.launch
+    for module in rc.WRAPPERS:
+        monkeypatch.setattr(module, "launch", lambda f, n, *a, **k: (names.append(n), launch(f, n, *a, **k)))
     cuda = _optimize("cuda", case, dtype)
     # the bitwise reference is the CPU optimizer's NumPy path (the CPU's own C++ kernel is
     # built with other floating-point contractions: compared below within rounding)
@@ -656,17 +659,17 @@ def test_fused_optimizer_matches_the_cpu_optimizer(case, dtype, monkeypatch):
 def test_fused_optimizer_declines_non_contiguous_state():
     p = np.zeros((4, 4), np.float32)
     g = np.ones((4, 4), np.float32)
-    assert cc.sgd_step([p[:, ::2]], [g[:, ::2]], [None], 0.1, 0, 0, 0, False, False) \
+    assert rc.optim.sgd_step([p[:, ::2]], [g[:, ::2]], [None], 0.1, 0, 0, 0, False, False) \
         is NotImplemented
-    assert cc.sgd_step([p], [g[::1, ::1].T], [None], 0.1, 0, 0, 0, False, False) is None
+    assert rc.optim.sgd_step([p], [g[::1, ::1].T], [None], 0.1, 0, 0, 0, False, False) is None
     np.testing.assert_array_equal(p, -0.1 * np.ones((4, 4), np.float32))  # grad copy used
-    assert cc.adam_step([p], [g], [np.zeros_like(p)], [np.zeros_like(p)], None, [1.0], 0.1,
+    assert rc.optim.adam_step([p], [g], [np.zeros_like(p)], [np.zeros_like(p)], None, [1.0], 0.1,
                         0.9, 0.99, 1e-8, 0, True, False, False) is NotImplemented
 
 
 # ================================ memory-traffic tracer =======================================
 def test_tracer_counts_sectors_like_a_gpu():
-    from gpudiff.backend import cuda_trace
+    from gpudiff.runtime.cuda import trace as cuda_trace
     x = rand((64, 100), np.float32)
     y = np.empty_like(x)
     # float4 loads of consecutive lanes: 16 sectors per request, nothing wasted
@@ -709,7 +712,7 @@ def _op_grads(dev, fn, *arrays):
 def test_pool_and_norm_ops_on_cuda_match_cpu(name, monkeypatch):
     import gpudiff.nn.functional as gF
     launched, modes = [], []
-    launch = cc.launch
+    launch = rc.launch.launch
 
     def spy(f, n, grid, block, args, *a, **k):
         launched.append(n)
@@ -717,7 +720,8 @@ def test_pool_and_norm_ops_on_cuda_match_cpu(name, monkeypatch):
             modes.append(int(args[8]))  # 0: window gather, 1: adaptive, 2: geometry unknown
         return launch(f, n, grid, block, args, *a, **k)
 
-    monkeypatch.setattr(cc, "launch", spy)
+    for module in rc.WRAPPERS:
+        monkeypatch.setattr(module, "launch", spy)
     x = rand((2, 3, 9, 8), np.float32)
     fns = {
         "max": lambda t: gF.max_pool2d(t, 3, 2, 1),
@@ -746,13 +750,13 @@ def test_tracer_groups_requests_by_sync_epoch():
     # the implicit-GEMM forward re-loads its tiles after every barrier: grouped per epoch
     # (emulator.cpp resume() -> trace_resume) its gathers are ~98% efficient; a tracer that
     # lost the epochs would mix the steps of a whole block and report far less
-    from gpudiff.backend import cuda_trace
+    from gpudiff.runtime.cuda import trace as cuda_trace
     x, w = rand((2, 16, 32, 32), np.float32), rand((16, 16, 3, 3), np.float32, 1)
-    g = cc.ConvGeom(x.shape, w.shape, 1, 1, 1, 1)
+    g = geometry.ConvGeom(x.shape, w.shape, 1, 1, 1, 1)
     y = np.empty((2, 16, 32, 32), np.float32)
-    r = cuda_trace.traced_launch("conv.cu", cc._igemm_name("conv2d_fwd_igemm", "float", cc.TILE_S),
-                                 cc._igemm_grid(2 * 32 * 32, 16, 1, cc.TILE_S), 256,
-                                 (x, w, np.zeros(1, np.float32), y) + g.args() + (np.int32(0),))
+    r = cuda_trace.traced_launch("conv.cu", rc.conv._igemm_name("conv2d_fwd_igemm", "float", rc.conv.TILE_S),
+                                 rc.conv._igemm_grid(2 * 32 * 32, 16, 1, rc.conv.TILE_S), 256,
+                                 (x, w, np.zeros(1, np.float32), y) + rc.launch.i32(*g.kernel_args()) + (np.int32(0),))
     assert r["sector_efficiency"] > 0.95
     assert r["unique_bytes"] == {0: x.nbytes, 1: w.nbytes, 3: y.nbytes}  # bias not read
 
@@ -825,7 +829,7 @@ def test_backends_cuda_conv_algorithm_setting_forces_the_path():
     try:
         for algo in ("im2col", "direct", "implicit_gemm"):
             settings.conv_algorithm = algo
-            assert cc.conv_algorithm == algo
+            assert rc.conv.conv_algorithm == algo
             y = gF.conv2d(x, w, padding=1)
             y.sum().backward()
             assert settings.last_conv_algorithm == {"forward": algo, "backward_input": algo,

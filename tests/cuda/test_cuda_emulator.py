@@ -8,8 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from gpudiff.backend import cuda_kernels, cuda_launch
-from gpudiff.backend.cuda_launch import launch
+from gpudiff.runtime import cuda as rc
+from gpudiff.runtime.cuda import launch as cuda_launch
+from gpudiff.runtime.cuda.launch import launch
 
 ST = "selftest.cu"
 
@@ -130,9 +131,9 @@ def test_3d_grid_and_block_indices(where):
 
 def test_shuffled_block_order_gives_the_same_result():
     x = np.random.default_rng(6).standard_normal((40, 300)).astype(np.float32)
-    plain = cuda_kernels.softmax(x, 1)
+    plain = rc.softmax.softmax(x, 1)
     with cuda_launch.emulator(order="random", shuffle_blocks=True, seed=9):
-        shuffled = cuda_kernels.softmax(x, 1)
+        shuffled = rc.softmax.softmax(x, 1)
     np.testing.assert_array_equal(plain, shuffled)
 
 
@@ -225,7 +226,7 @@ def test_aliased_arguments_share_one_buffer():
 
 def test_softmax_backward_64x1000_with_256_thread_blocks_is_fast():
     rng = np.random.default_rng(8)
-    y = cuda_kernels.softmax(rng.standard_normal((64, 1000)).astype(np.float32), 1)
+    y = rc.softmax.softmax(rng.standard_normal((64, 1000)).astype(np.float32), 1)
     gy = rng.standard_normal((64, 1000)).astype(np.float32)
     gx = np.empty_like(y)
     start = time.perf_counter()

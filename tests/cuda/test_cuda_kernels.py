@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from gpudiff.backend import cuda_kernels as ck
-from gpudiff.backend import kernels
-from gpudiff.backend.cuda_launch import emulator, launch
+from gpudiff.runtime import cuda as rc
+from gpudiff.runtime import kernels
+from gpudiff.runtime.cuda.launch import emulator, launch
 
 EDGE_COLS = [1, 31, 32, 33, 255, 256, 257, 1000]
 SIZES = [1, 31, 32, 33, 255, 256, 257, 1000, 4099]
@@ -30,7 +30,7 @@ def test_table_has_the_contract_names():
     assert {"relu", "relu_backward", "leaky_relu", "leaky_relu_backward", "sigmoid",
             "sigmoid_backward", "tanh", "tanh_backward", "softmax", "log_softmax",
             "softmax_backward", "log_softmax_backward", "cross_entropy"} <= names
-    assert kernels.KERNELS["cuda"]["softmax"] is ck.softmax
+    assert kernels.KERNELS["cuda"]["softmax"] is rc.softmax.softmax
 
 
 # ---- elementwise ------------------------------------------------------------------------------
@@ -73,22 +73,22 @@ def test_activation_forward_and_backward(where, name, dtype):
 
 def test_activations_keep_shape_and_special_values(where):
     x = np.array([[-np.inf, -0.0, np.nan], [np.inf, -200.0, 200.0]], np.float32)
-    np.testing.assert_array_equal(where.get(ck.relu(where.put(x))),
+    np.testing.assert_array_equal(where.get(rc.activations.relu(where.put(x))),
                                   [[0, 0, np.nan], [np.inf, 0, 200]])
-    s = where.get(ck.sigmoid(where.put(x)))
+    s = where.get(rc.activations.sigmoid(where.put(x)))
     np.testing.assert_array_equal(s, [[0, 0.5, np.nan], [1, 0, 1]])  # no overflow NaN
-    t = where.get(ck.tanh(where.put(x)))
+    t = where.get(rc.activations.tanh(where.put(x)))
     np.testing.assert_array_equal(t, [[-1, -0.0, np.nan], [1, -1, 1]])
     scalar = np.array(-2.0)  # 0-d
-    assert where.get(ck.leaky_relu(where.put(scalar), 0.5)).shape == ()
-    assert float(where.get(ck.leaky_relu(where.put(scalar), 0.5))) == -1.0
-    assert where.get(ck.relu(where.put(np.zeros((0, 3), np.float32)))).shape == (0, 3)
+    assert where.get(rc.activations.leaky_relu(where.put(scalar), 0.5)).shape == ()
+    assert float(where.get(rc.activations.leaky_relu(where.put(scalar), 0.5))) == -1.0
+    assert where.get(rc.activations.relu(where.put(np.zeros((0, 3), np.float32)))).shape == (0, 3)
 
 
 def test_unsupported_dtypes_fall_back():
-    assert ck.relu(np.ones(3, np.int64)) is None
-    assert ck.sigmoid_backward(np.ones(3, np.float32), np.ones(3, np.float64)) is None
-    assert ck.softmax(np.ones((2, 3), np.float16), 1) is None
+    assert rc.activations.relu(np.ones(3, np.int64)) is None
+    assert rc.activations.sigmoid_backward(np.ones(3, np.float32), np.ones(3, np.float64)) is None
+    assert rc.softmax.softmax(np.ones((2, 3), np.float16), 1) is None
 
 
 # ---- softmax family -------------------------------------------------------------------------
@@ -106,17 +106,17 @@ def test_softmax_forward_backward_edge_columns(where, cols, dtype):
     p = _softmax_ref(x, 1)
     logp = np.log(p)
 
-    y = where.get(ck.softmax(where.put(x), 1))
+    y = where.get(rc.softmax.softmax(where.put(x), 1))
     np.testing.assert_allclose(y, p, **tol(dtype))
-    ly = where.get(ck.log_softmax(where.put(x), -1))
+    ly = where.get(rc.softmax.log_softmax(where.put(x), -1))
     np.testing.assert_allclose(ly, logp, **tol(dtype))
 
     y_, ly_ = p.astype(dtype), logp.astype(dtype)
-    gx = where.get(ck.softmax_backward(where.put(y_), where.put(gy), 1))
+    gx = where.get(rc.softmax.softmax_backward(where.put(y_), where.put(gy), 1))
     y64, gy64 = y_.astype(np.float64), gy.astype(np.float64)
     np.testing.assert_allclose(gx, y64 * (gy64 - (gy64 * y64).sum(1, keepdims=True)),
                                **tol(dtype))
-    lgx = where.get(ck.log_softmax_backward(where.put(ly_), where.put(gy), 1))
+    lgx = where.get(rc.softmax.log_softmax_backward(where.put(ly_), where.put(gy), 1))
     np.testing.assert_allclose(lgx, gy64 - np.exp(ly_.astype(np.float64)) * gy64.sum(1, keepdims=True),
                                **tol(dtype))
 
@@ -124,11 +124,11 @@ def test_softmax_forward_backward_edge_columns(where, cols, dtype):
 @pytest.mark.parametrize("dim", [0, 1, 2, -1, -3])
 def test_softmax_along_any_dim(where, dim):
     x = rand((4, 5, 6), np.float64, seed=3)
-    y = where.get(ck.softmax(where.put(x), dim))
+    y = where.get(rc.softmax.softmax(where.put(x), dim))
     assert y.shape == x.shape
     np.testing.assert_allclose(y, _softmax_ref(x, dim), rtol=1e-12)
     gy = rand((4, 5, 6), np.float64, seed=4)
-    gx = where.get(ck.log_softmax_backward(where.put(np.log(y)), where.put(gy), dim))
+    gx = where.get(rc.softmax.log_softmax_backward(where.put(np.log(y)), where.put(gy), dim))
     np.testing.assert_allclose(gx, gy - y * gy.sum(dim, keepdims=True), rtol=1e-11, atol=1e-12)
 
 
@@ -138,9 +138,9 @@ def test_softmax_extreme_values_match_torch(where):
                   [-np.inf, -np.inf, -np.inf, -np.inf],  # fully masked: NaN, as in torch
                   [np.nan, 0.0, 1.0, 2.0]], np.float32)
     t = torch.from_numpy(x)
-    np.testing.assert_allclose(where.get(ck.softmax(where.put(x), 1)),
+    np.testing.assert_allclose(where.get(rc.softmax.softmax(where.put(x), 1)),
                                torch.softmax(t, 1).numpy(), rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(where.get(ck.log_softmax(where.put(x), 1)),
+    np.testing.assert_allclose(where.get(rc.softmax.log_softmax(where.put(x), 1)),
                                torch.log_softmax(t, 1).numpy(), rtol=1e-6, atol=1e-7)
 
 
@@ -156,7 +156,7 @@ def test_rows_are_grid_strided(block):
 def test_row_config_respects_the_launch_bounds():
     x = np.zeros(1, np.float32)
     for cols in [1, 32, 256, 257, 1000, 2047, 2048, 100_000]:
-        grid, block = ck.row_config(1000, cols, x)
+        grid, block = rc.launch.row_config(1000, cols, x)
         threads = block[0] * block[1]
         assert threads <= 512 and block[0] % 32 == 0  # GD_ROW_LAUNCH_BOUNDS; full warps
         assert block[1] == 1 or block[0] == 32
@@ -187,7 +187,7 @@ def test_cross_entropy_matches_torch(where, cols, dtype):
     for weighted in (False, True):
         weight = rng.uniform(0.2, 2.0, size=cols).astype(dtype) if weighted else None
         for smoothing in (0.0, 0.1):
-            losses, dlogits = ck.cross_entropy(
+            losses, dlogits = rc.cross_entropy.cross_entropy(
                 where.put(logits), where.put(target),
                 None if weight is None else where.put(weight), -100, smoothing)
             losses, dlogits = where.get(losses), where.get(dlogits)
@@ -206,7 +206,7 @@ def test_cross_entropy_matches_torch(where, cols, dtype):
 def test_cross_entropy_other_ignore_index_and_bad_targets(where):
     logits = rand((4, 5), np.float64, seed=1)
     target = np.array([2, 3, 3, 7])  # 3 ignored; 7 out of range
-    losses, dl = ck.cross_entropy(where.put(logits), where.put(target), None, 3, 0.0)
+    losses, dl = rc.cross_entropy.cross_entropy(where.put(logits), where.put(target), None, 3, 0.0)
     losses, dl = where.get(losses), where.get(dl)
     ref_l, ref_g, _ = _ce_torch(logits[:1], target[:1], None, 3, 0.0)
     np.testing.assert_allclose(losses[0], ref_l[0], rtol=1e-12)
@@ -218,7 +218,7 @@ def test_cross_entropy_other_ignore_index_and_bad_targets(where):
 def test_cross_entropy_with_masked_logits_and_no_smoothing(where):
     logits = np.array([[0.0, -np.inf, 1.0], [2.0, 1.0, -np.inf]], np.float32)
     target = np.array([0, 1])
-    losses, dl = ck.cross_entropy(where.put(logits), where.put(target), None, -100, 0.0)
+    losses, dl = rc.cross_entropy.cross_entropy(where.put(logits), where.put(target), None, -100, 0.0)
     ref_l, ref_g, _ = _ce_torch(logits.astype(np.float64), target, None, -100, 0.0)
     np.testing.assert_allclose(where.get(losses), ref_l, rtol=1e-6)
     np.testing.assert_allclose(where.get(dl), ref_g, rtol=1e-6, atol=1e-7)
@@ -231,7 +231,7 @@ SHORT_COLS = [1, 2, 7, 10, 16, 31, 32, 33]
 
 
 def _short_rows(dtype):
-    r = ck.SMALL_ROW_THREADS[np.dtype(dtype).itemsize]
+    r = rc.launch.SMALL_ROW_THREADS[np.dtype(dtype).itemsize]
     return [1, r - 1, r, r + 1, 3 * r + 5]
 
 
@@ -246,13 +246,13 @@ def test_short_row_cross_entropy_matches_torch(where, cols, dtype, launched):
         target[::7] = -100  # ignored rows spread over the tiles
         weight = rng.uniform(0.2, 2.0, size=cols).astype(dtype)
         for w, smoothing in ((None, 0.0), (weight, 0.1)):
-            losses, dlogits = ck.cross_entropy(where.put(logits), where.put(target),
+            losses, dlogits = rc.cross_entropy.cross_entropy(where.put(logits), where.put(target),
                                                None if w is None else where.put(w), -100,
                                                smoothing)
             ref_l, ref_g, _ = _ce_torch(logits, target, w, -100, smoothing)
             np.testing.assert_allclose(where.get(losses), ref_l, **tol(dtype))
             np.testing.assert_allclose(where.get(dlogits), ref_g, **tol(dtype))
-    small = cols <= ck.SMALL_ROW_MAX_COLS
+    small = cols <= rc.launch.SMALL_ROW_MAX_COLS
     assert names and all(name.startswith("cross_entropy_fwd_bwd_small<") == small
                          for name in names)
 
@@ -265,20 +265,20 @@ def test_short_row_softmax_forward_backward(where, cols, dtype, launched):
         x = rand((n, cols), dtype, seed=n + cols)
         gy = rand((n, cols), dtype, seed=n + cols + 1)
         p = _softmax_ref(x, 1)
-        np.testing.assert_allclose(where.get(ck.softmax(where.put(x), 1)), p, **tol(dtype))
-        np.testing.assert_allclose(where.get(ck.log_softmax(where.put(x), 1)), np.log(p),
+        np.testing.assert_allclose(where.get(rc.softmax.softmax(where.put(x), 1)), p, **tol(dtype))
+        np.testing.assert_allclose(where.get(rc.softmax.log_softmax(where.put(x), 1)), np.log(p),
                                    **tol(dtype))
         y64 = p.astype(dtype).astype(np.float64)
         g64 = gy.astype(np.float64)
-        gx = ck.softmax_backward(where.put(p.astype(dtype)), where.put(gy), 1)
+        gx = rc.softmax.softmax_backward(where.put(p.astype(dtype)), where.put(gy), 1)
         np.testing.assert_allclose(where.get(gx), y64 * (g64 - (g64 * y64).sum(1, keepdims=True)),
                                    **tol(dtype))
         ly = np.log(p).astype(dtype)
-        lgx = ck.log_softmax_backward(where.put(ly), where.put(gy), 1)
+        lgx = rc.softmax.log_softmax_backward(where.put(ly), where.put(gy), 1)
         np.testing.assert_allclose(
             where.get(lgx), g64 - np.exp(ly.astype(np.float64)) * g64.sum(1, keepdims=True),
             **tol(dtype))
-    small = cols <= ck.SMALL_ROW_MAX_COLS
+    small = cols <= rc.launch.SMALL_ROW_MAX_COLS
     assert names and all(name.split("<")[0].endswith("_small") == small for name in names)
 
 
@@ -288,12 +288,12 @@ def test_short_row_special_rows(where):
     x = np.array([[0.0, -np.inf, 1.0], [2.0, 1.0, -np.inf], [-np.inf] * 3, [np.nan, 0.0, 1.0],
                   [1.0, 2.0, 3.0], [3.0, 2.0, 1.0]], np.float32)
     t = torch.from_numpy(x)
-    np.testing.assert_allclose(where.get(ck.softmax(where.put(x), 1)), torch.softmax(t, 1),
+    np.testing.assert_allclose(where.get(rc.softmax.softmax(where.put(x), 1)), torch.softmax(t, 1),
                                rtol=1e-6, atol=1e-7)
-    np.testing.assert_allclose(where.get(ck.log_softmax(where.put(x), 1)),
+    np.testing.assert_allclose(where.get(rc.softmax.log_softmax(where.put(x), 1)),
                                torch.log_softmax(t, 1), rtol=1e-6, atol=1e-7)
     target = np.array([0, 1, -100, -100, 5, 2])
-    losses, dl = ck.cross_entropy(where.put(x), where.put(target), None, -100, 0.0)
+    losses, dl = rc.cross_entropy.cross_entropy(where.put(x), where.put(target), None, -100, 0.0)
     losses, dl = where.get(losses), where.get(dl)
     ref_l, ref_g, _ = _ce_torch(x[[0, 1, 5]].astype(np.float64), target[[0, 1, 5]], None, -100,
                                 0.0)
@@ -307,12 +307,12 @@ def test_short_row_special_rows(where):
 def test_short_row_tiles_are_grid_strided(dtype):
     # fewer blocks than tiles: each block loops over several tiles, reusing its shared memory
     itemsize = np.dtype(dtype).itemsize
-    n, cols = 7 * ck.SMALL_ROW_THREADS[itemsize] + 3, 10
+    n, cols = 7 * rc.launch.SMALL_ROW_THREADS[itemsize] + 3, 10
     x = rand((n, cols), dtype, seed=9)
     target = np.random.default_rng(9).integers(0, cols, size=n).astype(np.int64)
     w = np.linspace(0.5, 1.5, cols).astype(dtype)
     losses, dl = np.empty(n, dtype), np.empty_like(x)
-    _, block, shared = ck.small_row_config(n, cols, itemsize, 1, cols, x)
+    _, block, shared = rc.launch.small_row_config(n, cols, itemsize, 1, cols, x)
     t = "float" if dtype == np.float32 else "double"
     for order in ("forward", "reverse", "random"):
         with emulator(order=order, seed=3, shuffle_blocks=True):
@@ -323,7 +323,7 @@ def test_short_row_tiles_are_grid_strided(dtype):
         np.testing.assert_allclose(losses, ref_l, **tol(dtype))
         np.testing.assert_allclose(dl, ref_g, **tol(dtype))
         y = np.empty_like(x)
-        _, block2, shared2 = ck.small_row_config(n, cols, itemsize, 1, 0, x)
+        _, block2, shared2 = rc.launch.small_row_config(n, cols, itemsize, 1, 0, x)
         with emulator(order=order, seed=4, shuffle_blocks=True):
             launch("softmax.cu", f"log_softmax_fwd_small<{t}>", 3, block2,
                    (x, y, np.int64(n), np.int32(cols)), shared2)
@@ -333,7 +333,7 @@ def test_short_row_tiles_are_grid_strided(dtype):
 def test_small_row_config_fits_shared_memory():
     x = np.zeros(1, np.float32)
     for itemsize in (4, 8):
-        for cols in (1, 10, ck.SMALL_ROW_MAX_COLS):
-            grid, block, shared = ck.small_row_config(10_000, cols, itemsize, 2, cols, x)
+        for cols in (1, 10, rc.launch.SMALL_ROW_MAX_COLS):
+            grid, block, shared = rc.launch.small_row_config(10_000, cols, itemsize, 2, cols, x)
             assert block[0] % 32 == 0 and block[0] <= 512 and grid >= 1
             assert shared <= 48 * 1024  # no opt-in needed for dynamic shared memory

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from gpudiff.backend import cuda_launch
+from gpudiff.runtime.cuda import launch as cuda_launch
 from nvrtc_util import NVRTC, find_libnvrtc
 
 ARCHS = ["compute_80", "compute_90"]

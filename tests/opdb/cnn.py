@@ -124,7 +124,7 @@ def _dropout_torch(torch, x, p, seed, channels):
     import gpudiff
     from gpudiff.ops.norm import dropout_keep_ref
     gpudiff.manual_seed(seed)
-    s = int(gpudiff.backend.rng().integers(0, 2**63))
+    s = int(gpudiff.runtime.rng().integers(0, 2**63))
     group = int(np.prod(x.shape[2:])) if channels else 1
     keep = dropout_keep_ref(np, x.numel() // group, p, s)
     mask = np.repeat(keep, group).reshape(tuple(x.shape))

@@ -320,7 +320,7 @@ needs_cuda = pytest.mark.skipif(not gpudiff.cuda.is_available(),
 def test_cuda_steps_equal_cpu_steps(name, kwargs, monkeypatch):
     """SGD and Adam/AdamW go through the fused multi-tensor kernels on 'cuda' (checked by
     counting calls); every optimizer gives the CPU's parameters."""
-    from gpudiff.backend import kernels
+    from gpudiff.runtime import kernels
     calls = []
     for kname in ("sgd_step", "adam_step"):
         k = kernels.KERNELS["cuda"].get(kname)

@@ -11,7 +11,7 @@ from collections import OrderedDict, namedtuple
 
 import numpy as np
 
-from ... import backend
+from ... import runtime
 from ...autograd.grad_mode import no_grad
 from ...tensor import Tensor
 from ..parameter import Buffer, Parameter
@@ -503,7 +503,7 @@ class Module:
             value = state_dict[key]
             if not isinstance(value, Tensor):
                 if isinstance(value, np.ndarray) or hasattr(value, "__array__"):
-                    value = Tensor._make(np.asarray(value), backend.CPU)  # numpy, torch...
+                    value = Tensor._make(np.asarray(value), runtime.CPU)  # numpy, torch...
                 else:
                     error_msgs.append(f'While copying the parameter named "{key}", expected '
                                       f'Tensor or Tensor-like object from checkpoint but '
@@ -613,7 +613,7 @@ def _parse_to(*args, **kwargs):
     for a in args:
         if isinstance(a, Tensor):
             device, dtype = a.device, a.dtype
-        elif isinstance(a, backend.Device) or (isinstance(a, str) and
+        elif isinstance(a, runtime.Device) or (isinstance(a, str) and
                                                a.split(":")[0] in ("cpu", "cuda")):
             device = a
         elif isinstance(a, bool):  # non_blocking positional
@@ -621,7 +621,7 @@ def _parse_to(*args, **kwargs):
         elif a is not None:
             dtype = a
     if device is not None:
-        device = backend.device(device)
+        device = runtime.device(device)
     return device, (None if dtype is None else np.dtype(dtype))
 
 

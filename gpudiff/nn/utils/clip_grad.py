@@ -1,7 +1,7 @@
 """Gradient clipping, in place on the ``.grad`` arrays (no graph is recorded)."""
 import math
 
-from ... import backend
+from ... import runtime
 from ...tensor import Tensor
 
 
@@ -34,10 +34,10 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
     tensors = [t for t in tensors if t is not None]
     norm_type = float(norm_type)
     if not tensors:
-        return Tensor._make(backend.CPU.xp.zeros((), "float32"), backend.CPU)
+        return Tensor._make(runtime.CPU.xp.zeros((), "float32"), runtime.CPU)
     dev = tensors[0].device
     xp = dev.xp
-    norms = [backend.to_device(_vector_norm(t.array, norm_type, t.device.xp), dev)
+    norms = [runtime.to_device(_vector_norm(t.array, norm_type, t.device.xp), dev)
              for t in tensors]
     total = _vector_norm(xp.stack([xp.asarray(n) for n in norms]), norm_type, xp)
     if error_if_nonfinite and not bool(xp.isfinite(total)):
@@ -56,7 +56,7 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None):
     total = total_norm.array if isinstance(total_norm, Tensor) else total_norm
     for g in grads:
         xp = g.device.xp
-        t = backend.to_device(xp.asarray(total), g.device).astype(g.dtype)
+        t = runtime.to_device(xp.asarray(total), g.device).astype(g.dtype)
         coef = xp.minimum(g.dtype.type(max_norm) / (t + g.dtype.type(1e-6)), g.dtype.type(1.0))
         xp.multiply(g.array, coef, out=g.array)
         g._version[0] += 1

@@ -183,7 +183,7 @@ def _single_threaded_kernels():
     does not survive fork - a worker whose first parallel kernel (gpudiff._C) wants the
     parent's pool threads waits for them forever. A team of one never uses the pool."""
     try:
-        from ..backend import set_num_threads  # the engine's own switch, where it has one
+        from ..runtime import set_num_threads  # the engine's own switch, where it has one
     except ImportError:
         set_num_threads = None
     if set_num_threads is not None:

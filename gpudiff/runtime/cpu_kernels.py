@@ -1,6 +1,6 @@
 """The C++ CPU kernels (gpudiff._C, csrc/cpu/) in the kernel table, device type 'cpu'.
 
-Signatures are the contract of gpudiff/backend/kernels.py. Each wrapper takes the raw numpy
+Signatures are the contract of gpudiff/runtime/kernels.py. Each wrapper takes the raw numpy
 arrays an op hands it, returns None for what the C++ does not handle (dtypes other than
 float32/float64, non-numpy arrays) so the op runs its reference code, makes its inputs
 C-contiguous (a copy only when they are not) and calls _C, which releases the GIL and
@@ -16,10 +16,7 @@ import numpy as np
 
 from .kernels import register_kernel
 
-try:
-    from gpudiff import _C
-except ImportError:  # not built: the NumPy reference path does everything
-    _C = None
+from .. import _C  # imported by runtime/__init__.py only when the extension is built
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 

@@ -212,20 +212,10 @@ def report():
 
 
 # the kernel modules register themselves into KERNELS on import
-try:
-    from . import cpu_kernels  # noqa: F401  (C++ kernels, if built)
-except ImportError:
-    pass
-
+if _C is not None:
+    from . import cpu_kernels  # noqa: E402,F401  (C++ kernels)
 if cuda_mode() is not None:
-    try:
-        from . import cuda_kernels  # noqa: F401
-    except ImportError:
-        pass
-    try:  # convolution, pooling, batch norm, fused optimizers (csrc/cuda/*.cu)
-        from . import cuda_cnn  # noqa: F401
-    except ImportError:
-        pass
+    from . import cuda  # noqa: E402,F401  (csrc/cuda kernels: a GPU or the emulator)
 
 
 def index_add_at(out, key, values):

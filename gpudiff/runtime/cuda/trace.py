@@ -20,7 +20,7 @@ import ctypes
 import functools
 import importlib
 
-from . import cuda_launch
+from . import launch
 
 
 @functools.lru_cache(maxsize=None)
@@ -44,12 +44,12 @@ def available():
 
 
 def traced_launch(source_file, name, grid, block, args, shared_mem=0):
-    """Launch like cuda_launch.launch (emulator only) and return the trace summary (dict)."""
+    """Launch like launch.launch (emulator only) and return the trace summary (dict)."""
     lib = _lib()
     lib.gd_trace_start()
     out = (ctypes.c_double * 5)()
     try:
-        cuda_launch.launch(source_file, name, grid, block, args, shared_mem)
+        launch.launch(source_file, name, grid, block, args, shared_mem)
     finally:
         lib.gd_trace_stop(out)
     accesses, requests, sectors, requested, useful = list(out)

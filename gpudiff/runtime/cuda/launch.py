@@ -30,10 +30,13 @@ and can be changed with :func:`set_emulator` or, for a block of code, :func:`emu
 import contextlib
 import functools
 import importlib
+import math
 import os
 import re
 
 import numpy as np
+
+from ...geometry import INT32_MAX
 
 # NVRTC options of every kernel module; CuPy adds the architecture (-arch) itself.
 NVRTC_OPTIONS = ("--std=c++17",)
@@ -41,8 +44,8 @@ NVRTC_OPTIONS = ("--std=c++17",)
 EMULATED_SM_COUNT = 132
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_CHECKOUT_SRC = os.path.normpath(os.path.join(_HERE, "..", "..", "csrc", "cuda"))
-_PACKAGE_SRC = os.path.normpath(os.path.join(_HERE, "..", "_cuda_src"))
+_CHECKOUT_SRC = os.path.normpath(os.path.join(_HERE, "..", "..", "..", "csrc", "cuda"))
+_PACKAGE_SRC = os.path.normpath(os.path.join(_HERE, "..", "..", "_cuda_src"))
 _KERNEL_LINE = re.compile(r"^\s*GPUDIFF_KERNEL\((.*)\)\s*$")
 _INCLUDE_LINE = re.compile(r'^\s*#\s*include\s+"([^"]+)"\s*$')
 
@@ -257,3 +260,87 @@ def _gpu_sm_count(device_id):
 def sm_count(a):
     """Streaming multiprocessors of the device holding array ``a`` (132 when emulated)."""
     return _gpu_sm_count(a.device.id) if _is_cupy(a) else EMULATED_SM_COUNT
+
+
+# ---- launch configuration (shared by every wrapper module) -----------------------------------
+CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float64): "double"}
+THREADS = 256                       # elementwise / gather kernels, direct conv
+ELEMENTWISE_THREADS = 256
+WARP_ROW_MAX_COLS = 256             # rows up to this long get a warp each, longer ones a block
+ROWS_PER_BLOCK = 4                  # warp-per-row blocks: (32, 4) threads
+SMALL_ROW_MAX_COLS = 32             # rows up to this long: a thread per row on a shared tile
+SMALL_ROW_THREADS = {4: 128, 8: 64}  # rows per tile by itemsize: tiles of <= 34 KB shared
+MAX_RESIDENT_THREADS_PER_SM = 2048  # H100 (sm_90) and A100 (sm_80)
+
+
+def ctype(*arrays):
+    """'float' / 'double' when all (non-None) arrays share that dtype, else None."""
+    arrays = [a for a in arrays if a is not None]
+    dt = arrays[0].dtype
+    if any(a.dtype != dt for a in arrays):
+        return None
+    return CTYPES.get(dt)
+
+
+def i32(*vals):
+    """Python ints as the kernels' int parameters."""
+    return tuple(np.int32(v) for v in vals)
+
+
+def wave_blocks(a, threads_per_block):
+    """Blocks resident on ``a``'s device at once: grids past this are grid-strided."""
+    return sm_count(a) * max(1, MAX_RESIDENT_THREADS_PER_SM // threads_per_block)
+
+
+def grid_1d(total, a, threads=THREADS):
+    """Blocks for a grid-strided loop over ``total`` items, one a thread, at most a wave."""
+    return max(1, min(math.ceil(total / threads), wave_blocks(a, threads)))
+
+
+def elementwise_config(n, itemsize, a):
+    """(grid, block) for a flat loop over n elements, 16 bytes per thread per step."""
+    per_block = ELEMENTWISE_THREADS * (16 // itemsize)
+    grid = max(1, min(math.ceil(n / per_block), wave_blocks(a, ELEMENTWISE_THREADS)))
+    return grid, ELEMENTWISE_THREADS
+
+
+def row_config(rows, cols, a):
+    """(grid, block) for a row kernel: a warp per row for short rows, a block per row else.
+
+    Block-per-row threads: the power of 2 covering about 4 columns each, 64 to 512.
+    """
+    if cols <= WARP_ROW_MAX_COLS:
+        block = (32, ROWS_PER_BLOCK, 1)
+        grid = math.ceil(rows / ROWS_PER_BLOCK)
+    else:
+        threads = min(512, max(64, 1 << (math.ceil(cols / 4) - 1).bit_length()))
+        block = (threads, 1, 1)
+        grid = rows
+    return max(1, min(grid, wave_blocks(a, block[0] * block[1]))), block
+
+
+def small_row_config(rows, cols, itemsize, buffers, extra, a):
+    """(grid, block, shared bytes) for a *_small row kernel (common.cuh: short rows).
+
+    A block of R threads takes R rows at a time; its shared memory holds ``buffers`` tiles of
+    R rows padded to an odd stride, plus ``extra`` elements.
+    """
+    threads = SMALL_ROW_THREADS[itemsize]
+    shared = (buffers * threads * (cols | 1) + extra) * itemsize
+    grid = max(1, min(math.ceil(rows / threads), wave_blocks(a, threads)))
+    return grid, (threads, 1, 1), shared
+
+
+def address(a):
+    """The device address of an array's first element (alignment checks, pointer tables)."""
+    return int(a.data.ptr) if _is_cupy(a) else int(a.ctypes.data)
+
+
+def fits_int32(*sizes):
+    """Whether every size fits the kernels' int (32-bit) indexing."""
+    return max(sizes) <= INT32_MAX
+
+
+def unbatch(a):
+    """(N, C, H, W) view of a 3-D (unbatched) or 4-D array, and whether it was unbatched."""
+    return (a[None], True) if a.ndim == 3 else (a, False)
