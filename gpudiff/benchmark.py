@@ -36,6 +36,8 @@ import time
 
 import numpy as np
 
+from .utils.runs import cpu_model, default_out_dir
+
 __all__ = ["BenchError", "Case", "cases", "machine_info", "plot", "profile_step", "run",
            "run_cli", "table", "write_json"]
 
@@ -504,17 +506,6 @@ def profile_step(step, top=25):
 
 
 # ---- reporting ----------------------------------------------------------------------------
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown CPU"
-
-
 def machine_info():
     """The machine the numbers come from: CPU model, GPU name, versions, load, date."""
     import gpudiff
@@ -623,10 +614,6 @@ def plot(path, results, title="gpudiff bench"):
     fig.savefig(path)
 
 
-def default_out_dir(root="runs"):
-    return os.path.join(root, "bench-" + time.strftime("%Y%m%d-%H%M%S"))
-
-
 def run_cli(quick=False, devices=None, out=None, torch=True, repeat=None, log=print,
             only=None, warmup=None, profile=False, json_name="bench.json",
             png_name="bench.png", op_repeat=None, source="gpudiff bench", isolate=True):
@@ -636,7 +623,7 @@ def run_cli(quick=False, devices=None, out=None, torch=True, repeat=None, log=pr
         log("PyTorch is not installed: timing gpudiff only (pip install torch to compare)")
         torch = False
     select(cases(quick), only)       # a bad --only fails before anything runs
-    out = out or default_out_dir()
+    out = out or default_out_dir(prefix="bench-")
     try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:

@@ -45,7 +45,7 @@ def _train_parser(sub):
         "train", help="train a CNN (default: a small ResNet on the bundled Digits set)",
         description="Train a CNN and write checkpoint, metrics.json, metrics.csv and curves.png "
                     "into --out. With no options: a small ResNet (ResNet-8) on the bundled 8x8 "
-                    "Digits set, ~97%% test accuracy in 10 epochs.",
+                    "Digits set, ~97% test accuracy in 10 epochs.",
         argument_default=argparse.SUPPRESS)   # only the options given reach TrainConfig
     p.add_argument("--model", choices=list(MODELS), help=f"network (default {d.model})")
     p.add_argument("--dataset", choices=DATASETS, help=f"data set (default {d.dataset}, which "

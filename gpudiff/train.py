@@ -38,6 +38,7 @@ import gpudiff
 
 from . import models as _models
 from .utils.data import Dataset
+from .utils.runs import cpu_model, default_out_dir
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -150,23 +151,11 @@ def resolve_device(spec):
 def describe_device(dev):
     """One phrase naming the device, saying "emulated" for the CUDA emulator."""
     if dev.type == "cpu":
-        return f"cpu ({_cpu_model()}, {os.cpu_count()} threads)"
+        return f"cpu ({cpu_model()}, {os.cpu_count()} threads)"
     if dev.emulated:
         return f"{dev.type}:{dev.index or 0} (emulated: CUDA kernels on the CPU emulator, " \
                f"not GPU speed)"
     return f"{dev.type}:{dev.index or 0} ({gpudiff.cuda.get_device_name(dev.index or 0)})"
-
-
-def _cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 # ---- data ----------------------------------------------------------------------------------
@@ -354,16 +343,6 @@ def plot_curves(path, history, title=""):
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
-
-
-def default_out_dir(root="runs"):
-    """runs/<YYYYmmdd-HHMMSS>, with a -2, -3 ... suffix if that already exists."""
-    base = os.path.join(root, time.strftime("%Y%m%d-%H%M%S"))
-    path, k = base, 1
-    while os.path.exists(path):
-        k += 1
-        path = f"{base}-{k}"
-    return path
 
 
 # ---- Ctrl-C ---------------------------------------------------------------------------------
