@@ -49,10 +49,6 @@ def numel(t):
     return t.numel()
 
 
-def clone(t):
-    return t.clone()
-
-
 def detach(t):
     return t.detach()
 

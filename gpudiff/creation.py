@@ -2,41 +2,15 @@
 import numpy as np
 
 from . import runtime
-from .tensor import Tensor, get_default_dtype
+from .tensor import Tensor, _infer_dtype, _to_array, get_default_dtype
 
 
 def _dtype(dtype):
     return None if dtype is None else np.dtype(dtype)
 
 
-def _infer_dtype(data):
-    """PyTorch's inference: Python floats -> default float, ints -> int64, bools -> bool."""
-    a = np.asarray(data)
-    if a.dtype.kind == "f" and not isinstance(data, np.ndarray) and not isinstance(
-            data, np.generic):
-        return get_default_dtype()
-    if a.dtype.kind in "iu" and not isinstance(data, (np.ndarray, np.generic)):
-        return np.dtype("int64")
-    if a.dtype.kind == "O":
-        raise TypeError(f"tensor: could not infer a dtype from {type(data).__name__}")
-    return a.dtype
-
-
-def _to_array(data, dtype, dev):
-    if isinstance(data, Tensor):
-        data = runtime.to_numpy(data.array)
-    if isinstance(data, (list, tuple)) and any(isinstance(d, Tensor) for d in data):
-        data = [runtime.to_numpy(d.array) if isinstance(d, Tensor) else d for d in data]
-    if runtime.is_array(data) and not isinstance(data, np.ndarray):
-        a = data if dtype is None else data.astype(dtype)
-        return runtime.to_device(a, dev)
-    dt = _dtype(dtype) or _infer_dtype(data)
-    a = np.array(data, dtype=dt)
-    return runtime.to_device(a, dev)
-
-
 def _device(device):
-    return runtime.CPU if device is None else runtime.device(device)
+    return runtime.default_device() if device is None else runtime.device(device)
 
 
 def _new(array, dev, requires_grad):

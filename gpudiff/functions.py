@@ -10,12 +10,14 @@ import builtins
 import numpy as np
 
 from . import runtime
+from .ops import activation as N
+from .ops import device as D
 from .ops import elementwise as E
 from .ops import index as I
 from .ops import linalg as L
-from .ops import nn as N
 from .ops import reduce as R
 from .ops import shape as S
+from .ops import softmax as Sm
 from .ops.reduce import norm_dims
 from .tensor import Tensor, get_default_dtype
 
@@ -424,13 +426,13 @@ def zeros_like_t(t):
 def softmax(input, dim=None, dtype=None):
     if dtype is not None:
         input = input.to(dtype)
-    return N.softmax.apply(_float_if_int(input), dim=_softmax_dim(input, dim))
+    return Sm.softmax.apply(_float_if_int(input), dim=_softmax_dim(input, dim))
 
 
 def log_softmax(input, dim=None, dtype=None):
     if dtype is not None:
         input = input.to(dtype)
-    return N.log_softmax.apply(_float_if_int(input), dim=_softmax_dim(input, dim))
+    return Sm.log_softmax.apply(_float_if_int(input), dim=_softmax_dim(input, dim))
 
 
 def _softmax_dim(input, dim):
@@ -764,6 +766,54 @@ def einsum_not_supported(*a, **k):  # pragma: no cover - documented gap
     raise NotImplementedError("einsum is not implemented in gpudiff")
 
 
+# ---- the Tensor methods that run ops beyond the functions above -------------------------
+def _to(self, *args, **kwargs):
+    """``to(device)``, ``to(dtype)``, ``to(device, dtype)``, ``to(other)``."""
+    dev, dtype = kwargs.get("device"), kwargs.get("dtype")
+    for a in args:
+        if isinstance(a, Tensor):
+            dev, dtype = a.device, a.dtype
+        elif isinstance(a, runtime.Device) or (isinstance(a, str) and
+                                               a.split(":")[0] in ("cpu", "cuda")):
+            dev = a
+        else:
+            dtype = a
+    out = self
+    if dtype is not None and np.dtype(dtype) != self.dtype:
+        out = E.to_dtype.apply(out, dtype=np.dtype(dtype))
+    if dev is not None:
+        dev = runtime.device(dev)
+        if dev != out.device:
+            out = D.to_device.apply(out, device=dev)
+    return out
+
+
+def clone(input, memory_format=None):
+    """A copy in new memory that stays in the graph (its gradient flows to ``input``)."""
+    return E.clone.apply(input)
+
+
+def contiguous(input, memory_format=None):
+    if input.array.flags.c_contiguous:
+        return input
+    return S.contiguous.apply(input)
+
+
+def _tensor_setitem(self, key, value):
+    if self._needs_graph(value):
+        self._inplace(lambda s: _setitem(s, key, value))
+        return
+    v = value.array if isinstance(value, Tensor) else value
+    k = _index_key(self, key)
+    try:
+        self.array[k] = v
+    except ValueError:
+        raise RuntimeError(f"setitem: shape mismatch: value of shape {tuple(np.shape(v))} "
+                           f"cannot be broadcast to the indexed shape "
+                           f"{tuple(self.array[k].shape)}") from None
+    self._version[0] += 1
+
+
 # The Tensor methods that are these functions, attached once (x.exp() is exp(x)).
 METHODS = """add sub subtract mul multiply div divide true_divide floor_divide remainder fmod
 pow neg negative maximum minimum where exp log log1p log2 log10 expm1 sqrt rsqrt sin cos tanh
@@ -773,7 +823,7 @@ not_equal equal allclose isnan isinf isfinite sum mean prod var std max min amax
 argmin all any logsumexp softmax log_softmax cumsum reshape view view_as reshape_as flatten
 unflatten permute transpose swapaxes swapdims movedim t squeeze unsqueeze expand expand_as
 broadcast_to repeat flip split chunk unbind narrow index_select masked_fill gather scatter_add
-nonzero matmul mm bmm dot outer""".split()
+nonzero matmul mm bmm dot outer clone contiguous""".split()
 
 
 def _tensor_where(self, condition, other):
@@ -788,6 +838,8 @@ def _attach():
     Tensor.where = _tensor_where
     Tensor.abs = abs
     Tensor.__getitem__ = _getitem
+    Tensor.__setitem__ = _tensor_setitem
+    Tensor.to = _to
     Tensor.__add__ = add
     Tensor.__radd__ = lambda self, other: add(other, self)
     Tensor.__sub__ = sub

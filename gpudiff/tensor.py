@@ -1,11 +1,18 @@
-"""Tensor: an array (numpy or cupy) plus the autograd fields. Operators call ops.
+"""Tensor: an array (numpy or cupy) plus the autograd fields.
 
-Methods that mirror functions (``x.exp()`` == ``gpudiff.exp(x)``) are attached at the end
-from gpudiff.functions, so each is written once.
+This module sits below the ops (docs/ARCHITECTURE.md): it never imports them. Every method
+that runs an op (``x.exp()``, ``x + y``, ``x.to(...)``, ``x.clone()``, ``x[i] = v``) is the
+public function of the same name, attached to the class by gpudiff/functions.py, so each is
+written once. Here: the data model, conversions to host values, and the autograd fields and
+methods (backward, hooks, in-place bookkeeping).
 """
+import weakref
+
 import numpy as np
 
 from . import runtime
+from .autograd import graph
+from .autograd.function import check_inplace
 from .autograd.grad_mode import is_grad_enabled
 
 _DEFAULT_DTYPE = [np.dtype("float32")]
@@ -32,10 +39,9 @@ class Tensor:
     __array_ufunc__ = None  # numpy defers to our reflected operators (ndarray + Tensor)
 
     def __init__(self, data=None, *, dtype=None, device=None, requires_grad=False):
-        from .creation import _to_array
         if data is None:
             data = []
-        dev = runtime.device(device) if device is not None else runtime.CPU
+        dev = runtime.device(device) if device is not None else runtime.default_device()
         arr = _to_array(data, dtype or get_default_dtype(), dev)
         self._init(arr, dev)
         self.requires_grad = requires_grad
@@ -189,28 +195,6 @@ class Tensor:
             raise RuntimeError("Boolean value of Tensor with more than one value is ambiguous")
         return bool(self.item())
 
-    def to(self, *args, **kwargs):
-        """``to(device)``, ``to(dtype)``, ``to(device, dtype)``, ``to(other)``."""
-        dev, dtype = kwargs.get("device"), kwargs.get("dtype")
-        for a in args:
-            if isinstance(a, Tensor):
-                dev, dtype = a.device, a.dtype
-            elif isinstance(a, (runtime.Device,)) or (isinstance(a, str) and
-                                                        a.split(":")[0] in ("cpu", "cuda")):
-                dev = a
-            else:
-                dtype = a
-        out = self
-        if dtype is not None and np.dtype(dtype) != self.dtype:
-            from .ops.elementwise import to_dtype
-            out = to_dtype.apply(out, dtype=np.dtype(dtype))
-        if dev is not None:
-            dev = runtime.device(dev)
-            if dev != out.device:
-                from .ops.device import to_device
-                out = to_device.apply(out, device=dev)
-        return out
-
     def cpu(self):
         return self.to("cpu")
 
@@ -256,17 +240,6 @@ class Tensor:
         """A copy that owns its memory (used for .grad accumulation buffers)."""
         return Tensor._make(self.array.copy(), self.device)
 
-    def clone(self, memory_format=None):
-        from .ops.elementwise import clone
-        return clone.apply(self)
-
-    def contiguous(self, memory_format=None):
-        a = self.array
-        if a.flags.c_contiguous:
-            return self
-        from .ops.shape import contiguous
-        return contiguous.apply(self)
-
     def is_contiguous(self):
         return bool(self.array.flags.c_contiguous)
 
@@ -284,15 +257,13 @@ class Tensor:
         return Tensor._make(self.device.xp.empty(size, dtype=dtype or self.dtype), self.device)
 
     def new_tensor(self, data, dtype=None, device=None, requires_grad=False):
-        from .creation import tensor
-        return tensor(data, dtype=dtype or self.dtype, device=device or self.device,
+        return Tensor(data, dtype=dtype or self.dtype, device=device or self.device,
                       requires_grad=requires_grad)
 
     # ---- autograd ---------------------------------------------------------------------
     def backward(self, gradient=None, retain_graph=None, create_graph=False, inputs=None):
         """Accumulate d self / d leaf into every leaf's ``.grad`` (chain rule on the tape)."""
-        from .autograd import backward
-        backward([self], None if gradient is None else [gradient], retain_graph, create_graph,
+        graph.backward([self], None if gradient is None else [gradient], retain_graph, create_graph,
                  inputs=inputs)
 
     def register_hook(self, hook):
@@ -316,7 +287,6 @@ class Tensor:
             return
         if self._retains_grad:
             return
-        import weakref
         ref = weakref.ref(self)
 
         def keep(g):
@@ -339,14 +309,8 @@ class Tensor:
         if callable(out):
             out = out(self._alias() if is_grad_enabled() else self)
         recording = is_grad_enabled() and out.requires_grad
-        if recording and self.grad_fn is None and self.requires_grad:
-            raise RuntimeError("a leaf Variable that requires grad is being used in an "
-                               "in-place operation (wrap it in gpudiff.no_grad(), or clone it)")
-        if recording and self._base is not None:  # the base's graph would not see the change
-            raise RuntimeError(f"in-place operation with autograd on a view (shape "
-                               f"{tuple(self.shape)}) of another tensor is not supported: its "
-                               f"base would keep a stale graph. Use an out-of-place op, or "
-                               f"clone() the view first.")
+        if recording:
+            check_inplace("in-place op", self)
         a = out.array
         if a.dtype != self.dtype:
             a = a.astype(self.dtype)
@@ -445,8 +409,7 @@ class Tensor:
 
     def copy_(self, src, non_blocking=False):
         if not isinstance(src, Tensor):
-            from .creation import tensor
-            src = tensor(src)
+            src = Tensor(src, dtype=self.dtype)
         if self._needs_graph(src):
             return self._inplace(lambda s: s * 0 + src.to(self.device))
         a = runtime.to_device(src.array, self.device)
@@ -481,21 +444,6 @@ class Tensor:
         self.array[...] = runtime.to_device(r.astype(self.dtype), self.device)
         self._version[0] += 1
         return self
-
-    def __setitem__(self, key, value):
-        from .functions import _index_key, _setitem
-        if self._needs_graph(value):
-            self._inplace(lambda s: _setitem(s, key, value))
-            return
-        v = value.array if isinstance(value, Tensor) else value
-        k = _index_key(self, key)
-        try:
-            self.array[k] = v
-        except ValueError:
-            raise RuntimeError(f"setitem: shape mismatch: value of shape {tuple(np.shape(v))} "
-                               f"cannot be broadcast to the indexed shape "
-                               f"{tuple(self.array[k].shape)}") from None
-        self._version[0] += 1
 
     # ---- printing ---------------------------------------------------------------------
     def __repr__(self):
@@ -540,3 +488,34 @@ class _RemovableHandle:
     def remove(self):
         if self.hook in self.hooks:
             self.hooks.remove(self.hook)
+
+
+# ---- array conversion (the factories in creation.py use it too) ---------------------------
+def _infer_dtype(data):
+    """PyTorch's inference: Python floats -> default float, ints -> int64, bools -> bool."""
+    a = np.asarray(data)
+    if a.dtype.kind == "f" and not isinstance(data, np.ndarray) and not isinstance(
+            data, np.generic):
+        return get_default_dtype()
+    if a.dtype.kind in "iu" and not isinstance(data, (np.ndarray, np.generic)):
+        return np.dtype("int64")
+    if a.dtype.kind == "O":
+        raise TypeError(f"tensor: could not infer a dtype from {type(data).__name__}")
+    return a.dtype
+
+
+def _to_array(data, dtype, dev):
+    """``data`` (nested lists, scalars, arrays, Tensors) as a new array of ``dev``."""
+    if isinstance(data, Tensor):
+        data = runtime.to_numpy(data.array)
+    if isinstance(data, (list, tuple)) and any(isinstance(d, Tensor) for d in data):
+        data = [runtime.to_numpy(d.array) if isinstance(d, Tensor) else d for d in data]
+    if runtime.is_array(data) and not isinstance(data, np.ndarray):
+        a = data if dtype is None else data.astype(dtype)
+        return runtime.to_device(a, dev)
+    dt = None if dtype is None else np.dtype(dtype)
+    a = np.array(data, dtype=dt or _infer_dtype(data))
+    return runtime.to_device(a, dev)
+
+
+graph.set_tensor_type(Tensor)  # the tape wraps gradients and saved tensors in it

@@ -607,7 +607,7 @@ def test_batch_norm_kernels(shape, dtype, rng):
 @pytest.mark.parametrize("shape,group", [((1000,), 1), ((64, 64, 12, 12), 1),
                                           ((64, 64, 12, 12), 144), ((3, 5, 7), 7)])
 def test_dropout_kernel_matches_reference(shape, group, dtype, rng):
-    from gpudiff.ops.norm import dropout_ref
+    from gpudiff.ops.dropout import dropout_ref
     x = rng.standard_normal(shape).astype(dtype)
     for p, seed in ((0.25, 12345), (0.5, 2**62 + 17), (0.0, 3), (1.0, 4)):
         y = K.dropout(x, p, seed, group)

@@ -1,52 +1,133 @@
-"""Custom differentiable functions, as torch.autograd.Function.
+"""The one recording path: a context (``FunctionCtx``) and ``record``, used by the built-in ops
+(gpudiff/ops/__init__.py ``apply``) and by custom ``Function``s alike.
 
     class Square(Function):
         @staticmethod
-        def forward(ctx, x):
+        def forward(ctx, x):               # Tensors in (run under no_grad), Tensors out
             ctx.save_for_backward(x)
             return x * x
         @staticmethod
-        def backward(ctx, gy):
+        def backward(ctx, gy):             # Tensors in, Tensors out (double backward works)
             x, = ctx.saved_tensors
             return 2 * x * gy
 
     y = Square.apply(x)
+
+A built-in op's forward gets raw arrays and saves arrays; a custom Function's forward gets
+Tensors and saves Tensors. ``record`` resolves either against the op's inputs and outputs:
+what is saved keeps its graph link and the version it had (an in-place change before
+backward raises).
+
+``ctx.mark_dirty(x)`` (as in PyTorch): the forward changed input ``x`` in place and returns
+``x`` itself. Its version counter is bumped (views and saved tensors of the old value then
+raise on use) and its history is rebased onto this node.
 """
+from .. import runtime
+from . import graph
 from .grad_mode import is_grad_enabled, no_grad
 from .graph import Node, SavedTensor
 
 
 class FunctionCtx:
-    def __init__(self, needs_input_grad):
+    """What a forward hands its backward: saved tensors and any attributes it sets."""
+
+    def __init__(self, needs_input_grad, device=None, name=""):
         self.needs_input_grad = needs_input_grad
-        self._to_save = ()
-        self._saved = None
-        self._non_diff = set()
-        self.input_meta = ()
+        self.device = device
+        self.op_name = name
         self.materialize_grads = True
+        self.input_meta = ()   # (shape, dtype) of each input: the engine checks gradients
+        self._to_save = ()     # what save_for_backward got, until record() resolves it
+        self._saved = None     # SavedTensors; None once freed
+        self._non_diff = ()
+        self._dirty = ()
 
-    def save_for_backward(self, *tensors):
-        self._to_save = tensors
+    @property
+    def xp(self):
+        """The array module of the op's device (numpy or cupy)."""
+        return self.device.xp
 
-    def mark_non_differentiable(self, *tensors):
-        self._non_diff = {id(t) for t in tensors}
+    def kernel(self, name):
+        """This device's fast kernel ``name``, or None (use the reference code)."""
+        return runtime.kernel(self.device, name)
+
+    def save_for_backward(self, *values):
+        """Keep inputs or outputs (arrays in a built-in op, Tensors in a Function)."""
+        self._to_save = values
+
+    def mark_non_differentiable(self, *outputs):
+        self._non_diff = outputs
 
     def mark_dirty(self, *tensors):
-        pass
+        """The forward modified these inputs in place (and returns them as outputs)."""
+        self._dirty = tensors
 
     def set_materialize_grads(self, value):
-        self.materialize_grads = value
+        self.materialize_grads = bool(value)
 
     @property
     def saved_tensors(self):
         if self._saved is None:
-            raise RuntimeError("Trying to backward through the graph a second time, or to use "
-                               "saved tensors after they were freed: specify retain_graph=True "
-                               "on the first backward() call.")
-        return tuple(None if s is None else s.unpack(self._name) for s in self._saved)
+            raise RuntimeError(
+                f"Trying to backward through '{self.op_name}' a second time, or to use its saved "
+                f"tensors after they were freed: specify retain_graph=True on the first "
+                f"backward() call if you need to backward through the graph again.")
+        return tuple(None if s is None else s.unpack(self.op_name) for s in self._saved)
 
     def release(self):
         self._saved = None
+
+
+def _is(value, t):
+    """Whether ``value`` (a Tensor or an array) is Tensor ``t`` or ``t``'s array."""
+    return value is t or value is t.array
+
+
+def _save(value, inputs, outputs, node, dirty):
+    """Wrap a saved value: an input or output keeps its graph link and version check (an input
+    the forward changed in place counts as the output it became)."""
+    if value is None:
+        return None
+    if not any(value is d for d in dirty):
+        for t in inputs:
+            if t is not None and _is(value, t):
+                return SavedTensor(t.array, t.device, tensor=t)
+    for i, t in enumerate(outputs):
+        if t is not None and _is(value, t):
+            return SavedTensor(t.array, t.device, tensor=t, grad_fn=t.grad_fn, output_nr=i,
+                               owner=node)
+    if isinstance(value, graph.Tensor):  # neither: a constant as far as double backward goes
+        return SavedTensor(value.array, value.device, tensor=value.detach())
+    return SavedTensor(value, outputs[0].device)
+
+
+def record(ctx, backward_fn, inputs, outputs):
+    """Put one op on the tape: a Node (backward ``backward_fn(ctx, *gys)``) whose outputs are
+    the differentiable ones of ``outputs``. Inputs' edges are taken before dirty inputs are
+    rebased onto the node."""
+    ctx.input_meta = [(None, None) if t is None else (t.shape, t.dtype) for t in inputs]
+    node = Node(ctx.op_name, backward_fn, ctx, inputs, outputs)
+    non_diff = ctx._non_diff
+    for i, r in enumerate(outputs):
+        if r is None or r.dtype.kind != "f" or any(_is(v, r) for v in non_diff):
+            continue
+        r.grad_fn, r._output_nr, r._requires_grad = node, i, True
+    ctx._saved = tuple(_save(v, inputs, outputs, node, ctx._dirty) for v in ctx._to_save)
+    ctx._to_save = ()
+    return node
+
+
+def check_inplace(name, t):
+    """A tensor about to be written in place while recording: not a leaf that requires grad
+    (its .grad would mean nothing), not a view (its base would keep a stale graph)."""
+    if t.grad_fn is None and t.requires_grad:
+        raise RuntimeError(f"{name}: a leaf Variable that requires grad is being used in an "
+                           f"in-place operation (wrap it in gpudiff.no_grad(), or clone it)")
+    if t._base is not None:
+        raise RuntimeError(f"{name}: in-place operation with autograd on a view (shape "
+                           f"{tuple(t.shape)}) of another tensor is not supported: its base "
+                           f"would keep a stale graph. Use an out-of-place op, or clone() the "
+                           f"view first.")
 
 
 class Function:
@@ -54,35 +135,36 @@ class Function:
 
     @classmethod
     def apply(cls, *args, **kwargs):
-        from ..tensor import Tensor
-        tensors = [a for a in args if isinstance(a, Tensor)]
-        ctx = FunctionCtx(tuple(isinstance(a, Tensor) and a.requires_grad for a in args))
-        ctx._name = cls.__name__
+        Tensor = graph.Tensor
+        inputs = [a if isinstance(a, Tensor) else None for a in args]
+        tensors = [t for t in inputs if t is not None]
+        dev = tensors[0].device if tensors else None
+        ctx = FunctionCtx(tuple(t is not None and t.requires_grad for t in inputs), dev,
+                          cls.__name__)
         with no_grad():
             out = cls.forward(ctx, *args, **kwargs)
         multi = isinstance(out, tuple)
         outs = out if multi else (out,)
-        if is_grad_enabled() and any(t.requires_grad for t in tensors):
-            # outputs that alias inputs are re-wrapped so the inputs keep their own graph
-            outs = tuple(Tensor._make(o.array, o.device) if any(o is t for t in tensors) else o
-                         for o in outs)
-            arg_tensors = [a if isinstance(a, Tensor) else None for a in args]
-            ctx.input_meta = [(None, None) if t is None else (t.shape, t.dtype)
-                              for t in arg_tensors]
-
-            def backward_fn(c, *gys):
-                grads = cls.backward(c, *gys)
-                if not isinstance(grads, tuple):
-                    grads = (grads,)
-                return grads
-
-            node = Node(cls.__name__, backward_fn, ctx, arg_tensors,
-                        [o for o in outs if isinstance(o, Tensor)])
-            for i, o in enumerate(outs):
-                if isinstance(o, Tensor) and id(o) not in ctx._non_diff \
-                        and o.dtype.kind == "f":
-                    o.grad_fn, o._output_nr, o._requires_grad = node, i, True
-            ctx._saved = tuple(_save(t, node) for t in ctx._to_save)
+        recording = is_grad_enabled() and any(t.requires_grad for t in tensors)
+        dirty = ctx._dirty
+        for d in dirty:
+            if not any(d is t for t in tensors):
+                raise RuntimeError(f"{cls.__name__}: mark_dirty() got a tensor that is not an "
+                                   f"input of forward()")
+            if not any(d is o for o in outs):
+                raise RuntimeError(f"{cls.__name__}: an input marked dirty in forward() must "
+                                   f"be returned as an output")
+            if recording:
+                check_inplace(cls.__name__, d)
+            d._version[0] += 1   # saved tensors and views of the old value now raise
+        if recording:
+            # an input returned unchanged is a new tensor sharing its memory, so the input
+            # keeps its own graph; a dirty input is returned itself and rebased onto the node
+            outs = tuple(Tensor._make(o.array, o.device) if isinstance(o, Tensor) and
+                         any(o is t for t in tensors) and not any(o is d for d in dirty)
+                         else o for o in outs)
+            record(ctx, _call_backward(cls.backward), inputs,
+                   [o if isinstance(o, Tensor) else None for o in outs])
         ctx._to_save = ()
         return outs if multi else outs[0]
 
@@ -95,7 +177,8 @@ class Function:
         raise NotImplementedError
 
 
-def _save(t, node):
-    if t is None:
-        return None
-    return SavedTensor(t.array, t.device, tensor=t, owner=node)
+def _call_backward(backward):
+    def backward_fn(ctx, *gys):
+        grads = backward(ctx, *gys)
+        return grads if isinstance(grads, tuple) else (grads,)
+    return backward_fn

@@ -1,6 +1,9 @@
 """Finite-difference checks of backward (use float64 inputs)."""
 import numpy as np
 
+from .. import runtime
+from . import graph
+
 
 def _as_tuple(x):
     return x if isinstance(x, tuple) else (x,)
@@ -8,7 +11,7 @@ def _as_tuple(x):
 
 def _numerical_jacobian(fn, inputs, i, eps):
     """d outputs / d inputs[i] by central differences: list (per output) of (out, in)."""
-    from ..tensor import Tensor
+    Tensor = graph.Tensor
     x = inputs[i]
     a = x.array
     jac = None
@@ -40,9 +43,7 @@ def gradcheck(func, inputs, *, eps=1e-6, atol=1e-5, rtol=1e-3, raise_exception=T
     ...                                                    requires_grad=True),))
     True
     """
-    from ..tensor import Tensor
-    from . import grad as autograd_grad
-    from ..runtime import to_numpy
+    Tensor, autograd_grad = graph.Tensor, graph.grad
     inputs = _as_tuple(inputs)
     diff = [i for i, t in enumerate(inputs) if isinstance(t, Tensor) and t.requires_grad]
     for i in diff:
@@ -65,7 +66,7 @@ def gradcheck(func, inputs, *, eps=1e-6, atol=1e-5, rtol=1e-3, raise_exception=T
             grads = autograd_grad(o2, [inputs[i] for i in diff], g_out, allow_unused=True)
             for i, g in zip(diff, grads):
                 if g is not None:
-                    analytic[i][r] = to_numpy(g.array).reshape(-1)
+                    analytic[i][r] = runtime.to_numpy(g.array).reshape(-1)
         for i in diff:
             num = _numerical_jacobian(lambda *a: func(*a), inputs, i, eps)[oi]
             if not np.allclose(analytic[i], num, rtol=rtol, atol=atol):
@@ -85,8 +86,7 @@ class GradcheckError(RuntimeError):
 def gradgradcheck(func, inputs, grad_outputs=None, *, eps=1e-6, atol=1e-5, rtol=1e-3,
                   raise_exception=True):
     """gradcheck of the first derivative (checks double backward)."""
-    from ..tensor import Tensor
-    from . import grad as autograd_grad
+    Tensor, autograd_grad = graph.Tensor, graph.grad
     inputs = _as_tuple(inputs)
     outs = [o for o in _as_tuple(func(*inputs)) if isinstance(o, Tensor) and o.requires_grad]
     if grad_outputs is None:

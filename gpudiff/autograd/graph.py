@@ -13,11 +13,19 @@ import heapq
 import itertools
 import weakref
 
-import numpy as np
 
 from .grad_mode import enable_grad, is_anomaly_enabled, no_grad, set_detect_anomaly
 
 _seq = itertools.count()
+
+#: the Tensor class, handed over once by gpudiff/tensor.py (the tape sits below it and never
+#: imports it): saved tensors and gradients are wrapped in it
+Tensor = None
+
+
+def set_tensor_type(cls):
+    global Tensor
+    Tensor = cls
 
 
 class SavedTensor:
@@ -57,7 +65,6 @@ class SavedTensor:
             self.grad_fn = weakref.ref(owner)
 
     def unpack(self, op_name):
-        from ..tensor import Tensor
         if self.version is not None and self.version[0] != self.saved_version:
             a = self.array
             raise RuntimeError(
@@ -201,7 +208,9 @@ def run_backward(roots, grad_roots, retain_graph=False, create_graph=False, inpu
                     f"'{node.name}'), or to use saved tensors after they were freed. Saved "
                     f"arrays are freed after backward(); specify retain_graph=True on the first "
                     f"backward() call if you need to backward through the graph again.")
-            gys = [g if g is not None else _zeros(*node.out_meta[i]) for i, g in enumerate(gys)]
+            if node.ctx.materialize_grads:  # else a Function's backward sees None for them
+                gys = [g if g is not None else _zeros(*node.out_meta[i])
+                       for i, g in enumerate(gys)]
             if anomaly:  # check the node's gradients as a whole (below), naming the node,
                 set_detect_anomaly(False)  # not the ops its backward formula runs
                 try:
@@ -232,9 +241,75 @@ def run_backward(roots, grad_roots, retain_graph=False, create_graph=False, inpu
 
 
 def _zeros(shape, dtype, device):
-    from ..tensor import Tensor
     return Tensor._make(device.xp.zeros(shape, dtype=dtype), device)
 
 
-def float_dtype_ok(dtype):
-    return np.dtype(dtype).kind == "f"
+# ---- the entry points: Tensor.backward / autograd.backward and autograd.grad ----------------
+def _seed_grads(outputs, grad_outputs):
+    seeds = []
+    for i, t in enumerate(outputs):
+        g = grad_outputs[i] if grad_outputs is not None else None
+        if g is None:
+            if t.numel() != 1:
+                raise RuntimeError(
+                    f"grad can be implicitly created only for scalar outputs (output {i} has "
+                    f"shape {tuple(t.shape)}): pass gradient=... (a tensor of that shape, e.g. "
+                    f"torch.ones_like(out)) to backward()")
+            g = Tensor._make(t.device.xp.ones(t.shape, dtype=t.dtype), t.device)
+        elif not isinstance(g, Tensor):
+            g = Tensor._make(t.device.xp.asarray(g, dtype=t.dtype), t.device)
+        if g.shape != t.shape:
+            raise RuntimeError(f"Mismatch in shape: grad_output[{i}] has a shape of "
+                               f"{tuple(g.shape)} and output[{i}] has a shape of "
+                               f"{tuple(t.shape)}.")
+        seeds.append(g)
+    return seeds
+
+
+def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False, inputs=None):
+    """Accumulate gradients of ``tensors`` into the leaves' ``.grad``."""
+    if isinstance(tensors, Tensor):
+        tensors = [tensors]
+    if isinstance(grad_tensors, Tensor):
+        grad_tensors = [grad_tensors]
+    if retain_graph is None:
+        retain_graph = create_graph
+    seeds = _seed_grads(tensors, grad_tensors)
+    if inputs is not None:  # only these leaves receive .grad
+        inputs = [inputs] if isinstance(inputs, Tensor) else list(inputs)
+        grads = run_backward(tensors, seeds, retain_graph, create_graph, inputs=inputs)
+        for t, g in zip(inputs, grads):
+            if g is not None:
+                t.grad = (g if create_graph else g.detach()._own()) if t.grad is None \
+                    else t.grad + g
+        return
+    run_backward(tensors, seeds, retain_graph, create_graph)
+
+
+def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=False,
+         allow_unused=False, materialize_grads=False):
+    """The gradients of ``outputs`` with respect to ``inputs`` (a tuple), without touching
+    any ``.grad``. ``create_graph=True`` makes them differentiable (double backward)."""
+    single = isinstance(outputs, Tensor)
+    outputs = [outputs] if single else list(outputs)
+    inputs_t = [inputs] if isinstance(inputs, Tensor) else list(inputs)
+    if isinstance(grad_outputs, Tensor):
+        grad_outputs = [grad_outputs]
+    for i, t in enumerate(inputs_t):
+        if not t.requires_grad:
+            raise RuntimeError(f"grad: input {i} does not require grad")
+    if retain_graph is None:
+        retain_graph = create_graph
+    seeds = _seed_grads(outputs, grad_outputs)
+    res = run_backward(outputs, seeds, retain_graph, create_graph, inputs=inputs_t)
+    out = []
+    for i, (t, g) in enumerate(zip(inputs_t, res)):
+        if g is None:
+            if materialize_grads:
+                g = t.new_zeros(t.shape)
+            elif not allow_unused:
+                raise RuntimeError(f"One of the differentiated Tensors (input {i}) appears to "
+                                   f"not have been used in the graph. Set allow_unused=True if "
+                                   f"this is the desired behavior.")
+        out.append(g)
+    return tuple(out)

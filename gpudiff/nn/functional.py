@@ -1,16 +1,25 @@
-"""gpudiff.nn.functional (as ``F``): activations, losses, linear, pad, one_hot, layer_norm.
+"""gpudiff.nn.functional (as ``F``): every function of torch.nn.functional that gpudiff has.
 
-The CNN ops (conv2d, pools, batch_norm, dropout, interpolate) live in gpudiff/ops/conv.py,
-pool.py and norm.py and are re-exported at the bottom.
+Each checks its arguments the way PyTorch does (errors name the function, the argument and
+the shapes) and calls primitive ops from gpudiff.ops; composite ones (gelu, the losses) are
+written in tensor functions, so their gradients come for free.
 """
 import math
 
 import numpy as np
 
 from .. import functions as fn
+from .. import runtime
 from ..functions import log_softmax, softmax  # noqa: F401
-from ..ops import nn as N
+from ..geometry import conv_output_size, pair, pool_output_size
+from ..ops import activation as N
+from ..ops import conv as Cv
+from ..ops import dropout as Dr
+from ..ops import interpolate as Ip
+from ..ops import norm as Nm
+from ..ops import pool as Pl
 from ..ops import shape as S
+from ..ops import softmax as Sm
 from ..tensor import Tensor
 
 sigmoid = fn.sigmoid
@@ -231,7 +240,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         raise RuntimeError(f"cross_entropy: weight should have shape ({rows.shape[1]},), got "
                            f"{tuple(weight.shape)}")
     _check_target_range("cross_entropy", t, rows.shape[1], ignore_index)
-    losses = N.cross_entropy_fused.apply(rows, t, weight, ignore_index=ignore_index,
+    losses = Sm.cross_entropy_fused.apply(rows, t, weight, ignore_index=ignore_index,
                                          label_smoothing=label_smoothing)
     if reduction == "none":
         out = losses.reshape(target.shape)
@@ -377,20 +386,403 @@ def kl_div(input, target, size_average=None, reduce=None, reduction="mean", log_
     return _reduce(loss, reduction, "kl_div")
 
 
-# ---- CNN ops (gpudiff/ops/conv.py, pool.py, norm.py) ------------------------------------
-try:
-    from ..ops.conv import conv2d, conv_transpose2d  # noqa: F401
-except ImportError:
-    pass
-try:
-    from ..ops.pool import (max_pool2d, avg_pool2d, adaptive_avg_pool2d,  # noqa: F401
-                            adaptive_max_pool2d)
-except ImportError:
-    pass
-try:
-    from ..ops.norm import batch_norm, dropout, dropout2d, interpolate  # noqa: F401
-except ImportError:
-    pass
+# ---- convolution and pooling ----------------------------------------------------------
+def _check_conv_args(name, input, weight, bias, groups):
+    if weight.ndim != 4:
+        raise RuntimeError(f"{name}: expected a 4-D weight, got shape {tuple(weight.shape)}")
+    if input.ndim not in (3, 4):
+        raise RuntimeError(f"{name}: expected a 3-D (unbatched) or 4-D (batched) input, got "
+                           f"shape {tuple(input.shape)}")
+    if groups < 1:
+        raise RuntimeError(f"{name}: non-positive groups is not supported (got {groups})")
+    if input.dtype != weight.dtype or (bias is not None and bias.dtype != input.dtype):
+        raise RuntimeError(f"{name}: input type ({input.dtype}) and weight type "
+                           f"({weight.dtype}) should be the same"
+                           + ("" if bias is None else f" (bias: {bias.dtype})"))
+    if input.dtype.kind != "f":
+        raise RuntimeError(f"{name}: expected a floating input, got {input.dtype}")
+
+
+def _same_padding(name, kernel, stride, dilation):
+    """'same': the total padding d*(k-1) per dim, split left = total // 2, right = rest."""
+    if stride != (1, 1):
+        raise ValueError(f"{name}: padding='same' is not supported for strided convolutions")
+    total = [d * (k - 1) for k, d in zip(kernel, dilation)]
+    left = tuple(t // 2 for t in total)
+    extra = tuple(t - 2 * lo for t, lo in zip(total, left))  # 0 or 1 more on the right
+    return left, extra
+
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """2-D convolution over an (N, C, H, W) or unbatched (C, H, W) input, as
+    torch.nn.functional.conv2d.
+
+    ``padding`` is an int, an (h, w) pair, or 'valid' / 'same' ('same' with an even
+    effective kernel pads one more on the bottom/right, as PyTorch does).
+
+    >>> import gpudiff, gpudiff.nn.functional as F
+    >>> F.conv2d(gpudiff.ones(1, 1, 4, 4), gpudiff.ones(1, 1, 3, 3)).shape
+    (1, 1, 2, 2)
+    """
+    name = "conv2d"
+    _check_conv_args(name, input, weight, bias, groups)
+    stride = pair(stride, name, "stride")
+    dilation = pair(dilation, name, "dilation")
+    unbatched = input.ndim == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+    _, C, H, W = input.shape
+    K, Cg, kh, kw = weight.shape
+    if C != Cg * groups:
+        raise RuntimeError(f"{name}: Given groups={groups}, weight of size {list(weight.shape)}, "
+                           f"expected input{list(input.shape)} to have {Cg * groups} channels, "
+                           f"but got {C} channels instead")
+    if K % groups:
+        raise RuntimeError(f"{name}: out_channels ({K}) must be divisible by groups ({groups})")
+    if bias is not None and tuple(bias.shape) != (K,):
+        raise RuntimeError(f"{name}: expected bias of shape ({K},), got {tuple(bias.shape)}")
+    if min(stride) < 1 or min(dilation) < 1:
+        raise RuntimeError(f"{name}: stride and dilation must be positive, got stride={stride}, "
+                           f"dilation={dilation}")
+    if isinstance(padding, str):
+        if padding == "valid":
+            padding = (0, 0)
+        elif padding == "same":
+            padding, extra = _same_padding(name, (kh, kw), stride, dilation)
+            if any(extra):  # even kernel: the odd pixel of padding goes bottom/right
+                input = pad(input, (0, extra[1], 0, extra[0]))
+                H, W = input.shape[2:]
+        else:
+            raise ValueError(f"{name}: invalid padding string {padding!r}, should be one of "
+                             f"'valid', 'same'")
+    else:
+        padding = pair(padding, name, "padding")
+        if min(padding) < 0:
+            raise RuntimeError(f"{name}: negative padding is not supported, got {padding}")
+    OH = conv_output_size(H, kh, stride[0], padding[0], dilation[0])
+    OW = conv_output_size(W, kw, stride[1], padding[1], dilation[1])
+    if OH < 1 or OW < 1:
+        raise RuntimeError(
+            f"{name}: Calculated output size: ({K}x{OH}x{OW}). Output size is too small "
+            f"(input {tuple(input.shape)}, kernel {(kh, kw)}, stride {stride}, padding {padding}, "
+            f"dilation {dilation})")
+    y = Cv.conv2d.apply(input, weight, bias, stride=stride, padding=padding,
+                       dilation=dilation, groups=int(groups))
+    return y.squeeze(0) if unbatched else y
+
+
+def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1,
+                     dilation=1):
+    """Transposed 2-D convolution (the gradient of conv2d with respect to its input), as
+    torch.nn.functional.conv_transpose2d; weight is (C_in, C_out/groups, kh, kw).
+
+    Output size: (H - 1)*stride - 2*padding + dilation*(kernel - 1) + output_padding + 1.
+
+    >>> import gpudiff, gpudiff.nn.functional as F
+    >>> F.conv_transpose2d(gpudiff.ones(1, 1, 2, 2), gpudiff.ones(1, 1, 3, 3), stride=2).shape
+    (1, 1, 5, 5)
+    """
+    name = "conv_transpose2d"
+    _check_conv_args(name, input, weight, bias, groups)
+    stride = pair(stride, name, "stride")
+    padding = pair(padding, name, "padding")
+    output_padding = pair(output_padding, name, "output_padding")
+    dilation = pair(dilation, name, "dilation")
+    unbatched = input.ndim == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+    N, C, H, W = input.shape
+    Cin, Kg, kh, kw = weight.shape
+    if C != Cin:
+        raise RuntimeError(f"{name}: Given transposed=1, weight of size {list(weight.shape)}, "
+                           f"expected input{list(input.shape)} to have {Cin} channels, but got "
+                           f"{C} channels instead")
+    if Cin % groups:
+        raise RuntimeError(f"{name}: in_channels ({Cin}) must be divisible by groups ({groups})")
+    if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0 or min(output_padding) < 0:
+        raise RuntimeError(f"{name}: stride and dilation must be positive and padding "
+                           f"non-negative")
+    for op_, s, d in zip(output_padding, stride, dilation):
+        if op_ >= s and op_ >= d:
+            raise RuntimeError(f"{name}: output padding must be smaller than either stride or "
+                               f"dilation, but got output_padding={output_padding}, "
+                               f"stride={stride}, dilation={dilation}")
+    OH = (H - 1) * stride[0] - 2 * padding[0] + dilation[0] * (kh - 1) + output_padding[0] + 1
+    OW = (W - 1) * stride[1] - 2 * padding[1] + dilation[1] * (kw - 1) + output_padding[1] + 1
+    K = Kg * groups
+    if OH < 1 or OW < 1:
+        raise RuntimeError(f"{name}: output size ({K}x{OH}x{OW}) is too small")
+    if bias is not None and tuple(bias.shape) != (K,):
+        raise RuntimeError(f"{name}: expected bias of shape ({K},), got {tuple(bias.shape)}")
+    # the transposed conv is conv2d's input gradient: the input plays gy, the (N, K, OH, OW)
+    # output plays x, and weight (C_in, C_out/G, kh, kw) is conv2d's (K', C'/G, kh, kw)
+    if all(o < s for o, s in zip(output_padding, stride)):
+        y = Cv.conv2d_backward_input.apply(input, weight, input_size=(N, K, OH, OW), stride=stride,
+                                      padding=padding, dilation=dilation, groups=int(groups))
+    else:
+        # output_padding >= stride (allowed below the dilation): a conv2d of the (OH, OW)
+        # output would have more than (H, W) positions. Compute the whole unpadded output,
+        # (H-1)*s + d*(k-1) + 1 per dim, then cut the padding off and extend with zeros.
+        full = [(n - 1) * s + d * (k - 1) + 1
+                for n, s, d, k in zip((H, W), stride, dilation, (kh, kw))]
+        y = Cv.conv2d_backward_input.apply(input, weight, input_size=(N, K, *full), stride=stride,
+                                      padding=(0, 0), dilation=dilation, groups=int(groups))
+        y = y[:, :, padding[0]: padding[0] + OH, padding[1]: padding[1] + OW]
+        extra = (OH - y.shape[2], OW - y.shape[3])
+        if any(extra):
+            y = pad(y, (0, extra[1], 0, extra[0]))
+    if bias is not None:
+        y = y + bias.reshape(1, K, 1, 1)
+    return y.squeeze(0) if unbatched else y
+
+
+# ---- public functions (torch.nn.functional signatures) ---------------------------------
+def _check_input(name, input):
+    if input.ndim not in (3, 4):
+        raise RuntimeError(f"{name}: expected a 3-D (unbatched) or 4-D (batched) input, got "
+                           f"shape {tuple(input.shape)}")
+    if input.dtype.kind != "f":
+        raise RuntimeError(f"{name}: expected a floating input, got {input.dtype}")
+    if min(input.shape[-2:]) < 1 or (input.ndim == 4 and input.shape[1] < 1):
+        raise RuntimeError(f"{name}: expected non-empty spatial and channel dimensions, got "
+                           f"input of shape {tuple(input.shape)}")
+
+
+def _window(name, input, kernel_size, stride, padding, dilation, ceil_mode, effective):
+    kernel = pair(kernel_size, name, "kernel_size")
+    stride = kernel if (stride is None or (isinstance(stride, (tuple, list)) and not stride)) \
+        else pair(stride, name, "stride")
+    padding = pair(padding, name, "padding")
+    dilation = pair(dilation, name, "dilation")
+    if min(kernel) < 1 or min(stride) < 1 or min(dilation) < 1:
+        raise RuntimeError(f"{name}: kernel_size, stride and dilation must be positive, got "
+                           f"kernel_size={kernel}, stride={stride}, dilation={dilation}")
+    for p, k, d in zip(padding, kernel, dilation):
+        half = ((k - 1) * d + 1) // 2 if effective else k // 2
+        if p < 0 or p > half:
+            raise RuntimeError(f"{name}: pad should be at most half of "
+                               f"{'effective ' if effective else ''}kernel size, but got "
+                               f"pad={padding}, kernel_size={kernel} and dilation={dilation}")
+    H, W = input.shape[-2:]
+    OH = pool_output_size(H, kernel[0], stride[0], padding[0], dilation[0], ceil_mode)
+    OW = pool_output_size(W, kernel[1], stride[1], padding[1], dilation[1], ceil_mode)
+    if OH < 1 or OW < 1:
+        raise RuntimeError(f"{name}: Given input size: ({'x'.join(map(str, input.shape[-3:]))}). "
+                           f"Calculated output size: ({input.shape[-3]}x{OH}x{OW}). Output size "
+                           f"is too small")
+    return kernel, stride, padding, dilation
+
+
+def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
+               return_indices=False):
+    """2-D max pooling, as torch.nn.functional.max_pool2d; with ``return_indices`` also the
+    int64 flat (h * W + w) position of each maximum in its plane.
+
+    >>> import gpudiff, gpudiff.nn.functional as F
+    >>> F.max_pool2d(gpudiff.arange(16.).reshape(1, 1, 4, 4), 2).tolist()
+    [[[[5.0, 7.0], [13.0, 15.0]]]]
+    """
+    name = "max_pool2d"
+    _check_input(name, input)
+    kernel, stride, padding, dilation = _window(name, input, kernel_size, stride, padding,
+                                                dilation, ceil_mode, effective=True)
+    y, idx = Pl.max_pool2d.apply(input, kernel_size=kernel, stride=stride, padding=padding,
+                               dilation=dilation, ceil_mode=bool(ceil_mode))
+    return (y, idx) if return_indices else y
+
+
+def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
+               count_include_pad=True, divisor_override=None):
+    """2-D average pooling, as torch.nn.functional.avg_pool2d.
+
+    >>> import gpudiff, gpudiff.nn.functional as F
+    >>> F.avg_pool2d(gpudiff.arange(16.).reshape(1, 1, 4, 4), 2).tolist()
+    [[[[2.5, 4.5], [10.5, 12.5]]]]
+    """
+    name = "avg_pool2d"
+    _check_input(name, input)
+    if divisor_override is not None and int(divisor_override) == 0:
+        raise RuntimeError(f"{name}: divisor must be not zero")
+    kernel, stride, padding, _ = _window(name, input, kernel_size, stride, padding, 1,
+                                         ceil_mode, effective=False)
+    return Pl.avg_pool2d.apply(input, kernel_size=kernel, stride=stride, padding=padding,
+                             ceil_mode=bool(ceil_mode), count_include_pad=bool(count_include_pad),
+                             divisor_override=None if divisor_override is None
+                             else int(divisor_override))
+
+
+def _adaptive_size(name, input, output_size):
+    if isinstance(output_size, (tuple, list)):
+        if len(output_size) != 2:
+            raise ValueError(f"{name}: output_size must be an int or a pair, got {output_size!r}")
+        size = tuple(input.shape[-2 + i] if s is None else int(s)
+                     for i, s in enumerate(output_size))
+    else:
+        size = (int(output_size), int(output_size))
+    if min(size) < 1:
+        raise RuntimeError(f"{name}: output_size must be positive, got {size}")
+    return size
+
+
+def adaptive_avg_pool2d(input, output_size):
+    """Average over PyTorch's adaptive bins to an (oh, ow) output (None keeps that size).
+
+    >>> import gpudiff, gpudiff.nn.functional as F
+    >>> F.adaptive_avg_pool2d(gpudiff.ones(2, 3, 5, 7), (2, 3)).shape
+    (2, 3, 2, 3)
+    """
+    name = "adaptive_avg_pool2d"
+    _check_input(name, input)
+    size = _adaptive_size(name, input, output_size)
+    return Pl.adaptive_avg_pool2d.apply(input, output_size=size)
+
+
+def adaptive_max_pool2d(input, output_size, return_indices=False):
+    """Max over PyTorch's adaptive bins (uneven where the sizes do not divide).
+
+    >>> import gpudiff, gpudiff.nn.functional as F
+    >>> F.adaptive_max_pool2d(gpudiff.arange(25.).reshape(1, 1, 5, 5), 2).tolist()
+    [[[[12.0, 14.0], [22.0, 24.0]]]]
+    """
+    name = "adaptive_max_pool2d"
+    _check_input(name, input)
+    size = _adaptive_size(name, input, output_size)
+    y, idx = Pl.adaptive_max_pool2d.apply(input, output_size=size)
+    return (y, idx) if return_indices else y
+
+
+# ---- batch norm ---
+def batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False,
+               momentum=0.1, eps=1e-5):
+    """Batch normalisation over dim 1 of an (N, C) or (N, C, *) input, as
+    torch.nn.functional.batch_norm (running statistics updated in place when training).
+
+    >>> import gpudiff, gpudiff.nn.functional as F
+    >>> x = gpudiff.tensor([[1.0, 2.0], [3.0, 6.0]])
+    >>> [[round(v, 4) for v in row] for row in F.batch_norm(x, None, None, training=True).tolist()]
+    [[-1.0, -1.0], [1.0, 1.0]]
+    """
+    name = "batch_norm"
+    if input.ndim < 2:
+        raise ValueError(f"{name}: expected an (N, C, *) input, got shape {tuple(input.shape)}")
+    if input.dtype.kind != "f":
+        raise RuntimeError(f"{name}: expected a floating input, got {input.dtype}")
+    C = input.shape[1]
+    if training:
+        if input.numel() // C == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input "
+                             f"size {list(input.shape)}")
+        if eps <= 0:
+            raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    elif running_mean is None or running_var is None:
+        raise RuntimeError(f"{name}: running_mean and running_var must be given in evaluation "
+                           f"mode (training=False)")
+    for what, t in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var)):
+        if t is not None and tuple(t.shape) != (C,):
+            raise RuntimeError(f"{name}: expected {what} of shape ({C},), got {tuple(t.shape)}")
+    y = Nm.batch_norm.apply(input, weight, bias, running_mean, running_var,
+                          training=bool(training), momentum=float(momentum or 0.0),
+                          eps=float(eps))
+    if training:  # the buffers changed in place: tensors that saved them must notice
+        for t in (running_mean, running_var):
+            if t is not None:
+                t._version[0] += 1
+    return y
+
+
+
+
+# ---- dropout ---
+def _draw_seed():
+    return int(runtime.rng().integers(0, 2**63))
+
+
+def _dropout(name, input, p, training, inplace, group):
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
+    if not training or p == 0.0 or input.numel() == 0:
+        return input
+    if input.dtype.kind != "f":
+        raise RuntimeError(f"{name}: expected a floating input, got {input.dtype}")
+    out = Dr.dropout.apply(input, p=float(p), seed=_draw_seed(), group=group)
+    return input._inplace(out) if inplace else out
+
+
+def dropout(input, p=0.5, training=True, inplace=False):
+    """Zero each element with probability p and scale the rest by 1 / (1 - p), as
+    torch.nn.functional.dropout (the input itself when not training or p == 0).
+
+    >>> import gpudiff, gpudiff.nn.functional as F
+    >>> F.dropout(gpudiff.ones(4), 0.5, training=False).tolist()
+    [1.0, 1.0, 1.0, 1.0]
+    """
+    return _dropout("dropout", input, p, training, inplace, 1)
+
+
+def dropout2d(input, p=0.5, training=True, inplace=False):
+    """Zero whole channels (dim 1 of an (N, C, *) input) with probability p, scaling the
+    rest by 1 / (1 - p), as torch.nn.functional.dropout2d (a 3-D input is (N, C, L))."""
+    if input.ndim not in (3, 4):
+        import warnings
+        warnings.warn(f"dropout2d: Received a {input.ndim}-D input to dropout2d, which is "
+                      f"deprecated; dropout2d expects 3-D or 4-D inputs", stacklevel=2)
+    group = int(np.prod(input.shape[2:], dtype=np.int64)) if input.ndim >= 2 else 1
+    return _dropout("dropout2d", input, p, training, inplace, max(group, 1))
+
+
+
+
+# ---- interpolate ---
+def interpolate(input, size=None, scale_factor=None, mode="nearest", align_corners=None,
+                recompute_scale_factor=None, antialias=False):
+    """Resample the spatial dims of an (N, C, *spatial) input; modes 'nearest' and
+    'nearest-exact' (as torch.nn.functional.interpolate).
+
+    >>> import gpudiff, gpudiff.nn.functional as F
+    >>> F.interpolate(gpudiff.tensor([[[1.0, 2.0]]]), scale_factor=2).tolist()
+    [[[1.0, 1.0, 2.0, 2.0]]]
+    """
+    name = "interpolate"
+    if mode not in ("nearest", "nearest-exact"):
+        raise NotImplementedError(f"{name}: mode {mode!r} is not supported (only 'nearest' and "
+                                  f"'nearest-exact')")
+    if align_corners is not None:
+        raise ValueError("align_corners option can only be set with the interpolating modes: "
+                         "linear | bilinear | bicubic | trilinear")
+    if antialias:
+        raise ValueError(f"{name}: anti-alias is not supported for mode {mode!r}")
+    dim = input.ndim - 2
+    if dim < 1:
+        raise ValueError(f"{name}: expected an (N, C, *spatial) input, got shape "
+                         f"{tuple(input.shape)}")
+    if (size is None) == (scale_factor is None):
+        raise ValueError("only one of size or scale_factor should be defined" if size is not None
+                         else "either size or scale_factor should be defined")
+    in_size = tuple(input.shape[2:])
+    if size is not None:
+        if recompute_scale_factor:
+            raise ValueError("recompute_scale_factor is not meaningful with an explicit size.")
+        out = tuple(size) if isinstance(size, (tuple, list)) else (size,) * dim
+        if len(out) != dim:
+            raise ValueError(f"Input and output must have the same number of spatial dimensions,"
+                             f" but got input with spatial dimensions of {list(in_size)} and "
+                             f"output size of {size}.")
+        out = tuple(int(s) for s in out)
+        scales = (None,) * dim
+    else:
+        sf = tuple(scale_factor) if isinstance(scale_factor, (tuple, list)) \
+            else (scale_factor,) * dim
+        if len(sf) != dim:
+            raise ValueError(f"Input and scale_factor must have the same number of spatial "
+                             f"dimensions, but got input with spatial dimensions of "
+                             f"{list(in_size)} and scale_factor of shape {scale_factor}.")
+        out = tuple(math.floor(n * float(s)) for n, s in zip(in_size, sf))
+        scales = (None,) * dim if recompute_scale_factor else tuple(float(s) for s in sf)
+    if min(out) < 1:
+        raise RuntimeError(f"{name}: output size {out} must be positive (input {in_size})")
+    return Ip.interpolate.apply(input, output_size=out, scales=scales,
+                               exact=mode == "nearest-exact")
 
 
 # ---- embedding (added by the nn engineer; see gpudiff/nn/modules/sparse.py) -------------

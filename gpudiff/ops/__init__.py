@@ -25,46 +25,11 @@ import inspect
 import numpy as np
 
 from .. import runtime
-from ..autograd.graph import Node, SavedTensor
+from ..autograd.function import FunctionCtx, record
 from ..autograd.grad_mode import is_anomaly_enabled, is_grad_enabled
+from ..tensor import Tensor
 
 REGISTRY: dict[str, type] = {}
-
-
-class Context:
-    """What a forward hands its backward: saved tensors and any attributes it sets."""
-
-    def __init__(self, device, needs_input_grad):
-        self.device = device
-        self.xp = device.xp
-        self.needs_input_grad = needs_input_grad
-        self._saved_arrays = ()
-        self._saved = None
-        self._non_diff = ()
-        self.input_meta = ()
-        self.op_name = ""
-
-    def kernel(self, name):
-        """This device's fast kernel ``name``, or None (use the reference code)."""
-        return runtime.kernel(self.device, name)
-
-    def save_for_backward(self, *arrays):
-        self._saved_arrays = arrays
-
-    def mark_non_differentiable(self, *arrays):
-        self._non_diff = arrays
-
-    @property
-    def saved_tensors(self):
-        if self._saved is None:
-            raise RuntimeError(
-                f"Trying to backward through '{self.op_name}' a second time, or to use its saved "
-                f"tensors after they were freed: specify retain_graph=True on the first "
-                f"backward() call if you need to backward through the graph again.")
-        return tuple(None if s is None else s.unpack(self.op_name) for s in self._saved)
-
-    def release(self):
-        self._saved = None
 
 
 class Op:
@@ -121,16 +86,15 @@ def _device_of(op, tensors):
 
 
 def apply(op, tensors, params):
-    Tensor = _tensor_class()
     dev = _device_of(op, tensors)
     if dev is None:
         raise TypeError(f"{op.name}: expected at least one tensor argument")
     needs_grad = tuple(t is not None and t._requires_grad for t in tensors)
-    record = op.differentiable and True in needs_grad and is_grad_enabled()
-    if record:
+    recording = op.differentiable and True in needs_grad and is_grad_enabled()
+    if recording:
         _check_views(op, tensors)
-    ctx = Context(dev, needs_grad)
-    ctx.op_name, ctx.op = op.name, op
+    ctx = FunctionCtx(needs_grad, dev, op.name)
+    ctx.op = op
     arrays = [None if t is None else t.array for t in tensors]
     with runtime.on_device(dev):
         out = op.forward(ctx, *arrays, **params)
@@ -152,29 +116,10 @@ def apply(op, tensors, params):
             if dev.xp.may_share_memory(r.array, src.array):  # (advanced indexing copies)
                 r._version = src._version
                 r._base, r._base_fn = root, root.grad_fn
-    if record:
-        non_diff = {id(a) for a in ctx._non_diff}
-        diff_outs = [r for r in results if id(r.array) not in non_diff
-                     and r.dtype.kind == "f"]
-        ctx.input_meta = [(None, None) if t is None else (t.shape, t.dtype) for t in tensors]
-        node = Node(op.name, op.backward, ctx, tensors, results)
-        for i, r in enumerate(results):
-            if any(r is d for d in diff_outs):
-                r.grad_fn, r._output_nr, r._requires_grad = node, i, True
-        ctx._saved = tuple(_save(a, tensors, results, node) for a in ctx._saved_arrays)
-    ctx._saved_arrays = ()
+    if recording:
+        record(ctx, op.backward, tensors, results)
+    ctx._to_save = ()
     return tuple(results) if multi else results[0]
-
-
-_Tensor = None
-
-
-def _tensor_class():
-    """gpudiff.tensor.Tensor (imported on first use: tensor.py imports this package)."""
-    global _Tensor
-    if _Tensor is None:
-        from ..tensor import Tensor as _Tensor
-    return _Tensor
 
 
 def _as_ndarrays(ctx, outs):
@@ -182,7 +127,7 @@ def _as_ndarrays(ctx, outs):
     point what the forward saved or marked at the new arrays (identity links saved outputs)."""
     new = tuple(o if type(o) is np.ndarray else np.asarray(o) for o in outs)
     swap = {id(o): n for o, n in zip(outs, new) if o is not n}
-    ctx._saved_arrays = tuple(swap.get(id(a), a) for a in ctx._saved_arrays)
+    ctx._to_save = tuple(swap.get(id(a), a) for a in ctx._to_save)
     ctx._non_diff = tuple(swap.get(id(a), a) for a in ctx._non_diff)
     return new
 
@@ -199,18 +144,14 @@ def _check_views(op, tensors):
                 f"view after the in-place operation (or use an out-of-place op).")
 
 
-def _save(a, inputs, outputs, node):
-    """Wrap a saved array: an input or output keeps its graph link and version check."""
-    if a is None:
+def run_kernel(ctx, name, *args):
+    """The device's fast kernel ``name`` on ``args``, or None: no kernel, or one that declined
+    (a dtype or layout it does not handle). The op then runs its reference code. 0-d arrays
+    never go to a kernel (no speed to gain, and kernels may assume ndim >= 1)."""
+    k = ctx.kernel(name)
+    if k is None or any(getattr(a, "ndim", 1) == 0 for a in args):
         return None
-    for t in inputs:
-        if t is not None and t.array is a:
-            return SavedTensor(a, t.device, tensor=t)
-    for i, t in enumerate(outputs):
-        if t.array is a:
-            return SavedTensor(a, t.device, tensor=t, grad_fn=t.grad_fn, output_nr=i,
-                               owner=node)
-    return SavedTensor(a, outputs[0].device)
+    return k(*args)
 
 
 def result_type(*arrays_or_dtypes):
@@ -218,5 +159,18 @@ def result_type(*arrays_or_dtypes):
 
 
 # the op modules register themselves on import
-from . import device as _device_ops  # noqa: E402,F401
-from . import elementwise, index, linalg, nn, reduce, shape  # noqa: E402,F401
+from . import (  # noqa: E402,F401
+    activation,
+    conv,
+    device,
+    dropout,
+    elementwise,
+    index,
+    interpolate,
+    linalg,
+    norm,
+    pool,
+    reduce,
+    shape,
+    softmax,
+)

@@ -15,7 +15,7 @@ i of n_out over n covers [floor(i*n/n_out), ceil((i+1)*n/n_out)).
 """
 import numpy as np
 
-from ..geometry import pair, pool_output_size
+from ..geometry import pool_output_size
 from . import Op
 
 
@@ -169,8 +169,7 @@ def adaptive_max_pool2d_ref(xp, x, oh, ow):
 
 
 # ---- the ops --------------------------------------------------------------------------
-class MaxPool2dOp(Op):
-    name = "max_pool2d"
+class max_pool2d(Op):
 
     def forward(ctx, x, *, kernel_size, stride, padding, dilation, ceil_mode):
         ctx.hw = x.shape[-2:]
@@ -185,11 +184,10 @@ class MaxPool2dOp(Op):
 
     def backward(ctx, gy, gidx):
         idx, = ctx.saved_tensors
-        return MaxPool2dBackward.apply(gy, idx, H=ctx.hw[0], W=ctx.hw[1], window=ctx.window)
+        return max_pool2d_backward.apply(gy, idx, H=ctx.hw[0], W=ctx.hw[1], window=ctx.window)
 
 
-class AdaptiveMaxPool2dOp(Op):
-    name = "adaptive_max_pool2d"
+class adaptive_max_pool2d(Op):
 
     def forward(ctx, x, *, output_size):
         ctx.hw = x.shape[-2:]
@@ -202,17 +200,16 @@ class AdaptiveMaxPool2dOp(Op):
 
     def backward(ctx, gy, gidx):
         idx, = ctx.saved_tensors
-        return MaxPool2dBackward.apply(gy, idx, H=ctx.hw[0], W=ctx.hw[1], window="adaptive")
+        return max_pool2d_backward.apply(gy, idx, H=ctx.hw[0], W=ctx.hw[1], window="adaptive")
 
 
-class MaxPool2dBackward(Op):
+class max_pool2d_backward(Op):
     """gx (.., H, W): gy routed to the saved argmax positions (summed where they repeat).
 
     ``window`` (kh, kw, sh, sw, ph, pw, dh, dw) or 'adaptive' lets a device gather instead of
     scatter (each input element visits only the outputs whose window can cover it: the CUDA
     kernels, deterministic without atomics); without it the contract's kernel is used."""
 
-    name = "max_pool2d_backward"
 
     def forward(ctx, gy, indices, *, H, W, window=None):
         ctx.save_for_backward(indices)
@@ -235,8 +232,7 @@ class MaxPool2dBackward(Op):
         return ggy, None
 
 
-class AvgPool2dOp(Op):
-    name = "avg_pool2d"
+class avg_pool2d(Op):
 
     def forward(ctx, x, *, kernel_size, stride, padding, ceil_mode, count_include_pad,
                 divisor_override):
@@ -250,11 +246,10 @@ class AvgPool2dOp(Op):
         return avg_pool2d_ref(ctx.xp, x, *args) if y is None else y
 
     def backward(ctx, gy):
-        return AvgPool2dBackward.apply(gy, input_size=ctx.hw, **ctx.p)
+        return avg_pool2d_backward.apply(gy, input_size=ctx.hw, **ctx.p)
 
 
-class AvgPool2dBackward(Op):
-    name = "avg_pool2d_backward"
+class avg_pool2d_backward(Op):
 
     def forward(ctx, gy, *, input_size, kernel_size, stride, padding, ceil_mode,
                 count_include_pad, divisor_override):
@@ -268,11 +263,10 @@ class AvgPool2dBackward(Op):
         return avg_pool2d_backward_ref(ctx.xp, gy, *args) if gx is None else gx
 
     def backward(ctx, ggx):
-        return AvgPool2dOp.apply(ggx, **ctx.p)
+        return avg_pool2d.apply(ggx, **ctx.p)
 
 
-class AdaptiveAvgPool2dOp(Op):
-    name = "adaptive_avg_pool2d"
+class adaptive_avg_pool2d(Op):
 
     def forward(ctx, x, *, output_size):
         ctx.hw = x.shape[-2:]
@@ -281,11 +275,10 @@ class AdaptiveAvgPool2dOp(Op):
         return adaptive_avg_pool2d_ref(ctx.xp, x, *output_size) if y is None else y
 
     def backward(ctx, gy):
-        return AdaptiveAvgPool2dBackward.apply(gy, input_size=ctx.hw)
+        return adaptive_avg_pool2d_backward.apply(gy, input_size=ctx.hw)
 
 
-class AdaptiveAvgPool2dBackward(Op):
-    name = "adaptive_avg_pool2d_backward"
+class adaptive_avg_pool2d_backward(Op):
 
     def forward(ctx, gy, *, input_size):
         ctx.out = gy.shape[-2:]
@@ -294,119 +287,4 @@ class AdaptiveAvgPool2dBackward(Op):
         return adaptive_avg_pool2d_backward_ref(ctx.xp, gy, *input_size) if gx is None else gx
 
     def backward(ctx, ggx):
-        return AdaptiveAvgPool2dOp.apply(ggx, output_size=ctx.out)
-
-
-# ---- public functions (torch.nn.functional signatures) ---------------------------------
-def _check_input(name, input):
-    if input.ndim not in (3, 4):
-        raise RuntimeError(f"{name}: expected a 3-D (unbatched) or 4-D (batched) input, got "
-                           f"shape {tuple(input.shape)}")
-    if input.dtype.kind != "f":
-        raise RuntimeError(f"{name}: expected a floating input, got {input.dtype}")
-    if min(input.shape[-2:]) < 1 or (input.ndim == 4 and input.shape[1] < 1):
-        raise RuntimeError(f"{name}: expected non-empty spatial and channel dimensions, got "
-                           f"input of shape {tuple(input.shape)}")
-
-
-def _window(name, input, kernel_size, stride, padding, dilation, ceil_mode, effective):
-    kernel = pair(kernel_size, name, "kernel_size")
-    stride = kernel if (stride is None or (isinstance(stride, (tuple, list)) and not stride)) \
-        else pair(stride, name, "stride")
-    padding = pair(padding, name, "padding")
-    dilation = pair(dilation, name, "dilation")
-    if min(kernel) < 1 or min(stride) < 1 or min(dilation) < 1:
-        raise RuntimeError(f"{name}: kernel_size, stride and dilation must be positive, got "
-                           f"kernel_size={kernel}, stride={stride}, dilation={dilation}")
-    for p, k, d in zip(padding, kernel, dilation):
-        half = ((k - 1) * d + 1) // 2 if effective else k // 2
-        if p < 0 or p > half:
-            raise RuntimeError(f"{name}: pad should be at most half of "
-                               f"{'effective ' if effective else ''}kernel size, but got "
-                               f"pad={padding}, kernel_size={kernel} and dilation={dilation}")
-    H, W = input.shape[-2:]
-    OH = pool_output_size(H, kernel[0], stride[0], padding[0], dilation[0], ceil_mode)
-    OW = pool_output_size(W, kernel[1], stride[1], padding[1], dilation[1], ceil_mode)
-    if OH < 1 or OW < 1:
-        raise RuntimeError(f"{name}: Given input size: ({'x'.join(map(str, input.shape[-3:]))}). "
-                           f"Calculated output size: ({input.shape[-3]}x{OH}x{OW}). Output size "
-                           f"is too small")
-    return kernel, stride, padding, dilation
-
-
-def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False,
-               return_indices=False):
-    """2-D max pooling, as torch.nn.functional.max_pool2d; with ``return_indices`` also the
-    int64 flat (h * W + w) position of each maximum in its plane.
-
-    >>> import gpudiff, gpudiff.nn.functional as F
-    >>> F.max_pool2d(gpudiff.arange(16.).reshape(1, 1, 4, 4), 2).tolist()
-    [[[[5.0, 7.0], [13.0, 15.0]]]]
-    """
-    name = "max_pool2d"
-    _check_input(name, input)
-    kernel, stride, padding, dilation = _window(name, input, kernel_size, stride, padding,
-                                                dilation, ceil_mode, effective=True)
-    y, idx = MaxPool2dOp.apply(input, kernel_size=kernel, stride=stride, padding=padding,
-                               dilation=dilation, ceil_mode=bool(ceil_mode))
-    return (y, idx) if return_indices else y
-
-
-def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
-               count_include_pad=True, divisor_override=None):
-    """2-D average pooling, as torch.nn.functional.avg_pool2d.
-
-    >>> import gpudiff, gpudiff.nn.functional as F
-    >>> F.avg_pool2d(gpudiff.arange(16.).reshape(1, 1, 4, 4), 2).tolist()
-    [[[[2.5, 4.5], [10.5, 12.5]]]]
-    """
-    name = "avg_pool2d"
-    _check_input(name, input)
-    if divisor_override is not None and int(divisor_override) == 0:
-        raise RuntimeError(f"{name}: divisor must be not zero")
-    kernel, stride, padding, _ = _window(name, input, kernel_size, stride, padding, 1,
-                                         ceil_mode, effective=False)
-    return AvgPool2dOp.apply(input, kernel_size=kernel, stride=stride, padding=padding,
-                             ceil_mode=bool(ceil_mode), count_include_pad=bool(count_include_pad),
-                             divisor_override=None if divisor_override is None
-                             else int(divisor_override))
-
-
-def _adaptive_size(name, input, output_size):
-    if isinstance(output_size, (tuple, list)):
-        if len(output_size) != 2:
-            raise ValueError(f"{name}: output_size must be an int or a pair, got {output_size!r}")
-        size = tuple(input.shape[-2 + i] if s is None else int(s)
-                     for i, s in enumerate(output_size))
-    else:
-        size = (int(output_size), int(output_size))
-    if min(size) < 1:
-        raise RuntimeError(f"{name}: output_size must be positive, got {size}")
-    return size
-
-
-def adaptive_avg_pool2d(input, output_size):
-    """Average over PyTorch's adaptive bins to an (oh, ow) output (None keeps that size).
-
-    >>> import gpudiff, gpudiff.nn.functional as F
-    >>> F.adaptive_avg_pool2d(gpudiff.ones(2, 3, 5, 7), (2, 3)).shape
-    (2, 3, 2, 3)
-    """
-    name = "adaptive_avg_pool2d"
-    _check_input(name, input)
-    size = _adaptive_size(name, input, output_size)
-    return AdaptiveAvgPool2dOp.apply(input, output_size=size)
-
-
-def adaptive_max_pool2d(input, output_size, return_indices=False):
-    """Max over PyTorch's adaptive bins (uneven where the sizes do not divide).
-
-    >>> import gpudiff, gpudiff.nn.functional as F
-    >>> F.adaptive_max_pool2d(gpudiff.arange(25.).reshape(1, 1, 5, 5), 2).tolist()
-    [[[[12.0, 14.0], [22.0, 24.0]]]]
-    """
-    name = "adaptive_max_pool2d"
-    _check_input(name, input)
-    size = _adaptive_size(name, input, output_size)
-    y, idx = AdaptiveMaxPool2dOp.apply(input, output_size=size)
-    return (y, idx) if return_indices else y
+        return adaptive_avg_pool2d.apply(ggx, output_size=ctx.out)

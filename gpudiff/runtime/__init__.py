@@ -88,8 +88,32 @@ class Device:
         s = self.type if self.index is None else f"{self.type}:{self.index}"
         return s + (" (emulated)" if self.emulated else "")
 
+    def __enter__(self):
+        """``with gpudiff.device('cuda'):`` makes this the factories' default for the block."""
+        _default_stack.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        _default_stack.pop()
+        return False
+
 
 CPU = Device("cpu")
+_default_stack = [CPU]  # [set_default_device's, then one per enclosing `with device(...)`]
+
+
+def default_device():
+    """Where factories put a tensor when no device is given (PyTorch 2's default device)."""
+    return _default_stack[-1]
+
+
+def set_default_device(dev):
+    """Make ``dev`` ('cpu', 'cuda', a Device; None for cpu) the factories' default device."""
+    _default_stack[0] = CPU if dev is None else device(dev)
+
+
+def get_default_device():
+    return _default_stack[-1]
 
 
 def device(spec="cpu", index=None):

@@ -122,7 +122,7 @@ def _dropout_gpudiff(m, x, p, seed, channels):
 def _dropout_torch(torch, x, p, seed, channels):
     """x * mask / (1 - p) with the mask gpudiff draws for this seed (see ops/norm.py)."""
     import gpudiff
-    from gpudiff.ops.norm import dropout_keep_ref
+    from gpudiff.ops.dropout import dropout_keep_ref
     gpudiff.manual_seed(seed)
     s = int(gpudiff.runtime.rng().integers(0, 2**63))
     group = int(np.prod(x.shape[2:])) if channels else 1

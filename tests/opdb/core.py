@@ -197,7 +197,7 @@ ELEMENTWISE += [
                S(np.array([-800.0, -30.0, 0.0, 30.0, 800.0], make.dtype),
                  skip=("gradcheck", "gradgradcheck"))]),       # no overflow at large |x|
     _unary("tanh", kernels=("tanh", "tanh_backward"), covers=("tanh", "tanh_backward")),
-    _unary("relu", kernels=("relu", "relu_backward"), covers=("relu", "threshold_backward"),
+    _unary("relu", kernels=("relu", "relu_backward"), covers=("relu", "relu_backward"),
            samples=_avoid(0.0), call=lambda m, x: m.relu(x)),
     _unary("erf", covers=("erf",)),
     OpInfo("clamp", op=lambda m, x, **kw: m.clamp(x, **kw), covers=("clamp",),

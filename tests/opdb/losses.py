@@ -18,7 +18,7 @@ def _act(name, call, covers, kinks=(), gg=True, **kw):
 
 
 ACTIVATIONS = [
-    _act("F.relu", lambda m, x: F(m).relu(x), ("relu", "threshold_backward"), kinks=(0.0,),
+    _act("F.relu", lambda m, x: F(m).relu(x), ("relu", "relu_backward"), kinks=(0.0,),
          kernels=("relu", "relu_backward")),
     _act("F.relu6", lambda m, x: F(m).relu6(x * 4), ("clamp", "mul"), kinks=(0.0, 1.5)),
     _act("F.leaky_relu", lambda m, x: F(m).leaky_relu(x, 0.1),
