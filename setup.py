@@ -49,4 +49,24 @@ cuda_host_ext = Pybind11Extension(
 
 exts = [e for e in (cpu_ext, cuda_host_ext) if e.sources]
 
-setup(ext_modules=exts, cmdclass={"build_ext": build_ext})
+# The kernel translation units of the emulator (csrc/cuda_host/kernels_*.cpp) get GCC's
+# ThreadSanitizer instrumentation without its run-time library: every load and store of a
+# kernel calls a __tsan_* hook, which csrc/cuda_host/sanitizer.cpp defines (bounds checks,
+# racecheck, initcheck; docs/EMULATOR.md). Only those files: the scheduler must not be.
+KERNEL_TU_FLAGS = ["-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0"]
+
+
+class BuildExt(build_ext):
+    def build_extensions(self):
+        compile_one = self.compiler._compile
+
+        def _compile(obj, src, ext, cc_args, extra_postargs, pp_opts):
+            if os.path.basename(src).startswith("kernels_") and "cuda_host" in src:
+                extra_postargs = list(extra_postargs) + KERNEL_TU_FLAGS
+            compile_one(obj, src, ext, cc_args, extra_postargs, pp_opts)
+
+        self.compiler._compile = _compile
+        super().build_extensions()
+
+
+setup(ext_modules=exts, cmdclass={"build_ext": BuildExt})

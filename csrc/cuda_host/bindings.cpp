@@ -8,6 +8,7 @@
 #include <string>
 
 #include "emulator.h"
+#include "sanitizer.h"
 
 namespace py = pybind11;
 
@@ -50,7 +51,8 @@ dim3 to_dim3(const std::vector<unsigned>& v) {
 
 py::dict launch(const std::string& name, const std::vector<unsigned>& grid,
                 const std::vector<unsigned>& block, size_t shared_mem, py::sequence args,
-                const std::string& order, unsigned long long seed, bool shuffle_blocks) {
+                const std::string& order, unsigned long long seed, bool shuffle_blocks, bool race,
+                bool init) {
     std::vector<gd_host::Arg> converted;
     for (size_t i = 0; i < args.size(); ++i) converted.push_back(to_arg(args[i], i));
     gd_host::LaunchOptions opt;
@@ -60,6 +62,8 @@ py::dict launch(const std::string& name, const std::vector<unsigned>& grid,
     else throw py::value_error("order must be 'forward', 'reverse' or 'random', got '" + order + "'");
     opt.seed = seed;
     opt.shuffle_blocks = shuffle_blocks;
+    opt.race = race;
+    opt.init = init;
     gd_host::LaunchStats st;
     {
         py::gil_scoped_release nogil;  // launches are serialised inside by a mutex
@@ -80,9 +84,13 @@ PYBIND11_MODULE(_cuda_host, m) {
     py::register_exception<gd_host::KernelError>(m, "KernelError", PyExc_RuntimeError);
     m.def("launch", &launch, py::arg("name"), py::arg("grid"), py::arg("block"),
           py::arg("shared_mem"), py::arg("args"), py::arg("order") = "forward",
-          py::arg("seed") = 0, py::arg("shuffle_blocks") = false,
-          "Run kernel `name` on the CPU; returns {'blocks', 'threads', 'resumes'}.");
+          py::arg("seed") = 0, py::arg("shuffle_blocks") = false, py::arg("race") = false,
+          py::arg("init") = false,
+          "Run kernel `name` on the CPU; returns {'blocks', 'threads', 'resumes'}. race: "
+          "racecheck, init: initcheck (docs/EMULATOR.md); bounds checks are always on.");
     m.def("kernel_names", &gd_host::kernel_names, "Name expressions of the compiled kernels.");
+    m.def("shared_variables", &gd_host::san::shared_variables,
+          "The static __shared__ variables the memory checker knows, 'name: bytes' lines.");
     m.def("kernel_signature", &gd_host::kernel_signature,
           "Parameter types of a kernel, e.g. '(gptr<const f4>, gptr<f4>, i8)'.");
 }

@@ -42,8 +42,17 @@
 #define __launch_bounds__(...)
 #define __align__(n) __attribute__((aligned(n)))
 // Blocks run one at a time, so one static instance per declaration is per-block storage.
-// It is not cleared between blocks (neither is a GPU's).
-#define __shared__ static
+// Each __shared__ variable gets its own 64 KiB-aligned slot (a block has at most 48 KiB):
+// the rest of the slot is a red zone, and the memory checker (sanitizer.h) finds the
+// variables in the module's symbol table, bounds-checks every access, poisons each one at
+// its first use in a block (0xff bytes: NaN) and checks its red zone after the block.
+// The macro starts with a dummy constexpr declaration so that all of CUDA's spellings
+// compile: `__shared__ T s[n];` and `static __shared__ T s[n];` (the `static` then applies
+// to the dummy; the variable gets its own). `extern __shared__ T s[];` cannot work this
+// way: see GD_EXTERN_SHARED in docs/EMULATOR.md.
+#define __shared__                                                              \
+    __attribute__((unused)) constexpr int GD_CAT(gd_shared_decl_, __COUNTER__) = 0; \
+    static __attribute__((aligned(65536)))
 
 // ---- vector types (dim3 and the built-in variables are in emulator.h) ---------------------
 constexpr int warpSize = 32;
@@ -309,7 +318,9 @@ T __shfl_xor_sync(unsigned mask, T var, int lane_mask, int width = 32) {
                                                           gd_host::to_bits(var), lane_mask, width));
 }
 
-// ---- atomics: the threads are fibers of one OS thread, so a plain read-modify-write is atomic
+// ---- atomics: the threads are fibers of one OS thread, so a plain read-modify-write is atomic.
+// atomic_begin/atomic_end tell the memory checker that this read-modify-write is atomic
+// (atomics do not race with atomics); its own load and store are not checked as plain ones.
 namespace gd_host {
 template <typename T>
 T* raw(T* p) { return p; }
@@ -321,8 +332,10 @@ T* raw(const gptr<T>& p) { return &*p; }  // bounds-checked
     inline auto NAME(P ptr, V val) {                   \
         auto* p = gd_host::raw(ptr);                   \
         using T = std::remove_reference_t<decltype(*p)>; \
+        gd_host::atomic_begin(p, sizeof(T));           \
         T old = *p;                                    \
         *p = (EXPR);                                   \
+        gd_host::atomic_end();                         \
         return old;                                    \
     }
 GD_ATOMIC(atomicAdd, old + T(val))
@@ -337,7 +350,9 @@ GD_ATOMIC(atomicXor, old ^ T(val))
 template <typename P, typename V>
 inline auto atomicCAS(P ptr, V compare, V val) {
     auto* p = gd_host::raw(ptr);
+    gd_host::atomic_begin(p, sizeof(*p));
     auto old = *p;
     if (old == compare) *p = val;
+    gd_host::atomic_end();
     return old;
 }

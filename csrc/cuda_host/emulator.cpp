@@ -14,6 +14,7 @@
 // Arrays are copied into buffers with guard zones on both sides (filled with a pattern),
 // checked after the launch, then copied back where the kernel may write. See docs/EMULATOR.md.
 #include "emulator.h"
+#include "sanitizer.h"
 #include "trace.h"
 
 #include <sys/mman.h>
@@ -285,11 +286,13 @@ void resume(Run& r, int t) {
     ++r.stats.resumes;
     // the memory tracer groups a thread's accesses by sync epoch (trace.h): keep this call
     if (g_trace_on) trace_resume();
+    san::set_thread(t);  // the memory checker's hooks act while a kernel thread runs
 #ifdef GD_FAST_SWITCH
     gd_switch(&g_scheduler_sp, f.sp);
 #else
     swapcontext(&g_scheduler, &f.ctx);
 #endif
+    san::set_thread(-1);
 }
 
 std::string lanes_str(unsigned m) { return fmt("0x%08x", m); }
@@ -315,8 +318,10 @@ std::string deadlock_report(Run& r) {
                warp_detail.c_str());
 }
 
-void run_block(Run& r, const dim3& b, std::vector<int>& order, std::mt19937_64& rng) {
+void run_block(Run& r, const dim3& b, unsigned long long linear, std::vector<int>& order,
+               std::mt19937_64& rng) {
     blockIdx = b;
+    san::begin_block(linear);
     for (Thread& t : r.threads) {
         t.state = State::Ready;
         t.started = false;
@@ -357,6 +362,13 @@ void run_block(Run& r, const dim3& b, std::vector<int>& order, std::mt19937_64& 
                       "memory (%s)",
                       r.kernel->name.c_str(), dim_str(b).c_str(), r.dyn_size,
                       front >= 0 ? "before the start" : "past the end");
+        return;
+    }
+    // red zones of the static shared variables the block used
+    std::string err = san::end_block();
+    if (!err.empty()) {
+        r.failed = true;
+        r.error = err;
     }
 }
 
@@ -395,6 +407,7 @@ int block_barrier(int op, int predicate) {
         r.bar_result = r.bar_true;
         r.bar_arrived = r.bar_true = 0;
         for (Thread& o : r.threads) o.state = State::Ready;
+        san::barrier_completed();
     }
     yield();
     // r.bar_result stays valid until the next barrier completes, which needs this thread
@@ -449,7 +462,7 @@ void complete(Run& r, int warp, const Collective& c) {
             case WarpOp::Ballot: t.xout = ballot; break;
             case WarpOp::Any: t.xout = ballot != 0; break;
             case WarpOp::All: t.xout = ballot == c.mask; break;
-            case WarpOp::SyncWarp: t.xout = 0; break;
+            case WarpOp::SyncWarp: t.xout = 0; break;  // san::warp_synced below
             default: {
                 const int src = source_lane(c.op, l, t.param, t.width);
                 if (src != l && !(c.mask >> src & 1u))
@@ -462,6 +475,8 @@ void complete(Run& r, int warp, const Collective& c) {
         }
         t.state = State::Ready;
     }
+    // only __syncwarp orders the lanes' memory accesses (shuffles and votes move registers)
+    if (c.op == WarpOp::SyncWarp) san::warp_synced(warp, c.mask);
 }
 }  // namespace
 
@@ -643,6 +658,17 @@ LaunchStats launch(const std::string& name, dim3 grid, dim3 block, size_t shared
     r.dyn_size = shared_mem;
     r.dyn.assign(kGuardBytes + shared_mem + kGuardBytes, 0);
     ensure_fibers(r.nthreads);
+    // the memory checker (sanitizer.h) learns the launch's memory: every access of a kernel
+    // thread is checked against it
+    struct SanitizerScope {
+        ~SanitizerScope() { san::end_launch(); }
+    } sanitizer_scope;
+    san::begin_launch(name, options.race, options.init, grid, block, r.dyn.data() + kGuardBytes,
+                      shared_mem);
+    for (Buffer& buf : buffers)
+        san::add_array(static_cast<int>(buf.args[0]), buf.mem.data(),
+                       buf.mem.data() + buf.mem.size(), buf.data(), buf.nbytes,
+                       args[buf.args[0]].dtype);
 
     std::vector<int> order(r.nthreads);
     for (int t = 0; t < r.nthreads; ++t)
@@ -658,7 +684,7 @@ LaunchStats launch(const std::string& name, dim3 grid, dim3 block, size_t shared
     blockDim = block;
     for (unsigned long long b : block_order) {
         const dim3 bidx(b % grid.x, (b / grid.x) % grid.y, b / ((unsigned long long)grid.x * grid.y));
-        run_block(r, bidx, order, rng);
+        run_block(r, bidx, b, order, rng);
         if (r.failed) break;
     }
     if (r.failed) {

@@ -39,6 +39,10 @@ unsigned char* dynamic_shared_base();
 [[noreturn]] void out_of_bounds(int arg, const void* lo, const void* hi, const void* at,
                                 size_t access_bytes);
 [[noreturn]] void kernel_trap(const char* what);
+// An atomic read-modify-write of `bytes` at p follows (sanitizer.cpp): checked as one atomic
+// access; its own load and store, up to atomic_end(), are not plain accesses.
+void atomic_begin(const void* p, size_t bytes);
+void atomic_end();
 
 // ---- kernel arguments and the kernel table ------------------------------------------------
 // One argument as handed over by Python: a C-contiguous array or a typed scalar.
@@ -72,6 +76,8 @@ struct LaunchOptions {
     ThreadOrder order = ThreadOrder::Forward;  // order of the threads between sync points
     bool shuffle_blocks = false;               // run the blocks in a random order
     unsigned long long seed = 0;               // for Random and shuffle_blocks
+    bool race = false;                         // racecheck (sanitizer.h)
+    bool init = false;                         // initcheck (sanitizer.h)
 };
 
 struct LaunchStats {
