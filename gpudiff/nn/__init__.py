@@ -5,7 +5,7 @@
 >>> model(gpudiff.randn(3, 4)).shape
 (3, 2)
 """
-from . import functional, init, utils
+from . import functional, init, parallel, utils
 from .modules import *
 from .modules import __all__ as _modules_all
 from .parameter import Buffer, Parameter

@@ -37,6 +37,7 @@ from .module import Module
 from .normalization import LayerNorm
 from .pooling import AdaptiveAvgPool2d, AdaptiveMaxPool2d, AvgPool2d, MaxPool2d
 from .sparse import Embedding
+from .sync_batchnorm import SyncBatchNorm
 
 __all__ = [
                          "ELU",
@@ -48,6 +49,7 @@ __all__ = [
                          "BCEWithLogitsLoss",
                          "BatchNorm1d",
                          "BatchNorm2d",
+                         "SyncBatchNorm",
                          "Bilinear",
                          "Conv2d",
                          "ConvTranspose2d",
