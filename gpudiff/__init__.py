@@ -5,7 +5,7 @@ Speaks PyTorch's dialect: ``import gpudiff as torch`` ports a typical training s
 import numpy as _np
 
 from . import runtime
-from .runtime import Device, Generator, device, manual_seed
+from .runtime import Device, Generator, device, get_default_device, manual_seed, set_default_device
 from .tensor import Tensor, get_default_dtype, set_default_dtype
 from .creation import (tensor, as_tensor, from_numpy, from_dlpack, zeros, ones, empty, full,  # noqa
                        zeros_like, ones_like, empty_like, full_like, arange, linspace, eye,

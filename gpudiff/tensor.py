@@ -65,6 +65,19 @@ class Tensor:
         t._init(array, device, grad_fn, output_nr)
         return t
 
+    # ---- the raw-array API (for code that must work on arrays: optimizers, nn.init) -----
+    # ``t.array`` is the numpy / cupy array itself and ``t.device.xp`` its array module; an
+    # in-place write to ``t.array`` must be followed by ``t.bump_version()`` if autograd may
+    # have saved ``t``. docs/ARCHITECTURE.md lists the places outside the engine that use it.
+    @classmethod
+    def from_array(cls, array, device):
+        """A tensor holding ``array`` (no copy) on ``device``, outside any graph."""
+        return cls._make(array, device)
+
+    def bump_version(self):
+        """Record an in-place change of ``self.array`` made outside the ops."""
+        self._version[0] += 1
+
     # ---- attributes -------------------------------------------------------------------
     @property
     def requires_grad(self):

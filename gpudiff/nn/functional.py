@@ -126,7 +126,7 @@ def pad(input, pad, mode="constant", value=None):
             i = np.clip(i, 0, n - 1)
         else:
             i = i % n
-        out = fn.index_select(out, d, Tensor._make(out.device.xp.asarray(i), out.device))
+        out = fn.index_select(out, d, Tensor.from_array(out.device.xp.asarray(i), out.device))
     return out
 
 
@@ -140,7 +140,7 @@ def one_hot(tensor, num_classes=-1):
     if a.size and (int(a.min()) < 0 or int(a.max()) >= num_classes):
         raise RuntimeError(f"one_hot: class values must be in [0, {num_classes})")
     out = (a[..., None] == xp.arange(num_classes)).astype(np.int64)
-    return Tensor._make(out, tensor.device)
+    return Tensor.from_array(out, tensor.device)
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -267,7 +267,7 @@ def _weight_total(rows, t, weight, ignore_index):
         total = valid.sum()
     else:
         total = (weight.array[xp.where(valid, t.array, 0)] * valid).sum()
-    return Tensor._make(xp.asarray(total, dtype=rows.dtype), rows.device)
+    return Tensor.from_array(xp.asarray(total, dtype=rows.dtype), rows.device)
 
 
 def nll_loss(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
@@ -687,7 +687,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     if training:  # the buffers changed in place: tensors that saved them must notice
         for t in (running_mean, running_var):
             if t is not None:
-                t._version[0] += 1
+                t.bump_version()
     return y
 
 
@@ -841,7 +841,7 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
         if bool(big.any()):
             scale = (max_norm / (norms[big] + 1e-7)).astype(w.dtype)
             w[rows[big]] *= scale[:, None]
-            weight._version[0] += 1
+            weight.bump_version()
     out = weight[input]
     if weight.requires_grad and (padding_idx is not None or scale_grad_by_freq):
         s = xp.ones(a.shape, dtype=weight.dtype)
@@ -850,5 +850,5 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
             s = s / counts[inverse.reshape(a.shape)].astype(weight.dtype)
         if padding_idx is not None:
             s = xp.where(a == padding_idx, xp.zeros((), dtype=weight.dtype), s)
-        out = _ScaleGrad.apply(out, Tensor._make(s[..., None], weight.device))
+        out = _ScaleGrad.apply(out, Tensor.from_array(s[..., None], weight.device))
     return out

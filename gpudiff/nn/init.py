@@ -69,7 +69,7 @@ def _fill(tensor, values):
     with no_grad():
         tensor.array[...] = runtime.to_device(np.asarray(values).astype(tensor.dtype),
                                               tensor.device)
-        tensor._version[0] += 1
+        tensor.bump_version()
     return tensor
 
 
@@ -77,7 +77,7 @@ def _fill_row_zero(tensor, row):
     """tensor[row] = 0 in place (Embedding's padding row)."""
     with no_grad():
         tensor.array[row] = 0
-        tensor._version[0] += 1
+        tensor.bump_version()
     return tensor
 
 

@@ -35,7 +35,7 @@ class Parameter(Tensor):
     def __deepcopy__(self, memo):
         if id(self) in memo:
             return memo[id(self)]
-        out = Parameter(Tensor._make(self.array.copy(), self.device), self.requires_grad)
+        out = Parameter(Tensor.from_array(self.array.copy(), self.device), self.requires_grad)
         if self.grad is not None:
             out.grad = copy.deepcopy(self.grad, memo)
         memo[id(self)] = out

@@ -175,13 +175,11 @@ class floor_divide(Op):
 
 
 def _compare(ufunc_name):
-    class cmp(Op):
-        differentiable = False
-        name = ufunc_name
-
-        def forward(ctx, a, b):
-            return getattr(ctx.xp, ufunc_name)(a, b)
-    return cmp
+    """The comparison op ``ufunc_name`` (a class of that name: no gradient, bool output)."""
+    def forward(ctx, a, b):
+        return getattr(ctx.xp, ufunc_name)(a, b)
+    return type(ufunc_name, (Op,), {"differentiable": False, "forward": forward,
+                                    "__module__": __name__})
 
 
 eq, ne, gt, lt, ge, le = (_compare(n) for n in (

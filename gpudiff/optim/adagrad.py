@@ -35,7 +35,7 @@ class Adagrad(Optimizer):
     def _init_state(self, p, state, group):
         state["step"] = _new_step()
         with runtime.on_device(p.device):
-            state["sum"] = Tensor._make(
+            state["sum"] = Tensor.from_array(
                 p.device.xp.full(p.shape, group["initial_accumulator_value"], dtype=p.dtype),
                 p.device)
 

@@ -226,7 +226,7 @@ class Optimizer:
                 g = -p.grad.array if group.get("maximize", False) else p.grad.array
                 self._update(p, g, st, group)
         for p in ps:
-            p._version[0] += 1  # saved-for-backward checks see the in-place update
+            p.bump_version()  # saved-for-backward checks see the in-place update
 
     def _state_for(self, p, group):
         """This parameter's state dict, initialised on first use."""
@@ -307,14 +307,14 @@ class Optimizer:
                     out = out.to(param.dtype)
                 out = out.to(param.device)
                 if out.array is value.array:  # a private copy: the caller's dict is not aliased
-                    out = Tensor._make(out.array.copy(), out.device)
+                    out = Tensor.from_array(out.array.copy(), out.device)
                 return out
             if isinstance(value, dict):
                 return {k: cast(param, v, k) for k, v in value.items()}
             if isinstance(value, (list, tuple)):
                 return type(value)(cast(param, v) for v in value)
             if isinstance(value, np.ndarray):
-                return cast(param, Tensor._make(value, runtime.CPU), key)
+                return cast(param, Tensor.from_array(value, runtime.CPU), key)
             return value
 
         state = defaultdict(dict)
@@ -344,11 +344,11 @@ def _step_value(state):
 
 
 def _new_step():
-    return Tensor._make(np.zeros((), np.float32), runtime.CPU)
+    return Tensor.from_array(np.zeros((), np.float32), runtime.CPU)
 
 
 def _zeros_like(p):
-    return Tensor._make(p.device.xp.zeros_like(p.array), p.device)
+    return Tensor.from_array(p.device.xp.zeros_like(p.array), p.device)
 
 
 def _lerp_(a, end, weight, xp):

@@ -1,20 +1,12 @@
-"""The data stack's only contact points with gpudiff.Tensor (imported lazily: gpudiff's
-__init__ imports this package, and the tensor module must not be needed to import it)."""
+"""The data stack's contact points with gpudiff.Tensor: type checks and host conversions."""
 import numpy as np
 
-
-def tensor_type():
-    """gpudiff.Tensor, or None while the engine is not importable."""
-    try:
-        from ..tensor import Tensor
-    except ImportError:
-        return None
-    return Tensor
+from .. import creation
+from ..tensor import Tensor
 
 
 def is_tensor(x):
-    T = tensor_type()
-    return T is not None and isinstance(x, T)
+    return isinstance(x, Tensor)
 
 
 def canonical(arr):
@@ -36,12 +28,8 @@ def canonical(arr):
 
 def from_numpy(arr):
     """A CPU gpudiff tensor holding ``arr`` (shares memory when the engine allows it)."""
-    import gpudiff
     arr = canonical(arr)
-    fn = getattr(gpudiff, "from_numpy", None)
-    if fn is not None:
-        return fn(arr if arr.flags.c_contiguous else arr.copy(order="C"))
-    return gpudiff.tensor(arr)
+    return creation.from_numpy(arr if arr.flags.c_contiguous else arr.copy(order="C"))
 
 
 def to_numpy(t):

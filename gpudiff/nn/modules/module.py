@@ -100,8 +100,15 @@ class Module:
                                   f'"forward" function')
 
     def __call__(self, *args, **kwargs):
-        if not (self._forward_pre_hooks or self._forward_hooks):
-            return self.forward(*args, **kwargs)
+        try:
+            if not (self._forward_pre_hooks or self._forward_hooks):
+                return self.forward(*args, **kwargs)
+            return self._call_with_hooks(args, kwargs)
+        except Exception as e:  # name where in the model it happened (type and message kept)
+            _locate(e, self)
+            raise
+
+    def _call_with_hooks(self, args, kwargs):
         for hid, hook in list(self._forward_pre_hooks.items()):
             if hid in self._forward_pre_hooks_with_kwargs:
                 res = hook(self, args, kwargs)
@@ -503,7 +510,7 @@ class Module:
             value = state_dict[key]
             if not isinstance(value, Tensor):
                 if isinstance(value, np.ndarray) or hasattr(value, "__array__"):
-                    value = Tensor._make(np.asarray(value), runtime.CPU)  # numpy, torch...
+                    value = Tensor.from_array(np.asarray(value), runtime.CPU)  # numpy, torch...
                 else:
                     error_msgs.append(f'While copying the parameter named "{key}", expected '
                                       f'Tensor or Tensor-like object from checkpoint but '
@@ -594,7 +601,7 @@ class Module:
 
 
 def _plain(t):
-    out = Tensor._make(t.array, t.device)
+    out = Tensor.from_array(t.array, t.device)
     out._version = t._version
     return out
 
@@ -627,3 +634,33 @@ def _parse_to(*args, **kwargs):
 
 def _warn(msg):
     warnings.warn(msg, stacklevel=3)
+
+
+def _locate(e, module):
+    """Add to exception ``e``, raised inside ``module``'s forward, where in the model it
+    happened: "model.features.conv2 (Conv2d)". Called by each enclosing module's __call__ on
+    the way out, so the path grows until the outermost one ("model" is the module called)."""
+    where = getattr(e, "_gpudiff_where", None)
+    if where is None:
+        text = e.args[0] if len(e.args) == 1 and isinstance(e.args[0], str) else None
+        where = {"path": "", "inner": module, "last": module, "text": text}
+        try:
+            e._gpudiff_where = where
+        except AttributeError:  # an exception type without a __dict__: leave it as it is
+            return
+    else:
+        inner = where["last"]
+        name = next((n for n, m in module.named_modules() if m is inner and n), None)
+        if name is None:  # called without being a submodule (a module passed in, say)
+            return
+        where["path"] = name + ("." + where["path"] if where["path"] else "")
+        where["last"] = module
+    place = ("model." + where["path"] if where["path"] else "model") + \
+        f" ({type(where['inner']).__name__})"
+    if where["text"] is not None:
+        e.args = (f"{where['text']}\n  in {place}",)
+    elif not where.get("noted") and hasattr(e, "add_note"):
+        e.add_note(f"in the model's {place}")   # updated below as the path grows
+        where["noted"] = True
+    elif where.get("noted"):
+        e.__notes__[-1] = f"in the model's {place}"

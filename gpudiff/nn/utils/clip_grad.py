@@ -34,7 +34,7 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
     tensors = [t for t in tensors if t is not None]
     norm_type = float(norm_type)
     if not tensors:
-        return Tensor._make(runtime.CPU.xp.zeros((), "float32"), runtime.CPU)
+        return Tensor.from_array(runtime.CPU.xp.zeros((), "float32"), runtime.CPU)
     dev = tensors[0].device
     xp = dev.xp
     norms = [runtime.to_device(_vector_norm(t.array, norm_type, t.device.xp), dev)
@@ -45,7 +45,7 @@ def get_total_norm(tensors, norm_type=2.0, error_if_nonfinite=False, foreach=Non
             f"The total norm of order {norm_type} for gradients from `parameters` is "
             f"non-finite, so it cannot be clipped. To disable this error and scale the "
             f"gradients by the non-finite norm anyway, set `error_if_nonfinite=False`")
-    return Tensor._make(xp.asarray(total), dev)
+    return Tensor.from_array(xp.asarray(total), dev)
 
 
 def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None):
@@ -59,7 +59,7 @@ def clip_grads_with_norm_(parameters, max_norm, total_norm, foreach=None):
         t = runtime.to_device(xp.asarray(total), g.device).astype(g.dtype)
         coef = xp.minimum(g.dtype.type(max_norm) / (t + g.dtype.type(1e-6)), g.dtype.type(1.0))
         xp.multiply(g.array, coef, out=g.array)
-        g._version[0] += 1
+        g.bump_version()
 
 
 def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False,
@@ -84,4 +84,4 @@ def clip_grad_value_(parameters, clip_value, foreach=None):
     clip_value = float(clip_value)
     for g in _grads(parameters if isinstance(parameters, Tensor) else list(parameters)):
         g.device.xp.clip(g.array, -clip_value, clip_value, out=g.array)
-        g._version[0] += 1
+        g.bump_version()

@@ -10,6 +10,7 @@ import re
 
 import numpy as np
 
+from ... import functions
 from .._tensor import from_numpy, is_tensor
 
 # numpy dtypes that cannot become tensors: strings, bytes, objects (PyTorch's pattern)
@@ -34,8 +35,7 @@ def _stack_tensors(batch):
         # (B, *shape): one numpy stack on the host, no autograd bookkeeping
         # (np.asarray: a 0-d tensor's array may be a numpy scalar)
         return from_numpy(np.stack([np.asarray(t.array) for t in batch]))
-    import gpudiff
-    return gpudiff.stack(list(batch), 0)
+    return functions.stack(list(batch), 0)
 
 
 def _stack_arrays(batch):
