@@ -93,7 +93,67 @@ __global__ void index_probe(gptr<int> out) {
     o[9] = gridDim.x; o[10] = gridDim.y; o[11] = gridDim.z;
 }
 
+// y[b, t] = x[b, t] * 2 through a `static __shared__` array (the spelling of much public CUDA
+// code): the emulator compiles it like `__shared__`. One block of blockDim.x <= 32 per row.
+__global__ void static_shared_copy(gptr<const float> x, gptr<float> y) {
+    static __shared__ float s[32];
+    const int t = threadIdx.x;
+    const long long row = (long long)blockIdx.x * blockDim.x;
+    s[t] = 2.0f * x[row + t];
+    __syncthreads();
+    y[row + t] = s[t];
+}
+
+// y[b] = sum(x[b, :]) by a shared-memory tree (blockDim.x a power of 2 <= 1024). With
+// with_barrier = 0 the barrier inside the loop is missing: thread t reads s[t + stride]
+// while thread t + stride may still be adding into it (write-after-read / read-after-write).
+__global__ void tree_sum(gptr<const float> x, gptr<float> y, int with_barrier) {
+    __shared__ float s[1024];
+    const int t = threadIdx.x;
+    s[t] = x[(long long)blockIdx.x * blockDim.x + t];
+    __syncthreads();
+    for (int stride = blockDim.x / 2; stride > 0; stride /= 2) {
+        if (t < stride) s[t] += s[t + stride];
+        if (with_barrier) __syncthreads();  // uniform
+    }
+    if (t == 0) y[blockIdx.x] = s[0];
+}
+
+// y[i] = s[lane ^ 1] after each lane wrote s[lane]: lanes of one warp exchanging through
+// shared memory need __syncwarp() between the write and the read (Volta and later do not
+// run a warp in lockstep). One warp per block.
+__global__ void warp_exchange(gptr<int> y, int with_syncwarp) {
+    __shared__ int s[32];
+    const int lane = threadIdx.x & 31;
+    s[lane] = 3 * lane + (int)blockIdx.x;
+    if (with_syncwarp) __syncwarp();
+    y[(long long)blockIdx.x * blockDim.x + threadIdx.x] = s[lane ^ 1];
+}
+
 // ---- wrong on purpose: emulator only --------------------------------------------------------
+// total[0] += x[i] by every thread, without atomicAdd: right in every emulated order (one
+// thread runs at a time), updates lost on a GPU. racecheck reports it.
+__global__ void forgotten_atomic(gptr<const float> x, gptr<float> total, long long n) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) total[0] += x[i];
+}
+// Writes one element past a static __shared__ array (launch with 33 threads): on a GPU it
+// lands in whatever the compiler placed next.
+__global__ void static_shared_overflow(gptr<float> y) {
+    __shared__ float s[32];
+    s[threadIdx.x] = 1.0f;
+    __syncthreads();
+    if (threadIdx.x < 32) y[threadIdx.x] = s[threadIdx.x];
+}
+// Reads a static __shared__ array before any thread wrote it: stale data of the previous
+// block on a GPU; poisoned (NaN) in the emulator, and an initcheck error.
+__global__ void shared_read_before_write(gptr<float> y) {
+    __shared__ float s[64];
+    const int t = threadIdx.x;
+    y[(long long)blockIdx.x * blockDim.x + t] = s[t];
+    __syncthreads();
+    s[t] = (float)t;
+}
 // Writes y[n + offset] through a raw pointer (no bounds check): the guard zone catches it.
 __global__ void oob_write(gptr<float> y, long long n, long long offset) {
     if (blockIdx.x == 0 && threadIdx.x == 0) {
@@ -130,6 +190,12 @@ GPUDIFF_KERNEL(atomic_hist)
 GPUDIFF_KERNEL(reverse_dynamic)
 GPUDIFF_KERNEL(barrier_count)
 GPUDIFF_KERNEL(index_probe)
+GPUDIFF_KERNEL(static_shared_copy)
+GPUDIFF_KERNEL(tree_sum)
+GPUDIFF_KERNEL(warp_exchange)
+GPUDIFF_KERNEL(forgotten_atomic)
+GPUDIFF_KERNEL(static_shared_overflow)
+GPUDIFF_KERNEL(shared_read_before_write)
 GPUDIFF_KERNEL(oob_write)
 GPUDIFF_KERNEL(oob_read)
 GPUDIFF_KERNEL(dynamic_overflow)

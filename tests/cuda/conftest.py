@@ -4,6 +4,7 @@
 between sync points) or 'gpu' (CuPy on a real GPU, marked ``gpu``, skipped without one).
 """
 import importlib
+import os
 
 import numpy as np
 import pytest
@@ -49,6 +50,20 @@ class OnGPU:
 
 
 WHERE = ["forward", "reverse", "random", pytest.param("gpu", marks=pytest.mark.gpu)]
+
+# The emulator's racecheck and initcheck are on for every test of our kernels (bounds checks
+# always are): a race or a read of uninitialised memory fails the launch that has it.
+# GPUDIFF_EMULATOR=check=... overrides (check=none to measure their cost).
+KERNEL_TEST_CHECKS = "race+init"
+
+
+@pytest.fixture(autouse=True)
+def emulator_checks():
+    if "check" in os.environ.get("GPUDIFF_EMULATOR", ""):
+        yield
+        return
+    with cuda_launch.emulator(check=KERNEL_TEST_CHECKS):
+        yield
 
 
 @pytest.fixture(params=WHERE)

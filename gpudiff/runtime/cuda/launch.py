@@ -24,7 +24,8 @@ type says, so a Python int or float, whose width would be a guess, is refused.
 array([0., 2.], dtype=float32)
 
 Emulator settings (thread order between sync points, block order, seed) come from the
-environment variable ``GPUDIFF_EMULATOR``, e.g. ``order=random,seed=3,shuffle_blocks=1``,
+environment variable ``GPUDIFF_EMULATOR``, e.g. ``order=random,seed=3,shuffle_blocks=1``
+(and ``check=race,init``: the emulator's racecheck and initcheck, docs/EMULATOR.md),
 and can be changed with :func:`set_emulator` or, for a block of code, :func:`emulator`.
 """
 import contextlib
@@ -105,12 +106,28 @@ def module_source(source_file):
 
 # ---- emulator settings --------------------------------------------------------------------
 _ORDERS = ("forward", "reverse", "random")
-_emulator = {"order": "forward", "seed": 0, "shuffle_blocks": False}
+_CHECKS = ("race", "init")  # racecheck, initcheck (docs/EMULATOR.md); bounds checks are always on
+_emulator = {"order": "forward", "seed": 0, "shuffle_blocks": False, "check": ()}
 
 
-def set_emulator(order=None, seed=None, shuffle_blocks=None):
+def _parse_check(check):
+    """'race,init' / ('race', 'init') / '' / 'none' -> a sorted tuple of check names."""
+    if isinstance(check, str):
+        check = [] if check.strip().lower() in ("", "none", "0") else check.split("+")
+    names = tuple(sorted({c.strip() for c in check}))
+    for c in names:
+        if c not in _CHECKS:
+            raise ValueError(f"check must name some of {_CHECKS}, got {c!r}")
+    return names
+
+
+def set_emulator(order=None, seed=None, shuffle_blocks=None, check=None):
     """Set how the emulator schedules: ``order`` of the threads between sync points
-    ('forward', 'reverse', 'random'), ``shuffle_blocks`` (random block order), ``seed``."""
+    ('forward', 'reverse', 'random'), ``shuffle_blocks`` (random block order), ``seed``;
+    and what it checks: ``check``, some of 'race' (racecheck) and 'init' (initcheck), as a
+    tuple or a '+'-joined string ('race+init'; '' for none)."""
+    if check is not None:
+        _emulator["check"] = _parse_check(check)
     if order is not None:
         if order not in _ORDERS:
             raise ValueError(f"order must be one of {_ORDERS}, got {order!r}")
@@ -122,15 +139,15 @@ def set_emulator(order=None, seed=None, shuffle_blocks=None):
 
 
 def emulator_settings():
-    """The current emulator settings, a dict with keys order, seed, shuffle_blocks."""
+    """The current emulator settings, a dict with keys order, seed, shuffle_blocks, check."""
     return dict(_emulator)
 
 
 @contextlib.contextmanager
-def emulator(order=None, seed=None, shuffle_blocks=None):
+def emulator(order=None, seed=None, shuffle_blocks=None, check=None):
     """``with emulator(order='reverse'): ...`` runs a block of code under other settings."""
     old = dict(_emulator)
-    set_emulator(order, seed, shuffle_blocks)
+    set_emulator(order, seed, shuffle_blocks, check)
     try:
         yield
     finally:
@@ -138,16 +155,21 @@ def emulator(order=None, seed=None, shuffle_blocks=None):
 
 
 def _settings_from_env(text):
-    """Parse GPUDIFF_EMULATOR, e.g. 'order=random,seed=3,shuffle_blocks=1'."""
+    """Parse GPUDIFF_EMULATOR, e.g. 'order=random,seed=3,shuffle_blocks=1,check=race,init'
+    (the names after check= may also be joined by '+': 'check=race+init')."""
     kw = {}
     for item in filter(None, (s.strip() for s in text.split(","))):
-        key, _, value = item.partition("=")
-        if key == "order":
+        key, eq, value = item.partition("=")
+        if not eq and key in _CHECKS and "check" in kw:  # check=race,init
+            kw["check"] += "+" + key
+        elif key == "order":
             kw["order"] = value
         elif key == "seed":
             kw["seed"] = int(value)
         elif key == "shuffle_blocks":
             kw["shuffle_blocks"] = value.lower() in ("1", "true", "yes", "on")
+        elif key == "check":
+            kw["check"] = value
         else:
             raise ValueError(f"GPUDIFF_EMULATOR: unknown setting {key!r} in {text!r}")
     set_emulator(**kw)
@@ -191,10 +213,12 @@ def _check_args(name, args):
             f"(np.int32(n), np.float32(x)), whose width the kernel's parameter fixes")
 
 
-def launch(source_file, name, grid, block, args, shared_mem=0):
+def launch(source_file, name, grid, block, args, shared_mem=0, benign_races=False):
     """Launch kernel ``name`` (a name expression of ``source_file``) over ``grid`` x ``block``.
 
     On CuPy arrays it runs on their GPU, on NumPy arrays in the emulator.
+    ``benign_races=True`` turns the emulator's racecheck off for this launch: for a kernel
+    whose races are intended (say, threads storing the same value); none of ours needs it.
     """
     if name not in name_expressions(source_file):
         raise KeyError(f"{name!r} is not listed in {source_file} (GPUDIFF_KERNEL lines: "
@@ -206,7 +230,7 @@ def launch(source_file, name, grid, block, args, shared_mem=0):
     if gpu_arrays:
         _launch_cupy(source_file, name, grid, block, args, shared_mem, gpu_arrays[0])
     else:
-        _launch_emulated(name, grid, block, args, shared_mem)
+        _launch_emulated(name, grid, block, args, shared_mem, benign_races)
 
 
 _cupy_modules = {}  # (device id, source file) -> cupy.RawModule, compiled on first use
@@ -239,14 +263,17 @@ def _launch_cupy(source_file, name, grid, block, args, shared_mem, some_array):
         kernel(grid, block, args, shared_mem=int(shared_mem))
 
 
-def _launch_emulated(name, grid, block, args, shared_mem):
+def _launch_emulated(name, grid, block, args, shared_mem, benign_races=False):
     try:
         host = importlib.import_module("gpudiff._cuda_host")
     except ImportError as e:
         raise ImportError(
             "gpudiff._cuda_host (the CUDA emulator) is not built: run "
             "`pip install -e . --no-build-isolation`") from e
-    stats = host.launch(name, grid, block, int(shared_mem), list(args), **_emulator)
+    check = _emulator["check"]
+    stats = host.launch(name, grid, block, int(shared_mem), list(args), order=_emulator["order"],
+                        seed=_emulator["seed"], shuffle_blocks=_emulator["shuffle_blocks"],
+                        race="race" in check and not benign_races, init="init" in check)
     last_emulator_stats.clear()
     last_emulator_stats.update(stats)
 
