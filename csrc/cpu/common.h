@@ -128,18 +128,6 @@ void parallel_chunks(index_t n, F&& chunk) {
     }
 }
 
-// PyTorch's pooling output size: floor or ceil of (in + 2p - d(k-1) - 1) / s + 1, where
-// in ceil mode the last window must start inside the input or the left padding.
-inline index_t pooling_output_size(index_t in, index_t k, index_t s, index_t p, index_t d,
-                                   bool ceil_mode) {
-    index_t span = in + 2 * p - d * (k - 1) - 1 + (ceil_mode ? s - 1 : 0);
-    // floor division that rounds toward -inf (span can be negative for tiny inputs)
-    index_t q = span >= 0 ? span / s : -((-span + s - 1) / s);
-    index_t out = q + 1;
-    if (ceil_mode && (out - 1) * s >= in + p) --out;
-    return out;
-}
-
 // The outputs o in [lo, hi) whose tap i = o*s + off lands inside [0, n), for a window
 // tap at offset `off` (= tap * dilation - padding) and out outputs.
 inline void output_range(index_t off, index_t s, index_t n, index_t out, index_t& lo,

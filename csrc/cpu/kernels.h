@@ -28,13 +28,12 @@ py::array conv2d_backward_weight(py::array gy, py::array x, py::object w_shape,
 
 // pool.cpp
 py::tuple max_pool2d(py::array x, int kh, int kw, int sh, int sw, int ph, int pw, int dh, int dw,
-                     bool ceil_mode);
+                     int64_t OH, int64_t OW);
 py::array max_pool2d_backward(py::array gy, py::array indices, int64_t H, int64_t W);
-py::array avg_pool2d(py::array x, int kh, int kw, int sh, int sw, int ph, int pw, bool ceil_mode,
-                     bool count_include_pad, int64_t divisor_override);
+py::array avg_pool2d(py::array x, int kh, int kw, int sh, int sw, int ph, int pw, int64_t OH,
+                     int64_t OW, bool count_include_pad, int64_t divisor_override);
 py::array avg_pool2d_backward(py::array gy, int64_t H, int64_t W, int kh, int kw, int sh, int sw,
-                              int ph, int pw, bool ceil_mode, bool count_include_pad,
-                              int64_t divisor_override);
+                              int ph, int pw, bool count_include_pad, int64_t divisor_override);
 py::array adaptive_avg_pool2d(py::array x, int64_t OH, int64_t OW);
 py::array adaptive_avg_pool2d_backward(py::array gy, int64_t H, int64_t W);
 py::tuple adaptive_max_pool2d(py::array x, int64_t OH, int64_t OW);

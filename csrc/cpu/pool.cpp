@@ -1,7 +1,8 @@
 // Max and average pooling over (N, C, H, W), forward and backward, with PyTorch's rules:
 //
-//   output size   pooling_output_size() (floor, or ceil where the last window must still
-//                 start inside the input or the left padding)
+//   output size   given by the caller (gpudiff/geometry.py pool_output_size: floor, or ceil
+//                 where the last window must still start inside the input or the left
+//                 padding): one place computes it for every device
 //   max pool      the index saved is the flat h*W + w of the max within the (n, c) plane;
 //                 ties go to the first tap in row-major window order; a NaN wins (so the
 //                 result is NaN, as in PyTorch)
@@ -23,7 +24,7 @@ struct PoolGeom {
 };
 
 PoolGeom make_pool_geom(index_t H, index_t W, int kh, int kw, int sh, int sw, int ph, int pw,
-                        int dh, int dw, bool ceil_mode, const char* name) {
+                        int dh, int dw, index_t OH, index_t OW, const char* name) {
     if (kh <= 0 || kw <= 0 || sh <= 0 || sw <= 0 || dh <= 0 || dw <= 0 || ph < 0 || pw < 0)
         throw py::value_error(std::string(name) +
                               ": kernel size, stride and dilation must be positive and "
@@ -32,9 +33,7 @@ PoolGeom make_pool_geom(index_t H, index_t W, int kh, int kw, int sh, int sw, in
     if (ph > ((kh - 1) * dh + 1) / 2 || pw > ((kw - 1) * dw + 1) / 2)
         throw py::value_error(std::string(name) +
                               ": pad should be at most half of effective kernel size");
-    PoolGeom g{H, W, kh, kw, sh, sw, ph, pw, dh, dw, 0, 0};
-    g.OH = pooling_output_size(H, kh, sh, ph, dh, ceil_mode);
-    g.OW = pooling_output_size(W, kw, sw, pw, dw, ceil_mode);
+    PoolGeom g{H, W, kh, kw, sh, sw, ph, pw, dh, dw, OH, OW};
     if (g.OH < 1 || g.OW < 1)
         throw py::value_error(std::string(name) + ": output size is too small (" +
                               std::to_string(g.OH) + "x" + std::to_string(g.OW) + ")");
@@ -324,11 +323,11 @@ void check_adaptive(index_t H, index_t W, int64_t OH, int64_t OW, const char* na
 }  // namespace
 
 py::tuple max_pool2d(py::array x, int kh, int kw, int sh, int sw, int ph, int pw, int dh, int dw,
-                     bool ceil_mode) {
+                     int64_t OH, int64_t OW) {
     require_pool_input(x, "max_pool2d");
     const index_t N = x.shape(0), C = x.shape(1);
     const PoolGeom g = make_pool_geom(x.shape(2), x.shape(3), kh, kw, sh, sw, ph, pw, dh, dw,
-                                      ceil_mode, "max_pool2d");
+                                      OH, OW, "max_pool2d");
     return dispatch_float(x, "max_pool2d", [&](auto tag) -> py::tuple {
         using T = decltype(tag);
         auto y = empty_array<T>({N, C, g.OH, g.OW});
@@ -386,12 +385,12 @@ py::array max_pool2d_backward(py::array gy, py::array indices, int64_t H, int64_
     });
 }
 
-py::array avg_pool2d(py::array x, int kh, int kw, int sh, int sw, int ph, int pw, bool ceil_mode,
-                     bool count_include_pad, int64_t divisor_override) {
+py::array avg_pool2d(py::array x, int kh, int kw, int sh, int sw, int ph, int pw, int64_t OH,
+                     int64_t OW, bool count_include_pad, int64_t divisor_override) {
     require_pool_input(x, "avg_pool2d");
     const index_t N = x.shape(0), C = x.shape(1);
     const PoolGeom g = make_pool_geom(x.shape(2), x.shape(3), kh, kw, sh, sw, ph, pw, 1, 1,
-                                      ceil_mode, "avg_pool2d");
+                                      OH, OW, "avg_pool2d");
     return dispatch_float(x, "avg_pool2d", [&](auto tag) -> py::array {
         using T = decltype(tag);
         auto y = empty_array<T>({N, C, g.OH, g.OW});
@@ -410,16 +409,14 @@ py::array avg_pool2d(py::array x, int kh, int kw, int sh, int sw, int ph, int pw
 }
 
 py::array avg_pool2d_backward(py::array gy, int64_t H, int64_t W, int kh, int kw, int sh, int sw,
-                              int ph, int pw, bool ceil_mode, bool count_include_pad,
+                              int ph, int pw, bool count_include_pad,
                               int64_t divisor_override) {
     require_ndim(gy, 4, "avg_pool2d_backward", "gy");
     require_contiguous(gy, "avg_pool2d_backward", "gy");
     const index_t N = gy.shape(0), C = gy.shape(1);
-    const PoolGeom g =
-        make_pool_geom(H, W, kh, kw, sh, sw, ph, pw, 1, 1, ceil_mode, "avg_pool2d_backward");
-    if (gy.shape(2) != g.OH || gy.shape(3) != g.OW)
-        throw py::value_error("avg_pool2d_backward: gy's spatial size does not match the "
-                              "pooling geometry");
+    // the output size is gy's (the caller checked it against the geometry)
+    const PoolGeom g = make_pool_geom(H, W, kh, kw, sh, sw, ph, pw, 1, 1, gy.shape(2),
+                                      gy.shape(3), "avg_pool2d_backward");
     return dispatch_float(gy, "avg_pool2d_backward", [&](auto tag) -> py::array {
         using T = decltype(tag);
         auto gx = empty_array<T>({N, C, H, W});

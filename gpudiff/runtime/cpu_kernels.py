@@ -14,9 +14,9 @@ import sys
 
 import numpy as np
 
+from .. import _C  # (runtime/__init__.py imports this module only when the extension is built)
+from ..geometry import pool_output_size
 from .kernels import register_kernel
-
-from .. import _C  # imported by runtime/__init__.py only when the extension is built
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 
@@ -98,7 +98,9 @@ def max_pool2d(x, kh, kw, sh, sw, ph, pw, dh, dw, ceil_mode):
     if not _floats(x) or x.ndim not in (3, 4):
         return None
     x4, unbatched = _as_4d(x)
-    y, idx = _C.max_pool2d(_c(x4), kh, kw, sh, sw, ph, pw, dh, dw, bool(ceil_mode))
+    oh = pool_output_size(x4.shape[2], kh, sh, ph, dh, ceil_mode)
+    ow = pool_output_size(x4.shape[3], kw, sw, pw, dw, ceil_mode)
+    y, idx = _C.max_pool2d(_c(x4), kh, kw, sh, sw, ph, pw, dh, dw, oh, ow)
     return (y[0], idx[0]) if unbatched else (y, idx)
 
 
@@ -117,7 +119,9 @@ def avg_pool2d(x, kh, kw, sh, sw, ph, pw, ceil_mode, count_include_pad, divisor_
     if not _floats(x) or x.ndim not in (3, 4):
         return None
     x4, unbatched = _as_4d(x)
-    y = _C.avg_pool2d(_c(x4), kh, kw, sh, sw, ph, pw, bool(ceil_mode), bool(count_include_pad),
+    oh = pool_output_size(x4.shape[2], kh, sh, ph, 1, ceil_mode)
+    ow = pool_output_size(x4.shape[3], kw, sw, pw, 1, ceil_mode)
+    y = _C.avg_pool2d(_c(x4), kh, kw, sh, sw, ph, pw, oh, ow, bool(count_include_pad),
                       int(divisor_override or 0))
     return y[0] if unbatched else y
 
@@ -128,8 +132,12 @@ def avg_pool2d_backward(gy, H, W, kh, kw, sh, sw, ph, pw, ceil_mode, count_inclu
     if not _floats(gy) or gy.ndim not in (3, 4):
         return None
     gy4, unbatched = _as_4d(gy)
-    gx = _C.avg_pool2d_backward(_c(gy4), H, W, kh, kw, sh, sw, ph, pw, bool(ceil_mode),
-                                bool(count_include_pad), int(divisor_override or 0))
+    if gy4.shape[2:] != (pool_output_size(H, kh, sh, ph, 1, ceil_mode),
+                         pool_output_size(W, kw, sw, pw, 1, ceil_mode)):
+        raise ValueError("avg_pool2d_backward: gy's spatial size does not match the pooling "
+                         "geometry")
+    gx = _C.avg_pool2d_backward(_c(gy4), H, W, kh, kw, sh, sw, ph, pw, bool(count_include_pad),
+                                int(divisor_override or 0))
     return gx[0] if unbatched else gx
 
 
