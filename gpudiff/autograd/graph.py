@@ -12,8 +12,9 @@ saved arrays unless ``retain_graph``. Backward rules are written in gpudiff ops,
 import heapq
 import itertools
 import weakref
+from time import perf_counter_ns
 
-
+from ..runtime import events
 from .grad_mode import enable_grad, is_anomaly_enabled, no_grad, set_detect_anomaly
 
 _seq = itertools.count()
@@ -211,6 +212,8 @@ def run_backward(roots, grad_roots, retain_graph=False, create_graph=False, inpu
             if node.ctx.materialize_grads:  # else a Function's backward sees None for them
                 gys = [g if g is not None else _zeros(*node.out_meta[i])
                        for i, g in enumerate(gys)]
+            listener = events.listener
+            t0 = perf_counter_ns() if listener is not None else 0
             if anomaly:  # check the node's gradients as a whole (below), naming the node,
                 set_detect_anomaly(False)  # not the ops its backward formula runs
                 try:
@@ -219,6 +222,8 @@ def run_backward(roots, grad_roots, retain_graph=False, create_graph=False, inpu
                     set_detect_anomaly(True)
             else:
                 grads = node.backward_fn(node.ctx, *gys)
+            if listener is not None:
+                listener.backward(node.name, t0, perf_counter_ns())
             if not isinstance(grads, (tuple, list)):
                 grads = (grads,)
             if len(grads) < len(node.next):

@@ -21,12 +21,14 @@ declare ``view = True``); arrays saved with save_for_backward should be inputs o
 differentiable.
 """
 import inspect
+from time import perf_counter_ns
 
 import numpy as np
 
 from .. import runtime
 from ..autograd.function import FunctionCtx, record
 from ..autograd.grad_mode import is_anomaly_enabled, is_grad_enabled
+from ..runtime import events
 from ..tensor import Tensor
 
 REGISTRY: dict[str, type] = {}
@@ -86,6 +88,8 @@ def _device_of(op, tensors):
 
 
 def apply(op, tensors, params):
+    if events.listener is not None:
+        return _apply_profiled(op, tensors, params)
     dev = _device_of(op, tensors)
     if dev is None:
         raise TypeError(f"{op.name}: expected at least one tensor argument")
@@ -120,6 +124,40 @@ def apply(op, tensors, params):
         record(ctx, op.backward, tensors, results)
     ctx._to_save = ()
     return tuple(results) if multi else results[0]
+
+
+def _apply_profiled(op, tensors, params):
+    """apply() while a profiler listens: the op's total time and its forward's time."""
+    listener, t0 = events.listener, perf_counter_ns()
+    forward, spans = op.forward, []
+
+    def timed_forward(*a, **k):  # the forward alone: kernel or xp reference
+        spans.append(perf_counter_ns())
+        try:
+            return forward(*a, **k)
+        finally:
+            spans.append(perf_counter_ns())
+    events.listener = None  # ops run inside this one are its own time, not separate rows
+    try:
+        out = apply(_Timed(op, timed_forward), tensors, params)
+    finally:
+        events.listener = listener
+    t1 = perf_counter_ns()
+    dev = next((t.device for t in tensors if t is not None), None)
+    shapes = [None if t is None else tuple(t.shape) for t in tensors]
+    f0, f1 = (spans[0], spans[-1]) if spans else (t0, t0)
+    listener.op(op.name, dev, t0, f0, f1, t1, shapes)
+    return out
+
+
+class _Timed:
+    """An op seen through apply() with its forward timed (all else is the op's own)."""
+
+    def __init__(self, op, forward):
+        self._op, self.forward = op, forward
+
+    def __getattr__(self, name):
+        return getattr(self._op, name)
 
 
 def _as_ndarrays(ctx, outs):

@@ -68,6 +68,9 @@ padding, dilation are (h, w) pairs:
 Further kernels add their names here when they land.
 """
 import contextlib
+from time import perf_counter_ns
+
+from . import events
 
 KERNELS: dict[str, dict] = {"cpu": {}, "cuda": {}}
 _enabled = [True]
@@ -85,7 +88,22 @@ def kernel(device, name):
     """The fast kernel ``name`` for ``device`` (a Device), or None to use the reference."""
     if not _enabled[0]:
         return None
-    return KERNELS[device.type].get(name)
+    fn = KERNELS[device.type].get(name)
+    if fn is not None and events.listener is not None:
+        return _reporting(fn, name, device)
+    return fn
+
+
+def _reporting(fn, name, device):
+    """``fn`` telling the profiler it ran (events.listener.kernel)."""
+    def run(*args, **kwargs):
+        t0 = perf_counter_ns()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if events.listener is not None:
+                events.listener.kernel(name, device, t0, perf_counter_ns())
+    return run
 
 
 @contextlib.contextmanager

@@ -38,6 +38,7 @@ import re
 import numpy as np
 
 from ...geometry import INT32_MAX
+from .. import events
 
 # NVRTC options of every kernel module; CuPy adds the architecture (-arch) itself.
 NVRTC_OPTIONS = ("--std=c++17",)
@@ -225,6 +226,8 @@ def launch(source_file, name, grid, block, args, shared_mem=0, benign_races=Fals
                        f"{', '.join(name_expressions(source_file))})")
     grid, block = _dim3(grid), _dim3(block)
     args = tuple(args)
+    if events.listener is not None:
+        events.listener.launch(source_file, name)
     _check_args(name, args)
     gpu_arrays = [a for a in args if _is_cupy(a)]
     if gpu_arrays:
