@@ -49,7 +49,7 @@
 // The macro starts with a dummy constexpr declaration so that all of CUDA's spellings
 // compile: `__shared__ T s[n];` and `static __shared__ T s[n];` (the `static` then applies
 // to the dummy; the variable gets its own). `extern __shared__ T s[];` cannot work this
-// way: see GD_EXTERN_SHARED in docs/EMULATOR.md.
+// way (the declaration has no size the shim could give it): use dynamic_shared<T>().
 #define __shared__                                                              \
     __attribute__((unused)) constexpr int GD_CAT(gd_shared_decl_, __COUNTER__) = 0; \
     static __attribute__((aligned(65536)))

@@ -11,8 +11,8 @@
 // between them (the barrier interval differs: every thread of a block passes every barrier,
 // so the block's barrier count is each thread's interval), or, in one warp, when a
 // __syncwarp() whose mask holds both lanes completed between them (Volta and later: the
-// lanes of a warp are not in lockstep, and only __syncwarp orders their memory accesses;
-// shuffles and votes exchange registers, not memory, as in compute-sanitizer's racecheck).
+// lanes of a warp are not in lockstep, and only __syncwarp orders their memory accesses,
+// per the programming guide; shuffles and votes exchange registers, not memory).
 // Accesses of different blocks are never ordered within a launch (blocks run concurrently
 // on a GPU), so they conflict in global memory whatever the barriers.
 //
