@@ -77,7 +77,12 @@ def _train_parser(sub):
     p.add_argument("--seed", type=int, help=f"random seed (default {d.seed})")
     p.add_argument("--out", metavar="DIR", help="output directory (default runs/<timestamp>)")
     p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its checkpoint up to --epochs")
+                   help="continue the run in --out from its checkpoint up to --epochs (with "
+                        "any --nproc)")
+    p.add_argument("--nproc", type=_positive_int, metavar="N",
+                   help="data-parallel ranks started through mpiexec (pip install "
+                        "'gpudiff[distributed]'); --batch-size is the global batch, split "
+                        "across the ranks; rank 0 prints and writes (default 1)")
     p.add_argument("--limit", type=_positive_int, metavar="N",
                    help="use only the first N training and test images (quick runs, tests)")
     prog = p.add_mutually_exclusive_group()
@@ -129,12 +134,27 @@ def _error(prog, message):
 
 
 def _cmd_train(args):
+    from .distributed import launch
     from .train import ConfigError, TrainConfig, train
+    nproc = getattr(args, "nproc", 1)
+    if nproc > 1 and not launch.under_mpi_launcher():
+        # start N copies of this same command through mpiexec; each joins as one rank
+        try:
+            return launch.launch(nproc, [sys.executable, "-m", "gpudiff"] + args.argv)
+        except launch.LaunchError as e:
+            return _error("gpudiff train", f"--nproc {nproc}: {e}")
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
+    size = launch.launcher_world_size() if launch.under_mpi_launcher() else 1
+    if "nproc" in vars(args) and size != nproc:
+        return _error("gpudiff train", f"--nproc {nproc}, but mpiexec started {size} rank(s)")
     given = {k for k in vars(args) if k in TrainConfig.__dataclass_fields__}
     config = TrainConfig(**{k: getattr(args, k) for k in given})
     try:
         result = train(config, log=_print_flush, given=given)
     except ConfigError as e:
+        if _rank() != 0:       # every rank raises it; rank 0 says it
+            return EXIT_USAGE
         return _error("gpudiff train", e)
     except KeyboardInterrupt:   # a second Ctrl-C, or one before training started
         print("gpudiff train: interrupted (the last finished epoch's checkpoint, if any, is "
@@ -158,6 +178,11 @@ def _cmd_bench(args):
         return EXIT_INTERRUPTED
 
 
+def _rank():
+    d = sys.modules.get("gpudiff.distributed")
+    return d.get_rank() if d is not None and d.is_initialized() else 0
+
+
 def _print_flush(line=""):
     # through tqdm, so a progress bar on stderr is not torn by the line
     from tqdm.auto import tqdm
@@ -168,7 +193,9 @@ def _print_flush(line=""):
 def main(argv=None):
     """Entry point of the ``gpudiff`` console script; returns the exit status."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE

@@ -21,10 +21,18 @@ the same numbers as one that was never stopped.
 
 Ctrl-C: the first one finishes the current step, saves a checkpoint and returns with
 ``result["interrupted"] = True``; a second one stops at once (the checkpoint of the last
-finished epoch stays on disk: saves are atomic).
+finished epoch stays on disk).
+
+Every file is written atomically (a temporary file in the same folder, fsync, os.replace): a
+crash or ``kill -9`` at any moment leaves the previous complete file.
+
+Several ranks (``gpudiff train --nproc N`` or ``mpiexec -n N gpudiff train``): see _World.
+Rank 0 alone prints and writes; the checkpoint is the plain model's, so a run resumes with
+any number of ranks.
 """
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -309,15 +317,24 @@ _FIELDS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc", "lr", "t
            "samples_per_s")
 
 
+def _write_atomic(path, data):
+    """Write ``data`` (bytes) to ``path`` so that a crash or ``kill -9`` at any moment leaves
+    either the previous complete file or the new one: a temporary file in the same folder,
+    fsync, os.replace (serialization's writer, which gpudiff.save uses too)."""
+    from .serialization import _atomic_write
+    _atomic_write(path, data)
+
+
 def write_metrics(out, summary):
-    with open(os.path.join(out, "metrics.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-        f.write("\n")
-    with open(os.path.join(out, "metrics.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=_FIELDS, extrasaction="ignore")
-        w.writeheader()
-        for row in summary["epochs"]:
-            w.writerow(row)
+    """metrics.json and metrics.csv in ``out``, each written atomically."""
+    _write_atomic(os.path.join(out, "metrics.json"),
+                  (json.dumps(summary, indent=2) + "\n").encode())
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=_FIELDS, extrasaction="ignore")
+    w.writeheader()
+    for row in summary["epochs"]:
+        w.writerow(row)
+    _write_atomic(os.path.join(out, "metrics.csv"), buf.getvalue().encode())
 
 
 def plot_curves(path, history, title=""):
@@ -342,7 +359,9 @@ def plot_curves(path, history, title=""):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path)
+    png = io.BytesIO()
+    fig.savefig(png, format="png")
+    _write_atomic(path, png.getvalue())     # a kill mid-write keeps the previous curves.png
 
 
 # ---- Ctrl-C ---------------------------------------------------------------------------------
@@ -390,18 +409,95 @@ def _plain(value):
     return value.item() if isinstance(value, np.generic) else value
 
 
+# ---- several ranks (gpudiff train --nproc N, or mpiexec -n N gpudiff train) -------------------
+class _World:
+    """This process's place in the job: rank 0 of 1 without a launcher.
+
+    With N ranks every global batch is split into N contiguous slices (rank r takes
+    [B*r//N, B*(r+1)//N)), BatchNorm becomes SyncBatchNorm and the model is wrapped in
+    DistributedDataParallel, so N ranks compute the same step as one process on the whole
+    batch: the data order, the checkpoint and the numbers do not depend on N, and a run
+    resumes with any number of ranks.
+    """
+
+    def __init__(self):
+        from .distributed import launch
+        self.dist = None
+        self.rank, self.size = 0, 1
+        if launch.under_mpi_launcher() and (launch.launcher_world_size() or 1) > 1 or \
+                _dist_initialized():
+            from . import distributed as dist
+            if not dist.is_initialized():
+                dist.init_process_group("gloo")
+            self.dist = dist
+            self.rank, self.size = dist.get_rank(), dist.get_world_size()
+        self.main = self.rank == 0
+
+    def agree(self, fn):
+        """Run ``fn()`` on every rank; a ConfigError on any rank is raised on all of them
+        (so no rank goes on to wait for the others in a collective)."""
+        err = None
+        try:
+            result = fn()
+        except ConfigError as e:
+            err, result = str(e), None
+        if self.dist is not None:
+            errs = [None] * self.size
+            self.dist.all_gather_object(errs, err)
+            err = next((e for e in errs if e is not None), None)
+        if err is not None:
+            raise ConfigError(err)
+        return result
+
+    def from_rank0(self, value):
+        if self.dist is None:
+            return value
+        box = [value]
+        self.dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def local(self, b):
+        """This rank's slice of a global batch of ``b`` samples."""
+        return slice(b * self.rank // self.size, b * (self.rank + 1) // self.size)
+
+    def sum(self, values):
+        """Element-wise sum of a list of numbers over all ranks."""
+        if self.dist is None:
+            return list(values)
+        t = gpudiff.tensor(np.asarray(values, dtype=np.float64))
+        self.dist.all_reduce(t)
+        return t.tolist()
+
+    def any(self, flag):
+        return bool(self.sum([float(flag)])[0]) if self.dist is not None else bool(flag)
+
+
+def _dist_initialized():
+    import sys
+    d = sys.modules.get("gpudiff.distributed")
+    return d is not None and d.is_initialized()
+
+
 @gpudiff.no_grad()
-def evaluate(model, loader, device):
-    """(mean cross-entropy, accuracy) of ``model`` over ``loader``."""
+def evaluate(model, loader, device, world=None):
+    """(mean cross-entropy, accuracy) of ``model`` over ``loader`` (with several ranks: each
+    evaluates its slice of every batch and the sums are all-reduced)."""
     from .nn import functional as F
     model.eval()
     loss_sum, correct, seen = 0.0, 0, 0
     for x, y in loader:
+        if world is not None and world.size > 1:
+            part = world.local(y.shape[0])
+            x, y = x[part], y[part]
+            if y.shape[0] == 0:
+                continue
         x, y = x.to(device), y.to(device)
         out = model(x)                                              # (B, classes)
         loss_sum += F.cross_entropy(out, y, reduction="sum").item()
         correct += (out.argmax(1) == y).sum().item()
         seen += y.shape[0]
+    if world is not None:
+        loss_sum, correct, seen = world.sum([loss_sum, correct, seen])
     return loss_sum / max(seen, 1), correct / max(seen, 1)
 
 
@@ -420,27 +516,40 @@ def train(config, log=print, on_step=None, given=None):
 
     from .nn import functional as F
 
+    world = _World()
+    if not world.main:           # rank 0 alone prints and writes files
+        def log(line=""):
+            pass
     requested = config
-    check_config(requested)
-    out = requested.out or default_out_dir()
+    # every rank uses rank 0's output folder (the default one is named by the clock)
+    out = world.from_rank0(requested.out or default_out_dir())
     ckpt_path = os.path.join(out, CHECKPOINT)
-    state = None
-    if requested.resume:
-        if not os.path.isfile(ckpt_path):
-            raise ConfigError(f"--resume: no checkpoint in {out} (expected {ckpt_path})")
-        try:
-            state = _load(ckpt_path)
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"--resume: cannot read {ckpt_path}: "
-                              f"{str(e).splitlines()[0]}") from None
-        c = _merge_resume(requested, state["config"], given)
-    else:
-        if os.path.exists(ckpt_path):
-            raise ConfigError(f"--out {out} already holds a checkpoint; add --resume to "
-                              f"continue it, or choose another --out")
-        c = requested.resolved()
-    c.out = out
-    device = resolve_device(c.device)
+
+    def setup():
+        check_config(requested)
+        state = None
+        if requested.resume:   # every rank reads the checkpoint (several nodes: a shared --out)
+            if not os.path.isfile(ckpt_path):
+                raise ConfigError(f"--resume: no checkpoint in {out} (expected {ckpt_path})")
+            try:
+                state = _load(ckpt_path)
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"--resume: cannot read {ckpt_path}: "
+                                  f"{str(e).splitlines()[0]}") from None
+            c = _merge_resume(requested, state["config"], given)
+        else:
+            if os.path.exists(ckpt_path):
+                raise ConfigError(f"--out {out} already holds a checkpoint; add --resume to "
+                                  f"continue it, or choose another --out")
+            c = requested.resolved()
+        c.out = out
+        device = resolve_device(c.device)
+        if world.size > 1 and device.type == "cuda" and not device.emulated:
+            local = int(os.environ.get("LOCAL_RANK", world.rank))   # one GPU per rank
+            device = gpudiff.device("cuda", local % gpudiff.cuda.device_count())
+        return state, c, device
+
+    state, c, device = world.agree(setup)
 
     # -- build everything from the seed (a resume then overwrites it from the checkpoint)
     gpudiff.manual_seed(c.seed)
@@ -467,16 +576,30 @@ def train(config, log=print, on_step=None, given=None):
         partial = state.get("partial")
         shuffle_gen.bit_generator.state = state["rng"]["shuffle"]
         gpudiff.set_rng_state(state["rng"]["gpudiff"])
+    net = model         # what the training step calls: DDP(model) with several ranks
+    if world.size > 1:
+        from .nn import SyncBatchNorm
+        from .nn.parallel import DistributedDataParallel
+        model = SyncBatchNorm.convert_sync_batchnorm(model)   # same state_dict keys
+        # SyncBatchNorm keeps the running statistics equal on every rank: no buffer broadcasts
+        net = DistributedDataParallel(model, broadcast_buffers=False)
 
-    try:
-        os.makedirs(out, exist_ok=True)
-    except OSError as e:     # a file in the way, no permission
-        raise ConfigError(f"--out {out}: cannot create the directory ({e.strerror})") from None
+    def make_out():
+        if world.main:
+            try:
+                os.makedirs(out, exist_ok=True)
+            except OSError as e:     # a file in the way, no permission
+                raise ConfigError(f"--out {out}: cannot create the directory "
+                                  f"({e.strerror})") from None
+    world.agree(make_out)
     n_params = count_parameters(model)
     dev_text = describe_device(device)
+    if world.size > 1:
+        dev_text += f" x {world.size} ranks (MPI data parallel)"
     summary = {
         "config": dataclasses.asdict(c), "device": dev_text, "model_parameters": n_params,
-        "data": info, "gpudiff_version": gpudiff.__version__, "epochs": history,
+        "data": info, "gpudiff_version": gpudiff.__version__, "world_size": world.size,
+        "epochs": history,
     }
     title = f"{c.model} on {c.dataset} ({dev_text.split(' (')[0]})"
 
@@ -490,7 +613,9 @@ def train(config, log=print, on_step=None, given=None):
            }[c.scheduler]
     aug = " | augment: random shifts" + (", flips" if c.dataset == "cifar10" else "") \
         if c.augment else ""
-    log(f"optimizer {c.optimizer} lr={c.lr:g}{wd}, {sch} | batch {c.batch_size} | "
+    per_rank = f" ({c.batch_size // world.size}-{-(-c.batch_size // world.size)} per rank)" \
+        if world.size > 1 else ""
+    log(f"optimizer {c.optimizer} lr={c.lr:g}{wd}, {sch} | batch {c.batch_size}{per_rank} | "
         f"epochs {c.epochs}{aug} | seed {c.seed} | out {out}")
     if state is not None:
         where = f"epoch {start_epoch}" + (f", step {skip}/{n_batches}" if skip else "")
@@ -500,6 +625,8 @@ def train(config, log=print, on_step=None, given=None):
                 f"(ask for more with --epochs)")
 
     def checkpoint(epoch, step, epoch_start_rng, part):
+        if not world.main:
+            return
         _save(ckpt_path, {
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
@@ -511,6 +638,8 @@ def train(config, log=print, on_step=None, given=None):
         })
 
     def finish_outputs():
+        if not world.main:
+            return
         summary["epochs"] = history
         if history:
             best = max(history, key=lambda h: h["test_acc"])
@@ -526,47 +655,72 @@ def train(config, log=print, on_step=None, given=None):
     with _InterruptFlag() as flag:
         for epoch in range(start_epoch, c.epochs):
             epoch_start_rng = shuffle_gen.bit_generator.state   # a copy (a fresh dict)
-            part = dict(partial) if partial else {"loss_sum": 0.0, "correct": 0, "seen": 0,
-                                                  "time_s": 0.0}
+            part = {"loss_sum": 0.0, "correct": 0, "seen": 0, "time_s": 0.0}
+            if partial:      # the sums over all ranks so far: counted once, on rank 0
+                part = dict(partial) if world.main else dict(part, time_s=partial["time_s"])
             partial = None
             lr = opt.param_groups[0]["lr"]
             model.train()
             bar = tqdm(total=info["n_train"], initial=part["seen"], unit="img", unit_scale=False,
                        desc=f"epoch {epoch + 1}/{c.epochs}", leave=False, dynamic_ncols=True,
-                       disable=(not _stderr_tty()) if progress is None else not progress)
+                       disable=(not world.main) or ((not _stderr_tty()) if progress is None
+                                                    else not progress))
             t0 = time.perf_counter() - part["time_s"]
             step = 0
+            stop = False
             for step, (x, y) in enumerate(train_loader, 1):
                 if step <= skip:   # already done before the interruption (same order)
                     continue
+                b = y.shape[0]                                      # the global batch
+                weight = 1.0
+                if world.size > 1:     # this rank's slice; the loss is scaled so that DDP's
+                    mine = world.local(b)   # average of the ranks' gradients is the mean
+                    xs, ys = x[mine], y[mine]   # over the whole batch
+                    if ys.shape[0] == 0:    # a last batch smaller than the world: a dummy
+                        xs, ys, weight = x[:1], y[:1], 0.0  # sample with weight 0
+                    x, y = xs, ys
                 x, y = x.to(device), y.to(device)
-                out_ = model(x)                                     # (B, classes) logits
-                loss = F.cross_entropy(out_, y)
+                out_ = net(x)                                       # (B, classes) logits
+                if world.size > 1:
+                    loss_sum = F.cross_entropy(out_, y, reduction="sum")
+                    loss = loss_sum * (weight * world.size / b)
+                else:
+                    loss = F.cross_entropy(out_, y)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-                b = y.shape[0]
-                part["loss_sum"] += loss.item() * b
-                part["correct"] += (out_.argmax(1) == y).sum().item()
-                part["seen"] += b
+                if world.size > 1:
+                    part["loss_sum"] += loss_sum.item() * weight
+                    part["correct"] += (out_.argmax(1) == y).sum().item() * int(weight)
+                    part["seen"] += y.shape[0] * int(weight)
+                else:
+                    part["loss_sum"] += loss.item() * b
+                    part["correct"] += (out_.argmax(1) == y).sum().item()
+                    part["seen"] += b
                 bar.update(b)
-                bar.set_postfix(loss=f"{part['loss_sum'] / part['seen']:.4f}",
-                                acc=f"{100 * part['correct'] / part['seen']:.1f}%",
+                seen = max(part["seen"], 1)
+                bar.set_postfix(loss=f"{part['loss_sum'] / seen:.4f}",
+                                acc=f"{100 * part['correct'] / seen:.1f}%",
                                 refresh=False)
                 if on_step is not None:
                     on_step(epoch, step)
-                if flag.set:
+                stop = world.any(flag.set)      # every rank stops after the same step
+                if stop:
                     break
             step = max(step, skip)
             skip = 0
             bar.close()
-            if flag.set:
+            if world.size > 1:
+                part["loss_sum"], part["correct"], part["seen"] = world.sum(
+                    [part["loss_sum"], part["correct"], part["seen"]])
+                part["correct"], part["seen"] = int(part["correct"]), int(part["seen"])
+            if stop:
                 part["time_s"] = time.perf_counter() - t0
                 checkpoint(epoch, step, epoch_start_rng, part)
                 interrupted = f"epoch {epoch + 1}, step {step}/{n_batches}"
                 break
             train_time = time.perf_counter() - t0
-            test_loss, test_acc = evaluate(model, test_loader, device)
+            test_loss, test_acc = evaluate(model, test_loader, device, world)
             seen = max(part["seen"], 1)
             history.append({
                 "epoch": epoch + 1,
@@ -584,7 +738,7 @@ def train(config, log=print, on_step=None, given=None):
                 f"lr {h['lr']:.3g}  {h['time_s']:.1f}s  {h['samples_per_s']:,.0f} img/s")
             checkpoint(epoch + 1, 0, shuffle_gen.bit_generator.state, None)
             finish_outputs()
-            if flag.set:     # Ctrl-C during evaluation: the epoch is complete and saved
+            if world.any(flag.set):  # Ctrl-C during evaluation: the epoch is complete, saved
                 interrupted = f"after epoch {epoch + 1}"
                 break
     total = time.perf_counter() - t_run

@@ -135,3 +135,37 @@ def test_nccl_collectives_and_ddp_on_gpus():
     rc, out, err, _ = mpirun([os.path.join(HERE, "nccl_main.py")],
                              env_extra={"GPUDIFF_CUDA": ""})
     assert rc == 0 and "RANK 0 OK" in out, out + err
+
+
+@needs_mpi
+def test_train_nproc_2_then_resume_with_1_rank(tmp_path):
+    """`gpudiff train --nproc 2`: rank 0 alone prints and writes; the global batch is split,
+    so the run equals a 1-process run (LeNet, no BatchNorm or dropout), and its checkpoint
+    resumes in one process."""
+    from gpudiff.distributed.launch import rank_env
+    env = rank_env(2)
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""))
+    common = ["--model", "lenet", "--limit", "200", "--no-progress"]
+
+    def train(*args):
+        p = subprocess.run([sys.executable, "-m", "gpudiff", "train", *common, *args],
+                           env=env, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                           check=False)
+        assert p.returncode == 0, p.stdout + p.stderr
+        return p.stdout
+
+    two = tmp_path / "two"
+    out = train("--nproc", "2", "--epochs", "1", "--out", str(two))
+    assert out.count("epoch 1/1") == 1 and "x 2 ranks" in out and "32-32 per rank" in out
+    assert sorted(os.listdir(two)) == ["checkpoint", "curves.png", "metrics.csv",
+                                       "metrics.json"]
+    out = train("--epochs", "2", "--out", str(two), "--resume")
+    assert "resumed from" in out
+    one = tmp_path / "one"
+    train("--epochs", "2", "--out", str(one))
+    import json
+    a = json.loads((two / "metrics.json").read_text())["epochs"]
+    b = json.loads((one / "metrics.json").read_text())["epochs"]
+    for ra, rb in zip(a, b):
+        assert abs(ra["train_loss"] - rb["train_loss"]) <= 1e-5 * abs(rb["train_loss"])
+        assert ra["test_acc"] == rb["test_acc"]
