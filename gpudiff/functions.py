@@ -414,12 +414,12 @@ def any(input, dim=None, keepdim=False):
 def logsumexp(input, dim, keepdim=False):
     """log(sum(exp(x), dim)), stable: the max is shifted out first."""
     m = amax(input, dim, keepdim=True).detach()
-    m = where(isfinite(m), m, zeros_like_t(m))
+    m = where(isfinite(m), m, _zeros_like(m))
     out = (input - m).exp().sum(dim=dim, keepdim=True).log() + m
     return out if keepdim else out.squeeze(dim)
 
 
-def zeros_like_t(t):
+def _zeros_like(t):
     return t.new_zeros(t.shape)
 
 
@@ -762,9 +762,6 @@ def outer(input, vec2):
 ger = outer
 
 
-def einsum_not_supported(*a, **k):  # pragma: no cover - documented gap
-    raise NotImplementedError("einsum is not implemented in gpudiff")
-
 
 # ---- the Tensor methods that run ops beyond the functions above -------------------------
 def _to(self, *args, **kwargs):
@@ -874,3 +871,9 @@ def _attach():
 
 
 _attach()
+
+
+# what `from gpudiff.functions import *` (gpudiff's namespace) takes: the functions above
+__all__ = sorted(n for n, v in list(globals().items())
+                 if not n.startswith("_") and callable(v) and not isinstance(v, type)
+                 and getattr(v, "__module__", None) == __name__)

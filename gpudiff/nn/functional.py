@@ -8,30 +8,32 @@ import math
 
 import numpy as np
 
-from .. import functions as fn
-from .. import runtime
+from .. import functions as _fn
+from .. import runtime as _runtime
 from ..functions import log_softmax, softmax  # noqa: F401
-from ..geometry import conv_output_size, pair, pool_output_size
-from ..ops import activation as N
-from ..ops import conv as Cv
-from ..ops import dropout as Dr
-from ..ops import interpolate as Ip
-from ..ops import norm as Nm
-from ..ops import pool as Pl
-from ..ops import shape as S
-from ..ops import softmax as Sm
-from ..tensor import Tensor
+from ..geometry import conv_output_size as _conv_output_size
+from ..geometry import pair as _pair
+from ..geometry import pool_output_size as _pool_output_size
+from ..ops import activation as _act
+from ..ops import conv as _conv
+from ..ops import dropout as _drop
+from ..ops import interpolate as _interp
+from ..ops import norm as _norm
+from ..ops import pool as _pool
+from ..ops import shape as _shape
+from ..ops import softmax as _softmax
+from ..tensor import Tensor as _Tensor
 
-sigmoid = fn.sigmoid
-tanh = fn.tanh
-flatten = fn.flatten
+sigmoid = _fn.sigmoid
+tanh = _fn.tanh
+flatten = _fn.flatten
 
 
 # ---- activations ----------------------------------------------------------------------
-# inplace=True passes a function to Tensor._inplace: the op then runs on a stand-in copy, so
+# inplace=True passes a function to _Tensor._inplace: the op then runs on a stand-in copy, so
 # the input it saves for backward is not the buffer the in-place write overwrites
 def relu(input, inplace=False):
-    return input._inplace(N.relu.apply) if inplace else N.relu.apply(input)
+    return input._inplace(_act.relu.apply) if inplace else _act.relu.apply(input)
 
 
 def relu6(input, inplace=False):
@@ -40,13 +42,13 @@ def relu6(input, inplace=False):
 
 def leaky_relu(input, negative_slope=0.01, inplace=False):
     def f(x):
-        return N.leaky_relu.apply(x, negative_slope=negative_slope)
+        return _act.leaky_relu.apply(x, negative_slope=negative_slope)
     return input._inplace(f) if inplace else f(input)
 
 
 def elu(input, alpha=1.0, inplace=False):
     def f(x):
-        return N.elu.apply(x, alpha=alpha)
+        return _act.elu.apply(x, alpha=alpha)
     return input._inplace(f) if inplace else f(input)
 
 
@@ -54,7 +56,7 @@ def gelu(input, approximate="none"):
     if approximate == "tanh":
         c = math.sqrt(2.0 / math.pi)
         return 0.5 * input * (1 + (c * (input + 0.044715 * input ** 3)).tanh())
-    return 0.5 * input * (1 + fn.erf(input * (1 / math.sqrt(2.0))))
+    return 0.5 * input * (1 + _fn.erf(input * (1 / math.sqrt(2.0))))
 
 
 def silu(input, inplace=False):
@@ -64,7 +66,7 @@ def silu(input, inplace=False):
 
 
 def softplus(input, beta=1.0, threshold=20.0):
-    return N.softplus.apply(input, beta=beta, threshold=threshold)
+    return _act.softplus.apply(input, beta=beta, threshold=threshold)
 
 
 def hardtanh(input, min_val=-1.0, max_val=1.0, inplace=False):
@@ -94,7 +96,7 @@ def linear(input, weight, bias=None):
 
 def bilinear(input1, input2, weight, bias=None):
     # weight (out, in1, in2): y_k = x1^T W_k x2 + b_k
-    out = fn.stack([((input1 @ w) * input2).sum(-1) for w in weight], -1)
+    out = _fn.stack([((input1 @ w) * input2).sum(-1) for w in weight], -1)
     return out if bias is None else out + bias
 
 
@@ -107,7 +109,7 @@ def pad(input, pad, mode="constant", value=None):
     for i in range(len(pad) // 2):
         widths[input.ndim - 1 - i] = (int(pad[2 * i]), int(pad[2 * i + 1]))
     if mode == "constant":
-        return S.pad_constant.apply(input, pad=widths, value=0.0 if value is None else value)
+        return _shape.pad_constant.apply(input, pad=widths, value=0.0 if value is None else value)
     if mode not in ("reflect", "replicate", "circular"):
         raise NotImplementedError(f"pad: mode {mode!r} is not supported")
     out = input
@@ -126,7 +128,7 @@ def pad(input, pad, mode="constant", value=None):
             i = np.clip(i, 0, n - 1)
         else:
             i = i % n
-        out = fn.index_select(out, d, Tensor.from_array(out.device.xp.asarray(i), out.device))
+        out = _fn.index_select(out, d, _Tensor.from_array(out.device.xp.asarray(i), out.device))
     return out
 
 
@@ -140,7 +142,7 @@ def one_hot(tensor, num_classes=-1):
     if a.size and (int(a.min()) < 0 or int(a.max()) >= num_classes):
         raise RuntimeError(f"one_hot: class values must be in [0, {num_classes})")
     out = (a[..., None] == xp.arange(num_classes)).astype(np.int64)
-    return Tensor.from_array(out, tensor.device)
+    return _Tensor.from_array(out, tensor.device)
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
@@ -240,7 +242,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         raise RuntimeError(f"cross_entropy: weight should have shape ({rows.shape[1]},), got "
                            f"{tuple(weight.shape)}")
     _check_target_range("cross_entropy", t, rows.shape[1], ignore_index)
-    losses = Sm.cross_entropy_fused.apply(rows, t, weight, ignore_index=ignore_index,
+    losses = _softmax.cross_entropy_fused.apply(rows, t, weight, ignore_index=ignore_index,
                                          label_smoothing=label_smoothing)
     if reduction == "none":
         out = losses.reshape(target.shape)
@@ -267,7 +269,7 @@ def _weight_total(rows, t, weight, ignore_index):
         total = valid.sum()
     else:
         total = (weight.array[xp.where(valid, t.array, 0)] * valid).sum()
-    return Tensor.from_array(xp.asarray(total, dtype=rows.dtype), rows.device)
+    return _Tensor.from_array(xp.asarray(total, dtype=rows.dtype), rows.device)
 
 
 def nll_loss(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
@@ -309,14 +311,14 @@ def smooth_l1_loss(input, target, size_average=None, reduce=None, reduction="mea
     d = (input - target).abs()
     if beta == 0:
         return _reduce(d, reduction, "smooth_l1_loss")
-    loss = fn.where(d < beta, 0.5 * d * d / beta, d - 0.5 * beta)
+    loss = _fn.where(d < beta, 0.5 * d * d / beta, d - 0.5 * beta)
     return _reduce(loss, reduction, "smooth_l1_loss")
 
 
 def huber_loss(input, target, reduction="mean", delta=1.0):
     _same_shape("huber_loss", input, target)
     d = (input - target).abs()
-    loss = fn.where(d < delta, 0.5 * d * d, delta * (d - 0.5 * delta))
+    loss = _fn.where(d < delta, 0.5 * d * d, delta * (d - 0.5 * delta))
     return _reduce(loss, reduction, "huber_loss")
 
 
@@ -379,8 +381,8 @@ def kl_div(input, target, size_average=None, reduce=None, reduction="mean", log_
     if log_target:
         loss = target.exp() * (target - input)
     else:
-        safe = fn.where(target > 0, target, target.new_ones(target.shape))
-        loss = fn.where(target > 0, target * (safe.log() - input), target * 0)
+        safe = _fn.where(target > 0, target, target.new_ones(target.shape))
+        loss = _fn.where(target > 0, target * (safe.log() - input), target * 0)
     if reduction == "batchmean":
         return loss.sum() / input.shape[0]
     return _reduce(loss, reduction, "kl_div")
@@ -426,8 +428,8 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     """
     name = "conv2d"
     _check_conv_args(name, input, weight, bias, groups)
-    stride = pair(stride, name, "stride")
-    dilation = pair(dilation, name, "dilation")
+    stride = _pair(stride, name, "stride")
+    dilation = _pair(dilation, name, "dilation")
     unbatched = input.ndim == 3
     if unbatched:
         input = input.unsqueeze(0)
@@ -456,17 +458,17 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
             raise ValueError(f"{name}: invalid padding string {padding!r}, should be one of "
                              f"'valid', 'same'")
     else:
-        padding = pair(padding, name, "padding")
+        padding = _pair(padding, name, "padding")
         if min(padding) < 0:
             raise RuntimeError(f"{name}: negative padding is not supported, got {padding}")
-    OH = conv_output_size(H, kh, stride[0], padding[0], dilation[0])
-    OW = conv_output_size(W, kw, stride[1], padding[1], dilation[1])
+    OH = _conv_output_size(H, kh, stride[0], padding[0], dilation[0])
+    OW = _conv_output_size(W, kw, stride[1], padding[1], dilation[1])
     if OH < 1 or OW < 1:
         raise RuntimeError(
             f"{name}: Calculated output size: ({K}x{OH}x{OW}). Output size is too small "
             f"(input {tuple(input.shape)}, kernel {(kh, kw)}, stride {stride}, padding {padding}, "
             f"dilation {dilation})")
-    y = Cv.conv2d.apply(input, weight, bias, stride=stride, padding=padding,
+    y = _conv.conv2d.apply(input, weight, bias, stride=stride, padding=padding,
                        dilation=dilation, groups=int(groups))
     return y.squeeze(0) if unbatched else y
 
@@ -484,10 +486,10 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     """
     name = "conv_transpose2d"
     _check_conv_args(name, input, weight, bias, groups)
-    stride = pair(stride, name, "stride")
-    padding = pair(padding, name, "padding")
-    output_padding = pair(output_padding, name, "output_padding")
-    dilation = pair(dilation, name, "dilation")
+    stride = _pair(stride, name, "stride")
+    padding = _pair(padding, name, "padding")
+    output_padding = _pair(output_padding, name, "output_padding")
+    dilation = _pair(dilation, name, "dilation")
     unbatched = input.ndim == 3
     if unbatched:
         input = input.unsqueeze(0)
@@ -517,7 +519,7 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     # the transposed conv is conv2d's input gradient: the input plays gy, the (N, K, OH, OW)
     # output plays x, and weight (C_in, C_out/G, kh, kw) is conv2d's (K', C'/G, kh, kw)
     if all(o < s for o, s in zip(output_padding, stride)):
-        y = Cv.conv2d_backward_input.apply(input, weight, input_size=(N, K, OH, OW), stride=stride,
+        y = _conv.conv2d_backward_input.apply(input, weight, input_size=(N, K, OH, OW), stride=stride,
                                       padding=padding, dilation=dilation, groups=int(groups))
     else:
         # output_padding >= stride (allowed below the dilation): a conv2d of the (OH, OW)
@@ -525,7 +527,7 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
         # (H-1)*s + d*(k-1) + 1 per dim, then cut the padding off and extend with zeros.
         full = [(n - 1) * s + d * (k - 1) + 1
                 for n, s, d, k in zip((H, W), stride, dilation, (kh, kw))]
-        y = Cv.conv2d_backward_input.apply(input, weight, input_size=(N, K, *full), stride=stride,
+        y = _conv.conv2d_backward_input.apply(input, weight, input_size=(N, K, *full), stride=stride,
                                       padding=(0, 0), dilation=dilation, groups=int(groups))
         y = y[:, :, padding[0]: padding[0] + OH, padding[1]: padding[1] + OW]
         extra = (OH - y.shape[2], OW - y.shape[3])
@@ -549,11 +551,11 @@ def _check_input(name, input):
 
 
 def _window(name, input, kernel_size, stride, padding, dilation, ceil_mode, effective):
-    kernel = pair(kernel_size, name, "kernel_size")
+    kernel = _pair(kernel_size, name, "kernel_size")
     stride = kernel if (stride is None or (isinstance(stride, (tuple, list)) and not stride)) \
-        else pair(stride, name, "stride")
-    padding = pair(padding, name, "padding")
-    dilation = pair(dilation, name, "dilation")
+        else _pair(stride, name, "stride")
+    padding = _pair(padding, name, "padding")
+    dilation = _pair(dilation, name, "dilation")
     if min(kernel) < 1 or min(stride) < 1 or min(dilation) < 1:
         raise RuntimeError(f"{name}: kernel_size, stride and dilation must be positive, got "
                            f"kernel_size={kernel}, stride={stride}, dilation={dilation}")
@@ -564,8 +566,8 @@ def _window(name, input, kernel_size, stride, padding, dilation, ceil_mode, effe
                                f"{'effective ' if effective else ''}kernel size, but got "
                                f"pad={padding}, kernel_size={kernel} and dilation={dilation}")
     H, W = input.shape[-2:]
-    OH = pool_output_size(H, kernel[0], stride[0], padding[0], dilation[0], ceil_mode)
-    OW = pool_output_size(W, kernel[1], stride[1], padding[1], dilation[1], ceil_mode)
+    OH = _pool_output_size(H, kernel[0], stride[0], padding[0], dilation[0], ceil_mode)
+    OW = _pool_output_size(W, kernel[1], stride[1], padding[1], dilation[1], ceil_mode)
     if OH < 1 or OW < 1:
         raise RuntimeError(f"{name}: Given input size: ({'x'.join(map(str, input.shape[-3:]))}). "
                            f"Calculated output size: ({input.shape[-3]}x{OH}x{OW}). Output size "
@@ -586,7 +588,7 @@ def max_pool2d(input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode
     _check_input(name, input)
     kernel, stride, padding, dilation = _window(name, input, kernel_size, stride, padding,
                                                 dilation, ceil_mode, effective=True)
-    y, idx = Pl.max_pool2d.apply(input, kernel_size=kernel, stride=stride, padding=padding,
+    y, idx = _pool.max_pool2d.apply(input, kernel_size=kernel, stride=stride, padding=padding,
                                dilation=dilation, ceil_mode=bool(ceil_mode))
     return (y, idx) if return_indices else y
 
@@ -605,7 +607,7 @@ def avg_pool2d(input, kernel_size, stride=None, padding=0, ceil_mode=False,
         raise RuntimeError(f"{name}: divisor must be not zero")
     kernel, stride, padding, _ = _window(name, input, kernel_size, stride, padding, 1,
                                          ceil_mode, effective=False)
-    return Pl.avg_pool2d.apply(input, kernel_size=kernel, stride=stride, padding=padding,
+    return _pool.avg_pool2d.apply(input, kernel_size=kernel, stride=stride, padding=padding,
                              ceil_mode=bool(ceil_mode), count_include_pad=bool(count_include_pad),
                              divisor_override=None if divisor_override is None
                              else int(divisor_override))
@@ -634,7 +636,7 @@ def adaptive_avg_pool2d(input, output_size):
     name = "adaptive_avg_pool2d"
     _check_input(name, input)
     size = _adaptive_size(name, input, output_size)
-    return Pl.adaptive_avg_pool2d.apply(input, output_size=size)
+    return _pool.adaptive_avg_pool2d.apply(input, output_size=size)
 
 
 def adaptive_max_pool2d(input, output_size, return_indices=False):
@@ -647,7 +649,7 @@ def adaptive_max_pool2d(input, output_size, return_indices=False):
     name = "adaptive_max_pool2d"
     _check_input(name, input)
     size = _adaptive_size(name, input, output_size)
-    y, idx = Pl.adaptive_max_pool2d.apply(input, output_size=size)
+    y, idx = _pool.adaptive_max_pool2d.apply(input, output_size=size)
     return (y, idx) if return_indices else y
 
 
@@ -681,7 +683,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
                     ("running_var", running_var)):
         if t is not None and tuple(t.shape) != (C,):
             raise RuntimeError(f"{name}: expected {what} of shape ({C},), got {tuple(t.shape)}")
-    y = Nm.batch_norm.apply(input, weight, bias, running_mean, running_var,
+    y = _norm.batch_norm.apply(input, weight, bias, running_mean, running_var,
                           training=bool(training), momentum=float(momentum or 0.0),
                           eps=float(eps))
     if training:  # the buffers changed in place: tensors that saved them must notice
@@ -695,7 +697,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
 
 # ---- dropout ---
 def _draw_seed():
-    return int(runtime.rng().integers(0, 2**63))
+    return int(_runtime.rng().integers(0, 2**63))
 
 
 def _dropout(name, input, p, training, inplace, group):
@@ -705,7 +707,7 @@ def _dropout(name, input, p, training, inplace, group):
         return input
     if input.dtype.kind != "f":
         raise RuntimeError(f"{name}: expected a floating input, got {input.dtype}")
-    out = Dr.dropout.apply(input, p=float(p), seed=_draw_seed(), group=group)
+    out = _drop.dropout.apply(input, p=float(p), seed=_draw_seed(), group=group)
     return input._inplace(out) if inplace else out
 
 
@@ -781,7 +783,7 @@ def interpolate(input, size=None, scale_factor=None, mode="nearest", align_corne
         scales = (None,) * dim if recompute_scale_factor else tuple(float(s) for s in sf)
     if min(out) < 1:
         raise RuntimeError(f"{name}: output size {out} must be positive (input {in_size})")
-    return Ip.interpolate.apply(input, output_size=out, scales=scales,
+    return _interp.interpolate.apply(input, output_size=out, scales=scales,
                                exact=mode == "nearest-exact")
 
 
@@ -850,5 +852,5 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
             s = s / counts[inverse.reshape(a.shape)].astype(weight.dtype)
         if padding_idx is not None:
             s = xp.where(a == padding_idx, xp.zeros((), dtype=weight.dtype), s)
-        out = _ScaleGrad.apply(out, Tensor.from_array(s[..., None], weight.device))
+        out = _ScaleGrad.apply(out, _Tensor.from_array(s[..., None], weight.device))
     return out
