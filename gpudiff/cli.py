@@ -83,6 +83,10 @@ def _train_parser(sub):
                    help="data-parallel ranks started through mpiexec (pip install "
                         "'gpudiff[distributed]'); --batch-size is the global batch, split "
                         "across the ranks; rank 0 prints and writes (default 1)")
+    p.add_argument("--profile", type=_positive_int, metavar="N",
+                   help="profile N training steps after a warm-up step (gpudiff.profiler) and "
+                        "write profile.txt (per-op table) and trace.json (Chrome trace, for "
+                        "ui.perfetto.dev) into --out")
     p.add_argument("--limit", type=_positive_int, metavar="N",
                    help="use only the first N training and test images (quick runs, tests)")
     prog = p.add_mutually_exclusive_group()

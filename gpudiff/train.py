@@ -91,6 +91,7 @@ class TrainConfig:
     resume: bool = False
     limit: int = None             # use only the first N training (and test) samples
     progress: bool = None         # tqdm bars; None: only when stderr is a terminal
+    profile: int = None           # profile N training steps (profile.txt, trace.json in out)
 
     def resolved(self):
         """A copy with the None defaults that depend on other fields filled in."""
@@ -119,6 +120,8 @@ def check_config(c):
             raise ConfigError(f"--{name.replace('_', '-')}: expected a positive integer, got {v!r}")
     if c.limit is not None and (not isinstance(c.limit, (int, np.integer)) or c.limit < 1):
         raise ConfigError(f"--limit: expected a positive integer, got {c.limit!r}")
+    if c.profile is not None and (not isinstance(c.profile, (int, np.integer)) or c.profile < 1):
+        raise ConfigError(f"--profile: expected a positive integer, got {c.profile!r}")
     if c.lr is not None and not (math.isfinite(c.lr) and c.lr > 0):
         raise ConfigError(f"--lr: expected a positive number, got {c.lr!r}")
     if c.weight_decay is not None and not (math.isfinite(c.weight_decay) and c.weight_decay >= 0):
@@ -651,6 +654,10 @@ def train(config, log=print, on_step=None, given=None):
 
     progress = c.progress
     interrupted = False
+    profiler = None     # --profile N: gpudiff.profiler over N steps after a warm-up step
+    if c.profile and world.main:
+        from .profiler import TrainingProfile
+        profiler = TrainingProfile(out, c.profile, log=log)
     t_run = time.perf_counter()
     with _InterruptFlag() as flag:
         for epoch in range(start_epoch, c.epochs):
@@ -704,12 +711,16 @@ def train(config, log=print, on_step=None, given=None):
                                 refresh=False)
                 if on_step is not None:
                     on_step(epoch, step)
+                if profiler is not None:
+                    profiler.step()
                 stop = world.any(flag.set)      # every rank stops after the same step
                 if stop:
                     break
             step = max(step, skip)
             skip = 0
             bar.close()
+            if profiler is not None:
+                profiler.pause()
             if world.size > 1:
                 part["loss_sum"], part["correct"], part["seen"] = world.sum(
                     [part["loss_sum"], part["correct"], part["seen"]])
@@ -743,6 +754,8 @@ def train(config, log=print, on_step=None, given=None):
                 break
     total = time.perf_counter() - t_run
     summary["time_s"] = round(total, 3)
+    if profiler is not None:
+        profiler.close()
     finish_outputs()
 
     result = {"out": out, "checkpoint": ckpt_path, "history": history,
@@ -787,6 +800,6 @@ def _merge_resume(requested, saved, given=None):
             opt = "--" + key.replace("_", "-")
             raise ConfigError(f"--resume: {opt} {new} differs from the checkpoint's {old}; "
                               f"leave {opt} out to continue the same run")
-    new = {k: getattr(requested, k) for k in ("epochs", "device", "data_dir", "progress")
-           if k in given}
-    return dataclasses.replace(saved_cfg, resume=True, **new)
+    new = {k: getattr(requested, k) for k in ("epochs", "device", "data_dir", "progress",
+                                              "profile") if k in given}
+    return dataclasses.replace(saved_cfg, resume=True, **{"profile": None, **new})
