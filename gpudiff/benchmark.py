@@ -32,6 +32,8 @@ import os
 import platform
 import pstats
 import statistics
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -662,3 +664,155 @@ def run_cli(quick=False, devices=None, out=None, torch=True, repeat=None, log=pr
     log(f"{len(results)} timings in {time.perf_counter() - t0:.1f}s; wrote {json_name} and "
         f"{png_name} to {out}")
     return 0
+
+
+# ---- gpudiff bench --distributed -----------------------------------------------------------
+# ``gpudiff bench --distributed`` (and bench/bench_distributed.py): all-reduce bandwidth by
+# message size against this machine's memcpy bandwidth, and training-step scaling of the MNIST
+# example net from 1 to N ranks (each rank 1 thread unless OMP_NUM_THREADS says otherwise,
+# the same per-rank batch: weak scaling).
+# 
+# Bandwidths: algbw = message bytes / time; busbw = algbw * 2 (N - 1) / N (NCCL's convention:
+# the bytes each rank must send and receive in a ring all-reduce, so busbw is comparable with
+# a link's or memcpy's bandwidth). memcpy: numpy.copyto of the same number of bytes, one
+# thread.
+DIST_SIZES = [4 << 10, 64 << 10, 1 << 20, 4 << 20, 25 << 20, 100 << 20]
+
+
+def _dist_median_time(fn, reps, warmup=2, sync=None):
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        if sync is not None:
+            sync()
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return float(np.median(ts)), float(min(ts))
+
+
+def memcpy_bandwidth(nbytes=25 << 20, reps=20):
+    a = np.ones(nbytes // 4, np.float32)
+    b = np.empty_like(a)
+    med, best = _dist_median_time(lambda: np.copyto(b, a), reps)
+    return {"bytes": nbytes, "median_s": med, "GBps": nbytes / med / 1e9,
+            "best_GBps": nbytes / best / 1e9}
+
+
+def _dist_worker_allreduce(sizes, reps):
+    from mpi4py import MPI
+
+    import gpudiff
+    import gpudiff.distributed as dist
+    dist.init_process_group("mpi")
+    n = dist.get_world_size()
+    rows = []
+    for nbytes in sizes:
+        t = gpudiff.ones(nbytes // 4)
+        r = max(3, min(reps, int(2e8 // max(nbytes, 1))))
+        med, _ = _dist_median_time(lambda t=t: dist.all_reduce(t), r,
+                                 sync=MPI.COMM_WORLD.Barrier)
+        # the slowest rank's time is the collective's
+        med = MPI.COMM_WORLD.allreduce(med, op=MPI.MAX)
+        alg = nbytes / med / 1e9
+        rows.append({"bytes": nbytes, "median_s": med, "algbw_GBps": alg,
+                     "busbw_GBps": alg * 2 * (n - 1) / n, "reps": r})
+    return {"world_size": n, "allreduce": rows}
+
+
+def _dist_worker_step(steps, batch):
+    from mpi4py import MPI
+
+    import gpudiff
+    import gpudiff.distributed as dist
+    from gpudiff import models
+    from gpudiff.nn import functional as F
+    from gpudiff.nn.parallel import DistributedDataParallel
+    dist.init_process_group("mpi")
+    n, rank = dist.get_world_size(), dist.get_rank()
+    gpudiff.manual_seed(0)
+    model = models.create_model("mnist-cnn", 1, 28, 10)
+    net = DistributedDataParallel(model) if n > 1 else model
+    opt = gpudiff.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    rng = np.random.default_rng(rank)
+    x = gpudiff.tensor(rng.standard_normal((batch, 1, 28, 28)).astype(np.float32))
+    y = gpudiff.tensor(rng.integers(0, 10, batch))
+
+    def step():
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        opt.step()
+    med, _ = _dist_median_time(step, steps, warmup=3, sync=MPI.COMM_WORLD.Barrier)
+    med = MPI.COMM_WORLD.allreduce(med, op=MPI.MAX)
+    return {"world_size": n, "per_rank_batch": batch, "median_step_s": med,
+            "images_per_s": n * batch / med,
+            "params": int(sum(p.numel() for p in model.parameters())),
+            "threads_per_rank": os.environ.get("OMP_NUM_THREADS")}
+
+
+def _dist_run_ranks(n, args, timeout=900):
+    from .distributed.launch import mpiexec_command, rank_env
+    env = rank_env(n)
+    env["OMP_NUM_THREADS"] = env["OPENBLAS_NUM_THREADS"] = "1"
+    env["MKL_NUM_THREADS"] = "1"
+    cmd = mpiexec_command(n, [sys.executable, "-m", "gpudiff.benchmark"] + args)
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout,
+                       check=False)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout}\n{p.stderr}")
+    line = [ln for ln in p.stdout.splitlines() if ln.startswith("{")][-1]
+    return json.loads(line)
+
+
+def run_distributed(nproc=2, quick=False, log=print):
+    """Measure and return the results dict (see the module doc)."""
+    sizes = DIST_SIZES[:5] if quick else DIST_SIZES
+    steps = 5 if quick else 20
+    res = {"machine": f"{cpu_model()}, {os.cpu_count()} cores", "nproc": nproc,
+           "time": time.strftime("%Y-%m-%d %H:%M:%S"), "memcpy": memcpy_bandwidth(),
+           "memcpy_100MiB": memcpy_bandwidth(100 << 20, reps=10)}
+    log(f"machine: {res['machine']}")
+    log(f"memcpy (numpy.copyto, 1 thread): 25 MiB {res['memcpy']['GBps']:.2f} GB/s, 100 MiB "
+        f"{res['memcpy_100MiB']['GBps']:.2f} GB/s")
+    ar = _dist_run_ranks(nproc, ["--worker", "allreduce", "--sizes",
+                            ",".join(map(str, sizes))])
+    res["allreduce"] = ar["allreduce"]
+    log(f"all_reduce over MPI (shared memory), {nproc} ranks:")
+    log(f"  {'bytes':>12} {'time ms':>9} {'algbw GB/s':>11} {'busbw GB/s':>11} "
+        f"{'busbw/memcpy':>12}")
+    for r in ar["allreduce"]:
+        r["busbw_over_memcpy"] = r["busbw_GBps"] / res["memcpy"]["GBps"]
+        log(f"  {r['bytes']:>12,} {1e3 * r['median_s']:>9.3f} {r['algbw_GBps']:>11.2f} "
+            f"{r['busbw_GBps']:>11.2f} {r['busbw_over_memcpy']:>11.0%}")
+    one = _dist_run_ranks(1, ["--worker", "step", "--steps", str(steps)])
+    many = _dist_run_ranks(nproc, ["--worker", "step", "--steps", str(steps)])
+    res["step"] = {"1": one, str(nproc): many,
+                   "speedup": many["images_per_s"] / one["images_per_s"]}
+    log(f"MNIST example net ({one['params']:,} parameters), batch 64 per rank, 1 thread per "
+        f"rank: 1 rank {one['images_per_s']:.0f} img/s ({1e3 * one['median_step_s']:.1f} "
+        f"ms/step), {nproc} ranks {many['images_per_s']:.0f} img/s "
+        f"({1e3 * many['median_step_s']:.1f} ms/step): {res['step']['speedup']:.2f}x")
+    return res
+
+
+def _dist_worker_main(argv):
+    import argparse
+    p = argparse.ArgumentParser()
+    p.add_argument("--worker", choices=["allreduce", "step"], required=True)
+    p.add_argument("--sizes", default=",".join(map(str, DIST_SIZES)))
+    p.add_argument("--reps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--batch", type=int, default=64)
+    a = p.parse_args(argv)
+    if a.worker == "allreduce":
+        out = _dist_worker_allreduce([int(s) for s in a.sizes.split(",")], a.reps)
+    else:
+        out = _dist_worker_step(a.steps, a.batch)
+    import gpudiff.distributed as dist
+    if dist.get_rank() == 0:
+        print(json.dumps(out), flush=True)
+
+
+if __name__ == "__main__":   # the ranks of run_distributed: python -m gpudiff.benchmark --worker
+    _dist_worker_main(sys.argv[1:])

@@ -117,6 +117,11 @@ def _bench_parser(sub):
                    help="comma-separated case-name prefixes, e.g. 'conv2d,lenet'")
     p.add_argument("--profile", action="store_true",
                    help="also print a cProfile of one gpudiff CPU training step per model")
+    p.add_argument("--distributed", action="store_true",
+                   help="instead: all-reduce bandwidth by message size (vs memcpy) and "
+                        "training-step scaling from 1 to --nproc ranks (MPI)")
+    p.add_argument("--nproc", type=_positive_int, default=2, metavar="N",
+                   help="ranks for --distributed (default 2)")
     p.set_defaults(func=_cmd_bench)
     return p
 
@@ -169,6 +174,8 @@ def _cmd_train(args):
 
 def _cmd_bench(args):
     from .benchmark import BenchError, run_cli
+    if args.distributed:
+        return _cmd_bench_distributed(args)
     try:
         only = None if args.only is None else [n.strip() for n in args.only.split(",")
                                                 if n.strip()]
@@ -180,6 +187,25 @@ def _cmd_bench(args):
     except KeyboardInterrupt:
         print("gpudiff bench: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def _cmd_bench_distributed(args):
+    import json
+    import os
+
+    from .benchmark import run_distributed
+    from .distributed import launch
+    try:
+        res = run_distributed(args.nproc, quick=args.quick, log=_print_flush)
+    except (launch.LaunchError, RuntimeError) as e:
+        return _error("gpudiff bench", f"--distributed: {e}")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "bench_distributed.json")
+        with open(path, "w") as f:
+            json.dump(res, f, indent=2)
+        _print_flush(f"wrote {path}")
+    return 0
 
 
 def _rank():
