@@ -15,6 +15,7 @@ import numbers
 
 import numpy as np
 
+from ..geometry import pair
 from ..utils import _random
 from ..utils._tensor import from_numpy, is_tensor, to_numpy
 
@@ -50,16 +51,6 @@ def _check_image(a, name):
     if a.ndim < 2:
         raise ValueError(f"{name}: expected an image of shape [..., C, H, W] (at least 2 "
                          f"dimensions), got shape {tuple(a.shape)}")
-
-
-def _pair(size, name):
-    if isinstance(size, numbers.Number):
-        return int(size), int(size)
-    if isinstance(size, (tuple, list)) and len(size) == 1:
-        return int(size[0]), int(size[0])
-    if isinstance(size, (tuple, list)) and len(size) == 2:
-        return int(size[0]), int(size[1])
-    raise ValueError(f"{name}: size must be an int or a sequence of 1 or 2 ints, got {size!r}")
 
 
 class Compose:
@@ -221,7 +212,7 @@ class RandomCrop:
         if padding_mode not in _NP_PAD_MODES:
             raise ValueError("Padding mode should be either constant, edge, reflect or "
                              "symmetric")
-        self.size = _pair(size, "RandomCrop")
+        self.size = pair(size, "RandomCrop", "size")
         self.padding = None if padding is None else _padding4(padding, "RandomCrop")
         self.pad_if_needed = pad_if_needed
         self.fill = fill
@@ -254,7 +245,7 @@ class CenterCrop:
     """Crop the central (h, w) window (zero-padding first if the image is smaller)."""
 
     def __init__(self, size):
-        self.size = _pair(size, "CenterCrop")
+        self.size = pair(size, "CenterCrop", "size")
 
     def __call__(self, img):
         a, rewrap = _unwrap(img)

@@ -242,7 +242,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
         raise RuntimeError(f"cross_entropy: weight should have shape ({rows.shape[1]},), got "
                            f"{tuple(weight.shape)}")
     _check_target_range("cross_entropy", t, rows.shape[1], ignore_index)
-    losses = _softmax.cross_entropy_fused.apply(rows, t, weight, ignore_index=ignore_index,
+    losses = _softmax.cross_entropy.apply(rows, t, weight, ignore_index=ignore_index,
                                          label_smoothing=label_smoothing)
     if reduction == "none":
         out = losses.reshape(target.shape)

@@ -60,7 +60,7 @@ class batch_norm(Op):
 
     def forward(ctx, x, weight, bias, running_mean, running_var, *, training, momentum, eps):
         ctx.training, ctx.eps = training, eps
-        k = ctx.kernel("batch_norm_forward")
+        k = ctx.kernel("batch_norm")
         out = k(x, weight, bias, running_mean, running_var, training, momentum, eps) if k \
             else None
         if out is None:

@@ -80,7 +80,7 @@ class log_softmax_backward(Op):
         return gg_gy, gg_y
 
 
-class cross_entropy_fused(Op):
+class cross_entropy(Op):
     """Per-sample softmax cross-entropy of logits (N, C) and class indices (N,).
 
     One pass per row computes the loss and d loss / d logits (kept for backward).

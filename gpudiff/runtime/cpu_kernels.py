@@ -169,7 +169,7 @@ def adaptive_max_pool2d(x, oh, ow):
 
 
 # ---- batch norm and dropout ------------------------------------------------------------
-@_cpu_kernel("batch_norm_forward")
+@_cpu_kernel("batch_norm")
 def batch_norm_forward(x, weight, bias, running_mean, running_var, training, momentum, eps):
     # y = (x - mean) * invstd * weight + bias per channel (dim 1), x (N, C, *)
     if not _floats(x, *(a for a in (weight, bias) if a is not None)) or x.ndim < 2:

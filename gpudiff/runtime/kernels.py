@@ -46,8 +46,8 @@ padding, dilation are (h, w) pairs:
   adaptive_max_pool2d_backward(gy, indices, H, W) -> gx
       the max-pool backward with its window known: a device can gather (each input visits
       only the outputs that can cover it) instead of scattering; ops try these first
-  batch_norm_forward(x, weight | None, bias | None, running_mean | None, running_var | None,
-                     training, momentum, eps) -> (y, save_mean (C,), save_invstd (C,))
+  batch_norm(x, weight | None, bias | None, running_mean | None, running_var | None,
+             training, momentum, eps) -> (y, save_mean (C,), save_invstd (C,))
       training: batch statistics, and running stats updated in place (unbiased var);
       eval: running stats used. x is (N, C) or (N, C, H, W).
   batch_norm_backward(gy, x, weight | None, save_mean, save_invstd) -> (gx, gw, gb)

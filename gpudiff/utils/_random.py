@@ -16,29 +16,21 @@ import random as _pyrandom
 
 import numpy as np
 
+from .. import runtime
+
 _SEED_HIGH = 2 ** 63 - 1
 
 
 def _global_rng():
-    """gpudiff's global numpy Generator (the one ``gpudiff.manual_seed`` seeds), or numpy's
-    legacy global RandomState where the engine does not provide one."""
-    try:
-        from ..runtime import rng
-        r = rng()
-    except (ImportError, AttributeError, TypeError):
-        return np.random.mtrand._rand
-    return r if isinstance(r, (np.random.Generator, np.random.RandomState)) \
-        else np.random.mtrand._rand
+    """gpudiff's global numpy Generator (the one ``gpudiff.manual_seed`` seeds)."""
+    return runtime.rng()
 
 
 def randint(low, high):
     """One int in [low, high) from gpudiff's global RNG."""
     if high - low <= 1:
         return int(low)
-    r = _global_rng()
-    if isinstance(r, np.random.Generator):
-        return int(r.integers(low, high))
-    return int(r.randint(low, high, dtype=np.int64))
+    return int(_global_rng().integers(low, high))
 
 
 def random():
@@ -103,11 +95,6 @@ def seed_all(seed):
     (forked processes inherit identical RNG state: the classic duplicated-augmentation bug).
     """
     seed = int(seed)
-    try:
-        from ..runtime import manual_seed
-    except ImportError:
-        manual_seed = None
-    if manual_seed is not None:
-        manual_seed(seed % 2 ** 32)   # within every RNG's seed range; workers stay distinct
+    runtime.manual_seed(seed % 2 ** 32)   # within every RNG's seed range; workers stay distinct
     np.random.seed(seed % 2 ** 32)
     _pyrandom.seed(seed)

@@ -166,7 +166,7 @@ OPS = [
     OpInfo("F.batch_norm", op=lambda m, x, rm, rv, *wb, **kw: F(m).batch_norm(x, rm, rv, *wb,
                                                                                **kw),
            covers=("batch_norm",), gradgradcheck=True,
-           kernels=("batch_norm_forward", "batch_norm_backward"),
+           kernels=("batch_norm", "batch_norm_backward"),
            tol={float32: (2e-4, 1e-4)}, samples=batch_norm_samples),
     OpInfo("F.dropout", op=lambda m, x, p, seed, ch: _dropout_gpudiff(m, x, p, seed, ch),
            ref=lambda m, x, p, seed, ch: _dropout_torch(m, x, p, seed, ch),

@@ -6,7 +6,8 @@ from .. import functional as F
 from .. import init
 from ..parameter import Parameter
 from .module import Module
-from .utils import _pair, _reverse_repeat_tuple
+from ...geometry import pair as _pair
+from .utils import _reverse_repeat_tuple
 
 
 class _ConvNd(Module):

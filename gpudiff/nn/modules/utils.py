@@ -1,17 +1,4 @@
-"""Argument helpers shared by the layers (PyTorch's _pair and friends)."""
-from collections.abc import Iterable
-
-
-def _ntuple(n):
-    def parse(x):
-        if isinstance(x, Iterable) and not isinstance(x, str):
-            return tuple(x)
-        return (x,) * n
-    return parse
-
-
-_single = _ntuple(1)
-_pair = _ntuple(2)
+"""Argument helpers shared by the layers (pairs of ints come from gpudiff.geometry.pair)."""
 
 
 def _reverse_repeat_tuple(t, n):

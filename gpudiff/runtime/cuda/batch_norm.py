@@ -35,7 +35,7 @@ def _param_or_dummy(a, xp, dtype):
     return (xp.ascontiguousarray(a), 1) if a is not None else (xp.zeros(1, dtype), 0)
 
 
-@register_kernel("cuda", "batch_norm_forward")
+@register_kernel("cuda", "batch_norm")
 def batch_norm_forward(x, weight, bias, running_mean, running_var, training, momentum, eps):
     """(y, save_mean (C,), save_invstd (C,)); training updates the running stats in place."""
     t = ctype(x, weight, bias, running_mean, running_var)

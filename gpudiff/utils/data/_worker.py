@@ -182,13 +182,6 @@ def _single_threaded_kernels():
     there): N workers x all cores would oversubscribe the CPU, and gcc's OpenMP thread pool
     does not survive fork - a worker whose first parallel kernel (gpudiff._C) wants the
     parent's pool threads waits for them forever. A team of one never uses the pool."""
-    try:
-        from ..runtime import set_num_threads  # the engine's own switch, where it has one
-    except ImportError:
-        set_num_threads = None
-    if set_num_threads is not None:
-        set_num_threads(1)
-        return
     os.environ["OMP_NUM_THREADS"] = "1"            # for anything this worker starts
     try:
         ctypes.CDLL("libgomp.so.1").omp_set_num_threads(1)   # the libgomp _C is linked with
