@@ -74,6 +74,13 @@ class FunctionCtx:
                 f"backward() call if you need to backward through the graph again.")
         return tuple(None if s is None else s.unpack(self.op_name) for s in self._saved)
 
+    @property
+    def saved_arrays(self):
+        """What was saved, as raw arrays (for an op's ``backward_arrays``)."""
+        if self._saved is None:
+            self.saved_tensors  # raises the freed-graph error
+        return tuple(None if s is None else s.unpack_array(self.op_name) for s in self._saved)
+
     def release(self):
         self._saved = None
 
@@ -101,12 +108,12 @@ def _save(value, inputs, outputs, node, dirty):
     return SavedTensor(value, outputs[0].device)
 
 
-def record(ctx, backward_fn, inputs, outputs):
+def record(ctx, backward_fn, inputs, outputs, backward_arrays=None):
     """Put one op on the tape: a Node (backward ``backward_fn(ctx, *gys)``) whose outputs are
     the differentiable ones of ``outputs``. Inputs' edges are taken before dirty inputs are
     rebased onto the node."""
     ctx.input_meta = [(None, None) if t is None else (t.shape, t.dtype) for t in inputs]
-    node = Node(ctx.op_name, backward_fn, ctx, inputs, outputs)
+    node = Node(ctx.op_name, backward_fn, ctx, inputs, outputs, backward_arrays)
     non_diff = ctx._non_diff
     for i, r in enumerate(outputs):
         if r is None or r.dtype.kind != "f" or any(_is(v, r) for v in non_diff):

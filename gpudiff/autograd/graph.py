@@ -65,6 +65,12 @@ class SavedTensor:
         if self.weak:
             self.grad_fn = weakref.ref(owner)
 
+    def unpack_array(self, op_name):
+        """The saved array itself, after the same version check as unpack."""
+        if self.version is not None and self.version[0] != self.saved_version:
+            self.unpack(op_name)  # raises
+        return self.array
+
     def unpack(self, op_name):
         if self.version is not None and self.version[0] != self.saved_version:
             a = self.array
@@ -86,13 +92,14 @@ class SavedTensor:
 class Node:
     """One recorded op: where to send its input gradients, and its backward."""
 
-    __slots__ = ("name", "seq", "next", "ctx", "backward_fn", "n_outputs", "out_meta",
-                 "pre_hooks", "freed", "__weakref__")
+    __slots__ = ("name", "seq", "next", "ctx", "backward_fn", "backward_arrays", "n_outputs",
+                 "out_meta", "pre_hooks", "freed", "__weakref__")
 
-    def __init__(self, name, backward_fn, ctx, inputs, outputs):
+    def __init__(self, name, backward_fn, ctx, inputs, outputs, backward_arrays=None):
         self.name = name
         self.seq = next(_seq)
         self.backward_fn = backward_fn  # (ctx, *gys: Tensor) -> tuple of Tensor | None
+        self.backward_arrays = backward_arrays  # the same on raw arrays, or None
         self.ctx = ctx
         # where each input's gradient goes: (node, output_nr), the leaf Tensor, or None
         self.next = [None if (t is None or not t.requires_grad)
@@ -100,7 +107,8 @@ class Node:
                      for t in inputs]
         self.n_outputs = len(outputs)
         # (shape, dtype, device) per output: to make zeros for an output that got no gradient
-        self.out_meta = [(o.shape, o.dtype, o.device) for o in outputs]
+        self.out_meta = [(None, None, None) if o is None else (o.shape, o.dtype, o.device)
+                         for o in outputs]
         self.pre_hooks = None
         self.freed = False
 
@@ -125,14 +133,12 @@ def _accumulate(a, b):
     return b if a is None else (a + b)
 
 
-def _check_finite(name, grads, what):
+def _check_finite(name, grads, what, xp):
     for i, g in enumerate(grads):
-        if g is not None and g.dtype.kind == "f":
-            xp = g.device.xp
-            if not bool(xp.isfinite(g.array).all()):
-                raise RuntimeError(f"Function '{name}Backward' returned nan/inf values in its "
-                                   f"{i}th output ({what}); the forward of '{name}' or its "
-                                   f"inputs are where to look")
+        if g is not None and g.dtype.kind == "f" and not bool(xp.isfinite(g).all()):
+            raise RuntimeError(f"Function '{name}Backward' returned nan/inf values in its "
+                               f"{i}th output ({what}); the forward of '{name}' or its "
+                               f"inputs are where to look")
 
 
 def run_backward(roots, grad_roots, retain_graph=False, create_graph=False, inputs=None):
@@ -140,7 +146,21 @@ def run_backward(roots, grad_roots, retain_graph=False, create_graph=False, inpu
 
     With ``inputs`` (autograd.grad): returns their gradients and leaves every ``.grad`` alone.
     Otherwise accumulates into the ``.grad`` of the leaves (and of retain_grad tensors).
+
+    Gradients flow as raw arrays unless ``create_graph``: there is no graph to build, so a node
+    whose op has ``backward_arrays`` runs it on arrays, and only the other nodes (and hooks)
+    see Tensors. With ``create_graph`` every node's backward runs on Tensors, recorded.
     """
+    arrays = not create_graph
+
+    def wrap(g, device):  # a gradient as a Tensor (for hooks and Tensor backward formulas)
+        if not arrays or g is None:
+            return g
+        return Tensor._make(device.xp.asarray(g), device)  # (a numpy scalar -> 0-d array)
+
+    def unwrap(t):
+        return t.array if arrays and t is not None else t
+
     capture = None
     if inputs is not None:
         capture = {}
@@ -161,10 +181,13 @@ def run_backward(roots, grad_roots, retain_graph=False, create_graph=False, inpu
             buf[nr] = _accumulate(buf[nr], g)
             return
         leaf = dest
-        for h in leaf._hooks or ():
-            r = h(g)
-            if r is not None:
-                g = r
+        if leaf._hooks:
+            t = wrap(g, leaf.device)
+            for h in leaf._hooks:
+                r = h(t)
+                if r is not None:
+                    t = r
+            g = unwrap(t)
         if capture is not None:
             k = leaf_ids.get(id(leaf))
             if k is not None:
@@ -172,18 +195,18 @@ def run_backward(roots, grad_roots, retain_graph=False, create_graph=False, inpu
             return
         if leaf.grad is None:
             # own the buffer: the grad must not alias an array the graph still uses
-            leaf.grad = g if create_graph else g.detach()._own()
-        elif create_graph:
-            leaf.grad = leaf.grad + g
+            leaf.grad = Tensor._make(leaf.device.xp.array(g), leaf.device) if arrays else g
+        elif arrays:
+            leaf.grad.array += g  # in place: no new allocation per step
         else:
-            leaf.grad.array += g.array  # in place: no new allocation per step
+            leaf.grad = leaf.grad + g
 
     for t, g in zip(roots, grad_roots):
         if not t.requires_grad:
             raise RuntimeError("element 0 of tensors does not require grad and does not have a "
                                "grad_fn: call requires_grad_() on the inputs, or do not call "
                                "backward() inside no_grad()")
-        send(t if t.grad_fn is None else (t.grad_fn, t._output_nr), g)
+        send(t if t.grad_fn is None else (t.grad_fn, t._output_nr), unwrap(g))
 
     grad_ctx = enable_grad() if create_graph else no_grad()
     anomaly = is_anomaly_enabled()
@@ -193,11 +216,14 @@ def run_backward(roots, grad_roots, retain_graph=False, create_graph=False, inpu
             gys = buffers.pop(node)
             if node.pre_hooks:
                 for nr, hooks in node.pre_hooks.items():
+                    if gys[nr] is None:
+                        continue
+                    t = wrap(gys[nr], node.out_meta[nr][2])
                     for h in hooks:
-                        if gys[nr] is not None:
-                            r = h(gys[nr])
-                            if r is not None:
-                                gys[nr] = r
+                        r = h(t)
+                        if r is not None:
+                            t = r
+                    gys[nr] = unwrap(t)
             if capture is not None:
                 for nr, g in enumerate(gys):
                     k = node_ids.get((id(node), nr))
@@ -210,26 +236,25 @@ def run_backward(roots, grad_roots, retain_graph=False, create_graph=False, inpu
                     f"arrays are freed after backward(); specify retain_graph=True on the first "
                     f"backward() call if you need to backward through the graph again.")
             if node.ctx.materialize_grads:  # else a Function's backward sees None for them
-                gys = [g if g is not None else _zeros(*node.out_meta[i])
+                gys = [g if g is not None else _zeros(*node.out_meta[i], arrays)
                        for i, g in enumerate(gys)]
             listener = events.listener
             t0 = perf_counter_ns() if listener is not None else 0
             if anomaly:  # check the node's gradients as a whole (below), naming the node,
                 set_detect_anomaly(False)  # not the ops its backward formula runs
                 try:
-                    grads = node.backward_fn(node.ctx, *gys)
+                    grads = _call(node, gys, arrays, wrap, unwrap)
                 finally:
                     set_detect_anomaly(True)
             else:
-                grads = node.backward_fn(node.ctx, *gys)
+                grads = _call(node, gys, arrays, wrap, unwrap)
             if listener is not None:
                 listener.backward(node.name, t0, perf_counter_ns())
-            if not isinstance(grads, (tuple, list)):
-                grads = (grads,)
             if len(grads) < len(node.next):
                 grads = tuple(grads) + (None,) * (len(node.next) - len(grads))
             if anomaly:
-                _check_finite(node.name, grads, "backward")
+                _check_finite(node.name, [g if arrays or g is None else g.array for g in grads],
+                              "backward", next(m[2] for m in node.out_meta if m[2]).xp)
             if not retain_graph:
                 node.release()
             for dest, g, meta in zip(node.next, grads, node.ctx.input_meta):
@@ -240,13 +265,30 @@ def run_backward(roots, grad_roots, retain_graph=False, create_graph=False, inpu
                         f"{node.name}: backward returned a gradient of shape {tuple(g.shape)} "
                         f"for an input of shape {tuple(meta[0])}")
                 if g.dtype != meta[1]:
-                    g = g.to(meta[1])
+                    g = g.astype(meta[1]) if arrays else g.to(meta[1])
                 send(dest, g)
-    return results if capture is not None else None
+    if capture is None:
+        return None
+    return [wrap(r, t.device) if r is not None else None for r, t in zip(results, inputs)]
 
 
-def _zeros(shape, dtype, device):
-    return Tensor._make(device.xp.zeros(shape, dtype=dtype), device)
+def _call(node, gys, arrays, wrap, unwrap):
+    """Run ``node``'s backward: on arrays where its op has ``backward_arrays`` and no graph is
+    being built, else on Tensors (wrapping and unwrapping arrays around it)."""
+    if arrays and node.backward_arrays is not None:
+        grads = node.backward_arrays(node.ctx, *gys)
+        return grads if isinstance(grads, tuple) else (grads,)
+    if arrays:
+        gys = [wrap(g, meta[2]) for g, meta in zip(gys, node.out_meta)]
+    grads = node.backward_fn(node.ctx, *gys)
+    if not isinstance(grads, (tuple, list)):
+        grads = (grads,)
+    return tuple(unwrap(g) for g in grads) if arrays else grads
+
+
+def _zeros(shape, dtype, device, arrays):
+    z = device.xp.zeros(shape, dtype=dtype)
+    return z if arrays else Tensor._make(z, device)
 
 
 # ---- the entry points: Tensor.backward / autograd.backward and autograd.grad ----------------

@@ -39,6 +39,7 @@ class Op:
 
     name = None
     differentiable = True
+    backward_arrays = None  # optional: backward on raw arrays (used when no graph is built)
     view = False  # outputs share memory (and the version counter) with input 0
 
     def __init_subclass__(cls, **kw):
@@ -121,7 +122,7 @@ def apply(op, tensors, params):
                 r._version = src._version
                 r._base, r._base_fn = root, root.grad_fn
     if recording:
-        record(ctx, op.backward, tensors, results)
+        record(ctx, op.backward, tensors, results, op.backward_arrays)
     ctx._to_save = ()
     return tuple(results) if multi else results[0]
 
