@@ -43,16 +43,22 @@ def synchronize(device=None):
 
 
 def _pool():
-    if runtime.cuda_mode() == "gpu":
+    """CuPy's default memory pool on a GPU, the emulated device's pool (runtime/emulated.py,
+    which accounts the same way) under GPUDIFF_CUDA=emulate, None without CUDA."""
+    mode = runtime.cuda_mode()
+    if mode == "gpu":
         import cupy
         return cupy.get_default_memory_pool()
+    if mode == "emulate":
+        return runtime.emulated.pool
     return None
 
 
-_peak = [0]
+_peak = [0]  # on a GPU: the most memory_allocated() has seen (CuPy's pool keeps no peak)
 
 
 def memory_allocated(device=None):
+    """Bytes of live device arrays (each rounded up to 512 bytes, as CuPy's pool does)."""
     p = _pool()
     if p is None:
         return 0
@@ -62,22 +68,31 @@ def memory_allocated(device=None):
 
 
 def max_memory_allocated(device=None):
+    """The most memory_allocated since the start or reset_peak_memory_stats(); exact on the
+    emulated device, on a GPU the most that a memory_allocated() call saw."""
     p = _pool()
     if p is None:
         return 0
-    return max(_peak[0], p.used_bytes(), p.total_bytes() and p.used_bytes())
+    if p is runtime.emulated.pool:
+        return p.max_used_bytes()
+    return max(_peak[0], p.used_bytes())
 
 
 def reset_peak_memory_stats(device=None):
+    p = _pool()
+    if p is runtime.emulated.pool:
+        p.reset_peak()
     _peak[0] = memory_allocated()
 
 
 def memory_reserved(device=None):
+    """memory_allocated plus the freed blocks the pool keeps for reuse (until empty_cache)."""
     p = _pool()
     return 0 if p is None else p.total_bytes()
 
 
 def empty_cache():
+    """Give the pool's cached blocks back: memory_reserved drops to memory_allocated."""
     p = _pool()
     if p is not None:
         p.free_all_blocks()

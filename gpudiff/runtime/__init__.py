@@ -32,6 +32,7 @@ if not _EMULATE and os.environ.get("GPUDIFF_CUDA", "").lower() != "off":
             _cupy = None
     except Exception:  # no cupy, no driver, no device: CPU only
         _cupy = None
+from . import emulated  # the emulated device's array module and memory pool
 
 
 def cuda_mode():
@@ -66,9 +67,17 @@ class Device:
         return self.type == "cuda" and _EMULATE
 
     @property
+    def host(self):
+        """Whether this device's arrays are NumPy arrays: the CPU, or the emulated CUDA device."""
+        return self.type == "cpu" or _EMULATE
+
+    @property
     def xp(self):
-        """The array module that computes on this device."""
-        return _cupy if (self.type == "cuda" and not _EMULATE) else np
+        """The array module that computes on this device (emulated cuda: NumPy allocating
+        from the emulated device's pool, runtime/emulated.py)."""
+        if self.type == "cuda":
+            return emulated.xp if _EMULATE else _cupy
+        return np
 
     def __eq__(self, other):
         if isinstance(other, str):
@@ -157,7 +166,9 @@ def is_array(a):
 
 def to_device(a, dev):
     """Copy (or pass through) a raw array to ``dev``'s array module."""
-    if dev.type == "cuda" and not _EMULATE:
+    if dev.type == "cuda":
+        if _EMULATE:  # a copy in the emulated device's memory, as on a GPU
+            return emulated.to_device(a)
         with _cupy.cuda.Device(dev.index or 0):
             return _cupy.asarray(a)
     if _cupy is not None and isinstance(a, _cupy.ndarray):

@@ -38,7 +38,8 @@ import re
 import numpy as np
 
 from ...geometry import INT32_MAX
-from .. import events
+from .. import cuda_mode, events
+from .. import emulated as _emulated
 
 # NVRTC options of every kernel module; CuPy adds the architecture (-arch) itself.
 NVRTC_OPTIONS = ("--std=c++17",)
@@ -188,10 +189,11 @@ def _is_cupy(a):
 
 
 def array_module(a):
-    """numpy or cupy, whichever ``a`` belongs to (without importing cupy for numpy input)."""
+    """cupy, or for a NumPy array numpy (the emulated device's, allocating from its pool, under
+    GPUDIFF_CUDA=emulate), whichever ``a`` belongs to (without importing cupy for numpy)."""
     if _is_cupy(a):
         return importlib.import_module("cupy")
-    return np
+    return _emulated.xp if cuda_mode() == "emulate" else np
 
 
 def _dim3(d):
