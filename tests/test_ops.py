@@ -242,6 +242,36 @@ def test_gradgradcheck(name, dtype, i):
                          atol=1e-5, rtol=1e-3)
 
 
+def _has_array_backward(entry):
+    from gpudiff.ops import REGISTRY
+    return entry.grad and any(getattr(REGISTRY.get(c), "backward_arrays", None) is not None
+                              for c in entry.covers)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name,dtype,i", _cases(_has_array_backward, (float64,)))
+def test_array_backward_equals_tensor_backward(name, dtype, i, device):
+    """A plain backward runs ops' ``backward_arrays`` on raw arrays; create_graph=True runs
+    the Tensor ``backward`` formulas: both give the same gradients."""
+    entry, sample = _sample(name, dtype, i)
+    if "backward" in sample.skip or (entry.needs_cuda and not gpudiff.cuda.is_available()):
+        pytest.skip("no backward at this sample")
+    args, kwargs, leaves = gpudiff_inputs(sample, device)
+    outs = [o for o in flat(entry.op(gpudiff, *args, **kwargs))
+            if isinstance(o, gpudiff.Tensor) and o.requires_grad]
+    if not outs or not leaves:
+        pytest.skip("no differentiable output")
+    seeds = [gpudiff.tensor(g, device=device)
+             for g in upstream(outs, zlib.crc32(sample.name.encode()))]
+    plain = gpudiff.autograd.grad(outs, leaves, seeds, retain_graph=True, allow_unused=True)
+    graph = gpudiff.autograd.grad(outs, leaves, seeds, create_graph=True, allow_unused=True)
+    for k, (a, b) in enumerate(zip(plain, graph)):
+        assert (a is None) == (b is None), f"input {k}: a gradient on one path only"
+        if a is not None:
+            np.testing.assert_allclose(host(a), host(b.detach()), rtol=1e-10, atol=1e-12,
+                                       err_msg=f"{name}: gradient of input {k}")
+
+
 # ---- fast kernels vs reference; CPU vs CUDA -------------------------------------------------
 def _compare_runs(r1, r2, dtype, what):
     rtol, atol = SAME_MATH_TOL.get(np.dtype(dtype), (0, 0))

@@ -277,7 +277,8 @@ def _call(node, gys, arrays, wrap, unwrap):
     being built, else on Tensors (wrapping and unwrapping arrays around it)."""
     if arrays and node.backward_arrays is not None:
         grads = node.backward_arrays(node.ctx, *gys)
-        return grads if isinstance(grads, tuple) else (grads,)
+        if grads is not NotImplemented:  # (the op declined: its Tensor backward then)
+            return grads if isinstance(grads, tuple) else (grads,)
     if arrays:
         gys = [wrap(g, meta[2]) for g, meta in zip(gys, node.out_meta)]
     grads = node.backward_fn(node.ctx, *gys)

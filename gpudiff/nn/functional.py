@@ -18,6 +18,7 @@ from ..ops import activation as _act
 from ..ops import conv as _conv
 from ..ops import dropout as _drop
 from ..ops import interpolate as _interp
+from ..ops import linalg as _linalg
 from ..ops import norm as _norm
 from ..ops import pool as _pool
 from ..ops import shape as _shape
@@ -90,8 +91,17 @@ def linear(input, weight, bias=None):
         raise RuntimeError(f"linear: input shape {tuple(input.shape)} and weight shape "
                            f"{tuple(weight.shape)} do not align ({input.shape[-1]} != "
                            f"{weight.shape[-1]}): mat1 and mat2 shapes cannot be multiplied")
-    out = input @ weight.t()
-    return out if bias is None else out + bias
+    if input.ndim == 0 or weight.ndim != 2:
+        raise RuntimeError(f"linear: expected an input of at least 1 dimension and a 2-D "
+                           f"weight, got shapes {tuple(input.shape)} and {tuple(weight.shape)}")
+    if input.dtype != weight.dtype or (bias is not None and bias.dtype != input.dtype):
+        raise RuntimeError(f"linear: expected input, weight and bias of one dtype, got "
+                           f"{input.dtype}, {weight.dtype}"
+                           + ("" if bias is None else f" and {bias.dtype}"))
+    if bias is not None and tuple(bias.shape) != weight.shape[:1]:
+        raise RuntimeError(f"linear: expected bias of shape {weight.shape[:1]}, got "
+                           f"{tuple(bias.shape)}")
+    return _linalg.linear.apply(input, weight, bias)
 
 
 def bilinear(input1, input2, weight, bias=None):

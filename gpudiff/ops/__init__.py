@@ -183,6 +183,12 @@ def _check_views(op, tensors):
                 f"view after the in-place operation (or use an out-of-place op).")
 
 
+def forward_of(op, ctx, *arrays, **params):
+    """``op``'s forward on raw arrays, on ``ctx``'s device, outside the tape: what an op's
+    ``backward_arrays`` calls where its backward formula applies that op."""
+    return op.forward(FunctionCtx(None, ctx.device, op.name), *arrays, **params)
+
+
 def run_kernel(ctx, name, *args):
     """The device's fast kernel ``name`` on ``args``, or None: no kernel, or one that declined
     (a dtype or layout it does not handle). The op then runs its reference code. 0-d arrays

@@ -8,7 +8,7 @@ while the first backward still runs the fused kernel.
 import math
 
 from .. import runtime
-from . import Op
+from . import Op, forward_of
 from . import run_kernel as _run
 
 
@@ -23,6 +23,10 @@ class relu(Op):
     def backward(ctx, gy):
         y, = ctx.saved_tensors
         return relu_backward.apply(gy, y)
+
+    def backward_arrays(ctx, gy):
+        y, = ctx.saved_arrays
+        return forward_of(relu_backward, ctx, gy, y)
 
 
 class relu_backward(Op):
@@ -50,6 +54,10 @@ class leaky_relu(Op):
     def backward(ctx, gy):
         x, = ctx.saved_tensors
         return leaky_relu_backward.apply(gy, x, negative_slope=ctx.slope)
+
+    def backward_arrays(ctx, gy):
+        x, = ctx.saved_arrays
+        return forward_of(leaky_relu_backward, ctx, gy, x, negative_slope=ctx.slope)
 
 
 class leaky_relu_backward(Op):
@@ -80,6 +88,10 @@ class sigmoid(Op):
         y, = ctx.saved_tensors
         return sigmoid_backward.apply(gy, y)
 
+    def backward_arrays(ctx, gy):
+        y, = ctx.saved_arrays
+        return forward_of(sigmoid_backward, ctx, gy, y)
+
 
 class sigmoid_backward(Op):
     """Fused gx = gy * y * (1 - y) from the saved output."""
@@ -105,6 +117,10 @@ class tanh(Op):
     def backward(ctx, gy):
         y, = ctx.saved_tensors
         return tanh_backward.apply(gy, y)
+
+    def backward_arrays(ctx, gy):
+        y, = ctx.saved_arrays
+        return forward_of(tanh_backward, ctx, gy, y)
 
 
 class tanh_backward(Op):

@@ -20,7 +20,7 @@ with G groups, Rg = C/G*kh*kw rows of columns per group and Kg = K/G filters per
 Output size: (H + 2p - d(k-1) - 1) // s + 1, as PyTorch (an error below 1).
 """
 from ..geometry import ConvGeom, conv_output_size
-from . import Op
+from . import Op, forward_of
 
 
 # ---- xp reference im2col / col2im -----------------------------------------------------
@@ -116,6 +116,15 @@ class conv2d(Op):
         gw = conv2d_backward_weight.apply(gy, x, weight_size=w.shape, **ctx.p) if nw else None
         gb = gy.sum((0, 2, 3)) if nb else None
         return gx, gw, gb
+
+    def backward_arrays(ctx, gy):
+        x, w = ctx.saved_arrays
+        nx, nw, nb = ctx.needs_input_grad
+        gx = forward_of(conv2d_backward_input, ctx, gy, w, input_size=x.shape, **ctx.p) \
+            if nx else None
+        gw = forward_of(conv2d_backward_weight, ctx, gy, x, weight_size=w.shape, **ctx.p) \
+            if nw else None
+        return gx, gw, gy.sum(axis=(0, 2, 3)) if nb else None
 
 
 class conv2d_backward_input(Op):

@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from . import Op
+from . import Op, forward_of
 
 _MIX1, _MIX2 = 0x21F0AAAD, 0x735A2D97
 
@@ -64,3 +64,6 @@ class dropout(Op):
 
     def backward(ctx, gy):
         return dropout.apply(gy, **ctx.p)  # linear in x: the same mask, the same scale
+
+    def backward_arrays(ctx, gy):
+        return forward_of(dropout, ctx, gy, **ctx.p)

@@ -3,11 +3,13 @@
 Binary ops broadcast like NumPy; their backward sums the gradient back to each input's
 shape with ``sum_to`` (the one place broadcasting is undone).
 """
+from ..tensor import Tensor
 from . import Op
 
 
 def sum_to(g, shape):
-    """Sum the Tensor ``g`` down to ``shape`` (undo broadcasting). (..., *shape) -> shape"""
+    """Sum ``g`` (a Tensor or a raw array) down to ``shape``: undo broadcasting.
+    (..., *shape) -> shape"""
     shape = tuple(shape)
     if g.shape == shape:
         return g
@@ -15,7 +17,8 @@ def sum_to(g, shape):
     axes = tuple(range(lead)) + tuple(i + lead for i, n in enumerate(shape)
                                       if n == 1 and g.shape[i + lead] != 1)
     if axes:
-        g = g.sum(dim=axes, keepdim=True)
+        g = g.sum(dim=axes, keepdim=True) if isinstance(g, Tensor) else \
+            g.sum(axis=axes, keepdims=True)
     return g.reshape(shape) if g.shape != shape else g
 
 
@@ -29,6 +32,10 @@ class add(Op):
         sa, sb = ctx.shapes
         return sum_to(gy, sa), sum_to(gy, sb)
 
+    def backward_arrays(ctx, gy):
+        sa, sb = ctx.shapes
+        return sum_to(gy, sa), sum_to(gy, sb)
+
 
 class sub(Op):
     def forward(ctx, a, b):
@@ -36,6 +43,10 @@ class sub(Op):
         return ctx.xp.subtract(a, b)
 
     def backward(ctx, gy):
+        sa, sb = ctx.shapes
+        return sum_to(gy, sa), sum_to(-gy, sb)
+
+    def backward_arrays(ctx, gy):
         sa, sb = ctx.shapes
         return sum_to(gy, sa), sum_to(-gy, sb)
 
@@ -51,6 +62,12 @@ class mul(Op):
         return (sum_to(gy * b, a.shape) if na else None,
                 sum_to(gy * a, b.shape) if nb else None)
 
+    def backward_arrays(ctx, gy):
+        a, b = ctx.saved_arrays
+        na, nb = ctx.needs_input_grad
+        return (sum_to(gy * b, a.shape) if na else None,
+                sum_to(gy * a, b.shape) if nb else None)
+
 
 class div(Op):
     def forward(ctx, a, b):
@@ -59,6 +76,12 @@ class div(Op):
 
     def backward(ctx, gy):
         a, b = ctx.saved_tensors
+        na, nb = ctx.needs_input_grad
+        return (sum_to(gy / b, a.shape) if na else None,
+                sum_to(-gy * a / (b * b), b.shape) if nb else None)
+
+    def backward_arrays(ctx, gy):
+        a, b = ctx.saved_arrays
         na, nb = ctx.needs_input_grad
         return (sum_to(gy / b, a.shape) if na else None,
                 sum_to(-gy * a / (b * b), b.shape) if nb else None)
@@ -355,6 +378,9 @@ class to_dtype(Op):
 
     def backward(ctx, gy):
         return gy.to(ctx.src) if ctx.src.kind == "f" else None
+
+    def backward_arrays(ctx, gy):
+        return gy.astype(ctx.src) if ctx.src.kind == "f" else None
 
 
 class clone(Op):

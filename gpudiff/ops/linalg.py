@@ -1,6 +1,15 @@
 """Matrix products (BLAS through xp.matmul: OpenBLAS on the CPU, cuBLAS on a GPU)."""
+import numpy as np
+
 from . import Op
 from .elementwise import sum_to
+
+
+def _mm(ctx, a, b):
+    """a @ b on raw arrays: the device's GEMM for 2-D operands, xp.matmul otherwise."""
+    k = ctx.kernel("matmul")
+    y = k(a, b) if k else None
+    return ctx.xp.matmul(a, b) if y is None else y
 
 
 def check_matmul(a_shape, b_shape, a_dtype, b_dtype, name="matmul"):
@@ -23,9 +32,7 @@ class matmul(Op):
     def forward(ctx, a, b):
         check_matmul(a.shape, b.shape, a.dtype, b.dtype)
         ctx.save_for_backward(a, b)
-        k = ctx.kernel("matmul")  # the device's GEMM for 2-D operands (one thread pool)
-        y = k(a, b) if k else None
-        return ctx.xp.matmul(a, b) if y is None else y
+        return _mm(ctx, a, b)  # the device's GEMM for 2-D operands (one thread pool)
 
     def backward(ctx, gy):
         a, b = ctx.saved_tensors
@@ -45,3 +52,44 @@ class matmul(Op):
         if nb:
             gb = sum_to(a2.transpose(-1, -2) @ g, b2.shape).reshape(b.shape)
         return ga, gb
+
+    def backward_arrays(ctx, gy):
+        a, b = ctx.saved_arrays
+        na, nb = ctx.needs_input_grad
+        xp = ctx.xp
+        a2 = a[None] if a.ndim == 1 else a                  # (..., n, k)
+        b2 = b[:, None] if b.ndim == 1 else b               # (..., k, m)
+        batch = np.broadcast_shapes(a2.shape[:-2], b2.shape[:-2])
+        g = gy.reshape(batch + (a2.shape[-2], b2.shape[-1]))  # (..., n, m)
+        ga = sum_to(_mm(ctx, g, xp.swapaxes(b2, -1, -2)), a2.shape).reshape(a.shape) \
+            if na else None
+        gb = sum_to(_mm(ctx, xp.swapaxes(a2, -1, -2), g), b2.shape).reshape(b.shape) \
+            if nb else None
+        return ga, gb
+
+
+class linear(Op):
+    """y = x w^T + b: x (..., in), w (out, in), b (out,) | None; one GEMM over the rows."""
+
+    def forward(ctx, x, w, b):
+        ctx.save_for_backward(x, w)
+        y = _mm(ctx, x.reshape(-1, x.shape[-1]), w.T)     # (rows, out)
+        if b is not None:
+            y += b
+        return y.reshape(x.shape[:-1] + w.shape[:1])
+
+    def backward(ctx, gy):
+        x, w = ctx.saved_tensors
+        nx, nw, nb = ctx.needs_input_grad
+        g2 = gy.reshape(-1, gy.shape[-1])                 # (rows, out)
+        gx = (g2 @ w).reshape(x.shape) if nx else None
+        gw = g2.t() @ x.reshape(-1, x.shape[-1]) if nw else None
+        return gx, gw, g2.sum(0) if nb else None
+
+    def backward_arrays(ctx, gy):
+        x, w = ctx.saved_arrays
+        nx, nw, nb = ctx.needs_input_grad
+        g2 = gy.reshape(-1, gy.shape[-1])
+        gx = _mm(ctx, g2, w).reshape(x.shape) if nx else None
+        gw = _mm(ctx, g2.T, x.reshape(-1, x.shape[-1])) if nw else None
+        return gx, gw, g2.sum(axis=0) if nb else None

@@ -80,17 +80,31 @@ class batch_norm(Op):
                                                         ctx.eps)
         return (gx if nx else None, gw if nw else None, gb if nb else None, None, None)
 
+    def backward_arrays(ctx, gy):
+        if not ctx.training:  # eval: the composite formula, on Tensors
+            return NotImplemented
+        x, w, mean, invstd = ctx.saved_arrays
+        nx, nw, nb = ctx.needs_input_grad[:3]
+        gx, gw, gb = _batch_norm_backward_arrays(ctx.device, gy, x, w, mean, invstd)
+        return (gx if nx else None, gw if nw else None, gb if nb else None, None, None)
+
 
 def _batch_norm_backward_fused(gy, x, w, mean, invstd):
     """(gx, gw, gb) of training-mode batch norm in one kernel call (no graph is recorded
     here: the engine runs a first backward under no_grad)."""
     dev = x.device
-    arrays = (gy.array, x.array, None if w is None else w.array, mean.array, invstd.array)
+    out = _batch_norm_backward_arrays(dev, gy.array, x.array, None if w is None else w.array,
+                                      mean.array, invstd.array)
+    return tuple(Tensor._make(a, dev) for a in out)
+
+
+def _batch_norm_backward_arrays(dev, gy, x, w, mean, invstd):
+    """The same on raw arrays of device ``dev``."""
     k = runtime.kernel(dev, "batch_norm_backward")
-    out = k(*arrays) if k else None
+    out = k(gy, x, w, mean, invstd) if k else None
     if out is None:
-        out = batch_norm_backward_ref(dev.xp, *arrays)
-    return tuple(Tensor._make(a.astype(x.dtype, copy=False), dev) for a in out)
+        out = batch_norm_backward_ref(dev.xp, gy, x, w, mean, invstd)
+    return tuple(a.astype(x.dtype, copy=False) for a in out)
 
 
 def _batch_norm_backward_composite(gy, x, w, mean, invstd, training, eps):

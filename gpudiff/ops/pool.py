@@ -16,7 +16,7 @@ i of n_out over n covers [floor(i*n/n_out), ceil((i+1)*n/n_out)).
 import numpy as np
 
 from ..geometry import pool_output_size
-from . import Op
+from . import Op, forward_of
 
 
 def _as4d(xp_array):
@@ -186,6 +186,11 @@ class max_pool2d(Op):
         idx, = ctx.saved_tensors
         return max_pool2d_backward.apply(gy, idx, H=ctx.hw[0], W=ctx.hw[1], window=ctx.window)
 
+    def backward_arrays(ctx, gy, gidx):
+        idx, = ctx.saved_arrays
+        return forward_of(max_pool2d_backward, ctx, gy, idx, H=ctx.hw[0], W=ctx.hw[1],
+                          window=ctx.window)
+
 
 class adaptive_max_pool2d(Op):
 
@@ -248,6 +253,9 @@ class avg_pool2d(Op):
     def backward(ctx, gy):
         return avg_pool2d_backward.apply(gy, input_size=ctx.hw, **ctx.p)
 
+    def backward_arrays(ctx, gy):
+        return forward_of(avg_pool2d_backward, ctx, gy, input_size=ctx.hw, **ctx.p)
+
 
 class avg_pool2d_backward(Op):
 
@@ -276,6 +284,9 @@ class adaptive_avg_pool2d(Op):
 
     def backward(ctx, gy):
         return adaptive_avg_pool2d_backward.apply(gy, input_size=ctx.hw)
+
+    def backward_arrays(ctx, gy):
+        return forward_of(adaptive_avg_pool2d_backward, ctx, gy, input_size=ctx.hw)
 
 
 class adaptive_avg_pool2d_backward(Op):

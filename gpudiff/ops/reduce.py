@@ -24,6 +24,13 @@ def _expand_back(g, shape, dims, keepdim):
     return g.expand(shape)
 
 
+def _expand_back_array(xp, g, shape, dims, keepdim):
+    """_expand_back on a raw array (a read-only broadcast view, as expand gives)."""
+    if not keepdim and dims and len(shape):
+        g = g.reshape(tuple(1 if i in dims else n for i, n in enumerate(shape)))
+    return xp.broadcast_to(g, shape)
+
+
 class sum(Op):
     def forward(ctx, x, *, dim=None, keepdim=False):
         ctx.dims = norm_dims(dim, x.ndim)
@@ -32,6 +39,9 @@ class sum(Op):
 
     def backward(ctx, gy):
         return _expand_back(gy, ctx.shape, ctx.dims, ctx.keepdim)
+
+    def backward_arrays(ctx, gy):
+        return _expand_back_array(ctx.xp, gy, ctx.shape, ctx.dims, ctx.keepdim)
 
 
 class mean(Op):
@@ -45,6 +55,9 @@ class mean(Op):
 
     def backward(ctx, gy):
         return _expand_back(gy / ctx.n, ctx.shape, ctx.dims, ctx.keepdim)
+
+    def backward_arrays(ctx, gy):
+        return _expand_back_array(ctx.xp, gy / ctx.n, ctx.shape, ctx.dims, ctx.keepdim)
 
 
 class prod(Op):

@@ -2,6 +2,14 @@
 from . import Op
 
 
+def _inverse(dims):
+    """The permutation undoing ``dims``."""
+    inv = [0] * len(dims)
+    for i, d in enumerate(dims):
+        inv[d] = i
+    return inv
+
+
 class reshape(Op):
     view = True
 
@@ -10,6 +18,9 @@ class reshape(Op):
         return x.reshape(shape)
 
     def backward(ctx, gy):
+        return gy.reshape(ctx.shape)
+
+    def backward_arrays(ctx, gy):
         return gy.reshape(ctx.shape)
 
 
@@ -21,10 +32,10 @@ class permute(Op):
         return ctx.xp.transpose(x, dims)
 
     def backward(ctx, gy):
-        inv = [0] * len(ctx.dims)
-        for i, d in enumerate(ctx.dims):
-            inv[d] = i
-        return gy.permute(*inv)
+        return gy.permute(*_inverse(ctx.dims))
+
+    def backward_arrays(ctx, gy):
+        return ctx.xp.transpose(gy, _inverse(ctx.dims))
 
 
 class expand(Op):
@@ -36,6 +47,10 @@ class expand(Op):
         return ctx.xp.broadcast_to(x, shape)
 
     def backward(ctx, gy):
+        from .elementwise import sum_to
+        return sum_to(gy, ctx.shape)
+
+    def backward_arrays(ctx, gy):
         from .elementwise import sum_to
         return sum_to(gy, ctx.shape)
 
@@ -113,4 +128,7 @@ class contiguous(Op):
         return ctx.xp.ascontiguousarray(x)
 
     def backward(ctx, gy):
+        return gy
+
+    def backward_arrays(ctx, gy):
         return gy

@@ -4,7 +4,7 @@ Forward and backward use the device's fast kernel when it has one and the xp-gen
 otherwise.
 """
 from ..autograd.grad_mode import is_grad_enabled
-from . import Op
+from . import Op, forward_of
 from . import run_kernel as _run
 
 
@@ -22,6 +22,10 @@ class softmax(Op):
     def backward(ctx, gy):
         y, = ctx.saved_tensors
         return softmax_backward.apply(gy, y, dim=ctx.dim)
+
+    def backward_arrays(ctx, gy):
+        y, = ctx.saved_arrays
+        return forward_of(softmax_backward, ctx, gy, y, dim=ctx.dim)
 
 
 class softmax_backward(Op):
@@ -57,6 +61,10 @@ class log_softmax(Op):
     def backward(ctx, gy):
         y, = ctx.saved_tensors
         return log_softmax_backward.apply(gy, y, dim=ctx.dim)
+
+    def backward_arrays(ctx, gy):
+        y, = ctx.saved_arrays
+        return forward_of(log_softmax_backward, ctx, gy, y, dim=ctx.dim)
 
 
 class log_softmax_backward(Op):
@@ -104,6 +112,10 @@ class cross_entropy(Op):
             return dlogits * gy.unsqueeze(1), None, None
         # create_graph: rebuild d loss / d logits from differentiable ops
         return _ce_dlogits(logits, target, weight, ctx.ii, ctx.ls) * gy.unsqueeze(1), None, None
+
+    def backward_arrays(ctx, gy):
+        dlogits = ctx.saved_arrays[3]
+        return dlogits * gy[:, None], None, None
 
 
 def _ce_dlogits(logits, target, weight, ignore_index, eps):
