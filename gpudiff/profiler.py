@@ -44,8 +44,6 @@ from time import perf_counter_ns
 
 from .backends import cuda as _backends_cuda
 from .runtime import events
-from .runtime import kernels as _kernels
-from .runtime.cuda import launch as _launch
 
 __all__ = [
     "EventList",
@@ -110,13 +108,16 @@ class record_function(contextlib.ContextDecorator):
         return False
 
 
-# ---- the listener and the kernel-table bridge ---------------------------------------------
+# ---- the listener ---------------------------------------------------------------------------
 class _Listener:
     """What events.listener holds while a profile records (the interface of events.py)."""
 
     def __init__(self, prof):
         self.prof = prof
         self.records = prof._records
+
+    def op_begin(self, name, inputs):
+        pass  # the GPU clock brackets an op from the previous op's end (see _GpuClock)
 
     def op(self, name, device, t0, t_fwd0, t_fwd1, t1, shapes):
         prof = self.prof
@@ -126,8 +127,10 @@ class _Listener:
                 and not device.emulated:
             prof._gpu.mark(len(self.records) - 1, device)
 
-    def kernel(self, name, device, t0, t1):
-        self.records.append((_KERNEL, name, device, t0, t1, 0, _conv_algorithm(name, device),
+    def kernel(self, name, device, t0, t1, declined):
+        # a kernel that declined (returned None): the op then ran its reference
+        self.records.append((_KERNEL, name, device, t0, t1, 0,
+                             "declined" if declined else _conv_algorithm(name, device),
                              _get_ident()))
 
     def launch(self, source_file, kernel_name):
@@ -143,75 +146,6 @@ def _conv_algorithm(name, device):
     if device is None or device.type != "cuda" or name not in _CONV_PASS:
         return None
     return _backends_cuda.last_conv_algorithm.get(_CONV_PASS[name])
-
-
-class _Bridge:
-    """Reports kernel calls and CUDA launches that the engine's hooks leave out.
-
-    While an op runs, ops/__init__.py's _apply_profiled sets ``events.listener`` to None (so
-    that ops inside an op are not separate rows), which also silences the kernel table's and
-    launch()'s reports from inside the op. While a profile records, this wraps the kernel
-    table's functions and launch.py's two launch paths; a wrapper reports a call only when
-    ``events.listener`` is None at that moment, i.e. when the engine did not report it
-    itself, so every call is recorded once whether or not the engine passes them through.
-    """
-
-    def __init__(self, prof):
-        self.prof = prof
-        self.saved_kernels = []    # (table, name, original, wrapper)
-        self.saved_launch = {}
-
-    def install(self):
-        for dev_type, table in _kernels.KERNELS.items():
-            for name, fn in list(table.items()):
-                w = self._wrap_kernel(fn, name, dev_type)
-                table[name] = w
-                self.saved_kernels.append((table, name, fn, w))
-        for attr in ("_launch_emulated", "_launch_cupy"):
-            fn = getattr(_launch, attr, None)
-            if fn is not None:
-                self.saved_launch[attr] = (fn, self._wrap_launch(fn, attr))
-                setattr(_launch, attr, self.saved_launch[attr][1])
-
-    def remove(self):
-        for table, name, fn, w in self.saved_kernels:
-            if table.get(name) is w:
-                table[name] = fn
-        for attr, (fn, w) in self.saved_launch.items():
-            if getattr(_launch, attr, None) is w:
-                setattr(_launch, attr, fn)
-        self.saved_kernels, self.saved_launch = [], {}
-
-    def _wrap_kernel(self, fn, name, dev_type):
-        records = self.prof._records
-
-        def kernel(*args, **kwargs):
-            if events.listener is not None or _active is None:
-                return fn(*args, **kwargs)       # reported by the engine (or not profiling)
-            t0 = perf_counter_ns()
-            out = fn(*args, **kwargs)
-            t1 = perf_counter_ns()
-            algo = None
-            if dev_type == "cuda" and name in _CONV_PASS:
-                algo = _backends_cuda.last_conv_algorithm.get(_CONV_PASS[name])
-            # a kernel that returned None declined: the op then ran its reference
-            records.append((_KERNEL, name, dev_type, t0, t1, 0,
-                            "declined" if out is None else algo, _get_ident()))
-            return out
-        kernel.__wrapped__ = fn
-        return kernel
-
-    def _wrap_launch(self, fn, attr):
-        records = self.prof._records
-        name_at = 1 if attr == "_launch_cupy" else 0    # (source_file, name, ...) / (name, ...)
-
-        def launch(*args, **kwargs):
-            if events.listener is None and _active is not None:
-                t = perf_counter_ns()
-                records.append((_LAUNCH, args[name_at], None, t, t, 0, None, _get_ident()))
-            return fn(*args, **kwargs)
-        launch.__wrapped__ = fn
-        return launch
 
 
 class _GpuClock:
@@ -305,7 +239,7 @@ class profile:
         self._gpu = None
         self._gpu_times = {}
         self._events = None
-        self._listener = self._bridge = None
+        self._listener = None
 
     # -- recording --
     def start(self):
@@ -323,8 +257,6 @@ class profile:
         if ProfilerActivity.CUDA in self.activities and runtime.cuda_mode() == "gpu":
             self._gpu = _GpuClock()
         self._listener = _Listener(self)
-        self._bridge = _Bridge(self)
-        self._bridge.install()
         self._running = True
         _active = self
         self._t_start = perf_counter_ns()
@@ -339,7 +271,6 @@ class profile:
         self._t_stop = perf_counter_ns()
         _active = None
         self._running = False
-        self._bridge.remove()
         if self._step_marks:
             self._step_marks.append(self._t_stop)
         if self._gpu is not None:

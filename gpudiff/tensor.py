@@ -251,7 +251,7 @@ class Tensor:
 
     def _own(self):
         """A copy that owns its memory (used for .grad accumulation buffers)."""
-        return Tensor._make(self.array.copy(), self.device)
+        return Tensor._make(self.device.xp.copy(self.array, order="C"), self.device)
 
     def is_contiguous(self):
         return bool(self.array.flags.c_contiguous)
@@ -339,7 +339,8 @@ class Tensor:
 
     def _alias(self):
         """A copy of self's values that stands for self in the graph (same grad_fn)."""
-        t = Tensor._make(self.array.copy(), self.device, self.grad_fn, self._output_nr)
+        t = Tensor._make(self.device.xp.copy(self.array, order="C"), self.device, self.grad_fn,
+                         self._output_nr)
         t._requires_grad = self._requires_grad
         return t
 

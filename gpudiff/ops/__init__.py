@@ -89,8 +89,10 @@ def _device_of(op, tensors):
 
 
 def apply(op, tensors, params):
-    if events.listener is not None:
-        return _apply_profiled(op, tensors, params)
+    listener = events.listener  # a profiler: it gets this op's total and forward times
+    if listener is not None:
+        t0 = perf_counter_ns()
+        listener.op_begin(op.name, tensors)
     dev = _device_of(op, tensors)
     if dev is None:
         raise TypeError(f"{op.name}: expected at least one tensor argument")
@@ -102,17 +104,25 @@ def apply(op, tensors, params):
     ctx.op = op
     arrays = [None if t is None else t.array for t in tensors]
     with runtime.on_device(dev):
-        out = op.forward(ctx, *arrays, **params)
+        if listener is None:
+            out = op.forward(ctx, *arrays, **params)
+        else:
+            f0 = perf_counter_ns()
+            out = op.forward(ctx, *arrays, **params)
+            f1 = perf_counter_ns()
     multi = isinstance(out, tuple)
     outs = out if multi else (out,)
-    if dev.xp is np and any(type(o) is not np.ndarray for o in outs):
-        outs = _as_ndarrays(ctx, outs)
+    out_dev = getattr(ctx, "out_device", dev)
+    if dev.host:  # NumPy arrays: the CPU, or the emulated CUDA device
+        if any(type(o) is not np.ndarray for o in outs):
+            outs = _as_ndarrays(ctx, outs)
+        if out_dev.type == "cuda":  # what the forward made with ndarray methods and operators
+            runtime.emulated.own(outs)  # is device memory too (the emulated pool's blocks)
     if is_anomaly_enabled():
         for i, o in enumerate(outs):
             if o.dtype.kind == "f" and not bool(dev.xp.isfinite(o).all()):
                 raise RuntimeError(f"Function '{op.name}' returned nan/inf values in its "
                                    f"{i}th output (forward)")
-    out_dev = getattr(ctx, "out_device", dev)
     results = [Tensor._make(o, out_dev) for o in outs]
     if op.view:  # views share their base's version counter: in-place changes show through
         src = tensors[0]
@@ -124,41 +134,10 @@ def apply(op, tensors, params):
     if recording:
         record(ctx, op.backward, tensors, results, op.backward_arrays)
     ctx._to_save = ()
+    if listener is not None:
+        listener.op(op.name, dev, t0, f0, f1, perf_counter_ns(),
+                    [None if t is None else t.shape for t in tensors])
     return tuple(results) if multi else results[0]
-
-
-def _apply_profiled(op, tensors, params):
-    """apply() while a profiler listens: the op's total time and its forward's time."""
-    listener, t0 = events.listener, perf_counter_ns()
-    forward, spans = op.forward, []
-
-    def timed_forward(*a, **k):  # the forward alone: kernel or xp reference
-        spans.append(perf_counter_ns())
-        try:
-            return forward(*a, **k)
-        finally:
-            spans.append(perf_counter_ns())
-    events.listener = None  # ops run inside this one are its own time, not separate rows
-    try:
-        out = apply(_Timed(op, timed_forward), tensors, params)
-    finally:
-        events.listener = listener
-    t1 = perf_counter_ns()
-    dev = next((t.device for t in tensors if t is not None), None)
-    shapes = [None if t is None else tuple(t.shape) for t in tensors]
-    f0, f1 = (spans[0], spans[-1]) if spans else (t0, t0)
-    listener.op(op.name, dev, t0, f0, f1, t1, shapes)
-    return out
-
-
-class _Timed:
-    """An op seen through apply() with its forward timed (all else is the op's own)."""
-
-    def __init__(self, op, forward):
-        self._op, self.forward = op, forward
-
-    def __getattr__(self, name):
-        return getattr(self._op, name)
 
 
 def _as_ndarrays(ctx, outs):

@@ -307,7 +307,7 @@ class Optimizer:
                     out = out.to(param.dtype)
                 out = out.to(param.device)
                 if out.array is value.array:  # a private copy: the caller's dict is not aliased
-                    out = Tensor.from_array(out.array.copy(), out.device)
+                    out = Tensor.from_array(out.device.xp.copy(out.array, order="C"), out.device)
                 return out
             if isinstance(value, dict):
                 return {k: cast(param, v, k) for k, v in value.items()}

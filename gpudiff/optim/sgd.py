@@ -50,7 +50,7 @@ class SGD(Optimizer):
         if momentum != 0:
             buf = state.get("momentum_buffer")
             if buf is None:
-                buf = Tensor.from_array(g.copy(), param.device)
+                buf = Tensor.from_array(param.device.xp.copy(g, order="C"), param.device)
                 state["momentum_buffer"] = buf
             else:
                 b = buf.array

@@ -73,6 +73,9 @@ from time import perf_counter_ns
 from . import events
 
 KERNELS: dict[str, dict] = {"cpu": {}, "cuda": {}}
+#: kernels that work in place and return None when they ran (NotImplemented: declined);
+#: the others return their outputs, None when they declined
+IN_PLACE = frozenset({"sgd_step", "adam_step"})
 _enabled = [True]
 
 
@@ -98,11 +101,11 @@ def _reporting(fn, name, device):
     """``fn`` telling the profiler it ran (events.listener.kernel)."""
     def run(*args, **kwargs):
         t0 = perf_counter_ns()
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            if events.listener is not None:
-                events.listener.kernel(name, device, t0, perf_counter_ns())
+        out = fn(*args, **kwargs)
+        if events.listener is not None:
+            declined = out is NotImplemented or (out is None and name not in IN_PLACE)
+            events.listener.kernel(name, device, t0, perf_counter_ns(), declined)
+        return out
     return run
 
 

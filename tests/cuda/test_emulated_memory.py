@@ -172,9 +172,6 @@ def test_training_does_not_leak():
     assert cuda.memory_reserved() >= seen[200]
 
 
-@pytest.mark.xfail(strict=True, reason="gradients (Tensor._own: array.copy()) and SGD's "
-                   "momentum buffers (optim/sgd.py: g.copy()) are made by ndarray.copy, which "
-                   "the emulated pool does not see; they need xp.copy (issue 18, item 3)")
 @unchecked
 def test_training_accounts_activations_gradients_and_optimizer_state():
     model = _small_cnn().to("cuda")
@@ -201,10 +198,6 @@ def test_training_accounts_activations_gradients_and_optimizer_state():
     assert missing == []
 
 
-@pytest.mark.xfail(strict=True, reason="ops/__init__.py apply turns NumPy scalars into 0-d "
-                   "arrays only where dev.xp is np, which the emulated xp is not; and outputs "
-                   "made by ndarray methods / operators need runtime.emulated.own (issue 18, "
-                   "item 3: the change is the lead's)")
 def test_op_outputs_are_arrays_and_device_blocks():
     t = gpudiff.tensor(3, device="cuda") ** 2          # NumPy: int 0-d ** 2 is a scalar
     assert type(t.array) is np.ndarray
