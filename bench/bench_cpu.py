@@ -19,6 +19,8 @@ gpudiff.models, built once on gpudiff.nn and once on torch.nn):
            basic blocks (16, 32, 64 channels; BatchNorm; 1x1 conv + BN projection where the
            shape changes), global average pool, fc 64->10; 3x32x32
   resnet8  the same with one block per stage (resnet-small, `gpudiff train`'s default)
+  tiny-mlp Flatten, Linear 64->8, 6 x (Linear 8->8, Tanh), Linear 8->10 at batch 4: 99 small
+           ops a step, so the step time is the frameworks' per-op cost
 
 A step is zero_grad, forward, cross-entropy loss, backward, optimizer step. Each framework
 runs in its own worker process (PyTorch's OpenMP threads and ours would otherwise spin against
@@ -40,12 +42,12 @@ from gpudiff import benchmark
 
 # this script's model names -> gpudiff.benchmark's training-step cases
 MODELS = {"mnist": "mnist-cnn", "lenet": "lenet", "resnet": "resnet-20",
-          "resnet8": "resnet-small"}
+          "resnet8": "resnet-small", "tiny-mlp": "tiny-mlp"}
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--models", nargs="+", default=["mnist", "lenet", "resnet"],
+    ap.add_argument("--models", nargs="+", default=["mnist", "lenet", "resnet", "tiny-mlp"],
                     choices=list(MODELS))
     ap.add_argument("--reps", type=int, default=20, help="timed steps per framework")
     ap.add_argument("--warmup", type=int, default=3)

@@ -181,11 +181,14 @@ STEP_MODELS = {
     "mnist-cnn": ("mnist-cnn", 1, 28, {}),
     "resnet-small": ("resnet-small", 3, 32, {}),            # ResNet-8
     "resnet-20": ("resnet-small", 3, 32, {"blocks": 3}),    # the CIFAR ResNet-20
+    "tiny-mlp": ("tiny-mlp", 1, 8, {"batch": 4}),           # 99 small ops: per-op cost
 }
 
 
 def _step_case(model, batch):
     zoo_name, c, s, kw = STEP_MODELS[model]
+    kw = dict(kw)
+    batch = kw.pop("batch", batch)   # a model that fixes its own batch (tiny-mlp: 4)
 
     def setup(b, shared):
         from .models import create_model
@@ -222,7 +225,7 @@ def _step_case(model, batch):
 def cases(quick=False):
     """The benchmark cases: small shapes when ``quick``, the zoo models' shapes otherwise."""
     if quick:
-        return ([_step_case(m, 16) for m in ("lenet", "mnist-cnn", "resnet-small")]
+        return ([_step_case(m, 16) for m in ("lenet", "mnist-cnn", "resnet-small", "tiny-mlp")]
                 + _conv("3x3", 8, 16, 16, 16, 3, padding=1) + _pool("2x2", 8, 16, 16)
                 + _other_ops(8, 16, 16, 128, (64, 10)))
     n = 64
@@ -581,9 +584,11 @@ def table(results):
     return tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True)
 
 
-def write_json(path, results, settings, machine=None):
+def write_json(path, results, settings, machine=None, dispatch=None):
     doc = {"benchmark": "gpudiff.benchmark", "machine": machine or machine_info(),
            "settings": settings, "results": results, "ratios": ratios(results)}
+    if dispatch is not None:
+        doc["dispatch"] = dispatch
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
         f.write("\n")
@@ -618,8 +623,10 @@ def plot(path, results, title="gpudiff bench"):
 
 def run_cli(quick=False, devices=None, out=None, torch=True, repeat=None, log=print,
             only=None, warmup=None, profile=False, json_name="bench.json",
-            png_name="bench.png", op_repeat=None, source="gpudiff bench", isolate=True):
-    """``gpudiff bench``: run, print the table, write the JSON and the PNG into ``out``."""
+            png_name="bench.png", op_repeat=None, source="gpudiff bench", isolate=True,
+            dispatch=True):
+    """``gpudiff bench``: run, print the table, write the JSON and the PNG into ``out``;
+    ``dispatch``: also the per-op dispatch table (dispatch_table)."""
     devs = parse_devices(devices)
     if torch and importlib.util.find_spec("torch") is None:
         log("PyTorch is not installed: timing gpudiff only (pip install torch to compare)")
@@ -655,15 +662,131 @@ def run_cli(quick=False, devices=None, out=None, torch=True, repeat=None, log=pr
                 "isolated": isolate,
                 "timing": "wall clock per call, device synchronised; each backend in its own "
                           "process, taking turns; min, median and IQR over the repeats"}
-    write_json(os.path.join(out, json_name), results, settings, m)
+    drows = dispatch_table(devs, torch) if dispatch else None
+    write_json(os.path.join(out, json_name), results, settings, m, drows)
     plot(os.path.join(out, png_name), results, title=f"gpudiff bench: {m['cpu']}; gpu: {gpu}"
          f"{' (emulated)' if m['gpu_emulated'] else ''}; {m['date'][:10]}")
     log("")
     log(table(results))
+    if drows:
+        log("")
+        log("per-op dispatch cost, microseconds per call (ops on 4x8 tensors; emulated cuda: "
+            "apply() time outside the forward, by gpudiff.profiler, so no emulator kernel time)")
+        log(dispatch_text(drows))
     log("")
     log(f"{len(results)} timings in {time.perf_counter() - t0:.1f}s; wrote {json_name} and "
         f"{png_name} to {out}")
     return 0
+
+
+# ---- per-op dispatch cost ----------------------------------------------------------------------
+# What one op costs beyond its arithmetic: ops on (4, 8) float32 tensors, whose kernels take
+# well under a microsecond. On the CPU that is the wall time per call (min over rounds of
+# DISPATCH_CALLS calls); on the emulated cuda device, whose kernels run on the CPU emulator,
+# the kernel time is excluded by measuring with gpudiff.profiler: an op's dispatch is its
+# apply() time outside its forward (the kernel launch or reference), summed over the ops of
+# the call (for "linear fwd+bwd": the forward op and the backward node's own time).
+DISPATCH_CALLS = 2000
+DISPATCH_CASES = ("x * 1.0", "relu", "linear fwd+bwd")
+
+
+def _dispatch_call(lib, F, name, grad, device):
+    rng = np.random.default_rng(0)
+    x = lib.tensor(rng.standard_normal((4, 8)).astype(np.float32), device=device)
+    w = lib.tensor(rng.standard_normal((8, 8)).astype(np.float32), device=device)
+    b = lib.tensor(rng.standard_normal(8).astype(np.float32), device=device)
+    if grad:
+        for t in (x, w, b):
+            t.requires_grad_()
+    if name == "x * 1.0":
+        return lambda: x * 1.0
+    if name == "relu":
+        return lambda: F.relu(x)
+
+    def linear():
+        y = F.linear(x, w, b)
+        if grad:
+            y.sum().backward()
+    return linear
+
+
+def _per_call_us(fn, calls=DISPATCH_CALLS, rounds=5):
+    fn()
+    best = float("inf")
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, time.perf_counter() - t0)
+    return best / calls * 1e6
+
+
+def _emulated_dispatch_us(fn, calls=200):
+    """Per call: the ops' time outside their forwards, and backward nodes' time outside the
+    ops they run (gpudiff.profiler), so the emulator's kernel time does not count."""
+    import gpudiff.profiler as P
+    fn()
+    with P.profile() as prof:
+        for _ in range(calls):
+            fn()
+    total = 0.0
+    for r in prof.key_averages():
+        if r.key.endswith("Backward0") or r.key.endswith("Backward"):
+            total += r.self_cpu_time_total
+        else:
+            total += r.dispatch_time_total
+    return total / calls
+
+
+def dispatch_table(devices=("cpu",), torch=True, log=None):
+    """Rows {case, grad, framework, device, us}: the per-op dispatch costs (see above)."""
+    import gpudiff
+    import gpudiff.nn.functional as gF
+    rows = []
+    libs = [("gpudiff", gpudiff, gF, d) for d in devices]
+    if torch and importlib.util.find_spec("torch") is not None:
+        import torch as tlib
+        import torch.nn.functional as tF
+        tlib.set_num_threads(1)   # tiny tensors: one thread, as PyTorch runs them anyway
+        libs.append(("torch", tlib, tF, "cpu"))
+    for fw, lib, F, dev in libs:
+        emulated = fw == "gpudiff" and dev == "cuda" and gpudiff.cuda.is_emulated()
+        for case in DISPATCH_CASES:
+            for grad in ((True,) if case == "linear fwd+bwd" else (False, True)):
+                fn = _dispatch_call(lib, F, case, grad, dev)
+                if emulated:
+                    us, how = _emulated_dispatch_us(fn), "profiler: apply time outside forward"
+                else:
+                    if not grad:
+                        inner = fn
+
+                        def fn():
+                            with lib.no_grad():
+                                inner()
+                    us, how = _per_call_us(fn), "wall time per call"
+                rows.append({"case": case, "grad": grad, "framework": fw,
+                             "device": dev + (" (emulated)" if emulated else ""),
+                             "us": round(us, 3), "measured": how})
+                if log is not None:
+                    log(f"  dispatch {case:<15} {'grad' if grad else 'no grad':<8} "
+                        f"{fw} {rows[-1]['device']:<16} {us:8.2f} us")
+    return rows
+
+
+def dispatch_text(rows):
+    """The dispatch rows as a table: gpudiff per device next to PyTorch CPU, and the ratio."""
+    from tabulate import tabulate
+    keys = list(dict.fromkeys((r["case"], r["grad"]) for r in rows))
+    cols = list(dict.fromkeys(f"{r['framework']} {r['device']}" for r in rows))
+    by = {(r["case"], r["grad"], f"{r['framework']} {r['device']}"): r["us"] for r in rows}
+    body = []
+    for case, grad in keys:
+        line = [case, "yes" if grad else "no"] + [by.get((case, grad, c)) for c in cols]
+        g, t = by.get((case, grad, "gpudiff cpu")), by.get((case, grad, "torch cpu"))
+        line.append(f"{g / t:.2f}x" if g and t else "")
+        body.append(line)
+    return tabulate(body, ["op", "grad"] + [c + " us" for c in cols] + ["gpudiff/torch cpu"],
+                    floatfmt=".2f")
 
 
 # ---- gpudiff bench --distributed -----------------------------------------------------------

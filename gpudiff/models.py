@@ -25,8 +25,9 @@ import importlib
 
 from . import nn as _nn
 
-__all__ = ["MODELS", "BasicBlock", "LeNet5", "MnistNet", "ResNetSmall", "create_model", "zoo"]
-MODELS = ("lenet", "mnist-cnn", "resnet-small")
+__all__ = ["MODELS", "BasicBlock", "LeNet5", "MnistNet", "ResNetSmall", "TinyMLP", "create_model",
+           "zoo"]
+MODELS = ("lenet", "mnist-cnn", "resnet-small", "tiny-mlp")
 
 
 def _conv_out(size, kernel, padding=0, stride=1):
@@ -39,7 +40,7 @@ def zoo(nn):
     the benchmark and the tests can build the very same network in PyTorch.
 
     Returns {"lenet": LeNet5, "mnist-cnn": MnistNet, "resnet-small": ResNetSmall,
-    "BasicBlock": BasicBlock}.
+    "tiny-mlp": TinyMLP, "BasicBlock": BasicBlock}.
     """
     key = nn.__name__
     if key in _ZOOS:
@@ -151,8 +152,23 @@ def zoo(nn):
             x = self.pool(x).flatten(1)                       # (N, 64)
             return self.fc(x)
 
+    class TinyMLP(nn.Module):
+        """Flatten, Linear(in, 8), depth x (Linear 8->8, Tanh), Linear(8, classes): a network
+        of many small ops, where the per-op cost of the framework is most of the step."""
+
+        def __init__(self, in_channels=1, num_classes=10, image_size=8, depth=6, width=8):
+            super().__init__()
+            layers = [nn.Flatten(), nn.Linear(in_channels * image_size * image_size, width)]
+            for _ in range(depth):
+                layers += [nn.Linear(width, width), nn.Tanh()]
+            layers.append(nn.Linear(width, num_classes))
+            self.net = nn.Sequential(*layers)
+
+        def forward(self, x):
+            return self.net(x)
+
     classes = {"lenet": LeNet5, "mnist-cnn": MnistNet, "resnet-small": ResNetSmall,
-               "BasicBlock": BasicBlock}
+               "tiny-mlp": TinyMLP, "BasicBlock": BasicBlock}
     for cls in classes.values():      # name them as if defined at module level
         cls.__qualname__ = cls.__name__
         cls.__module__ = __name__
@@ -164,7 +180,8 @@ _ZOOS = {}
 
 
 def create_model(name, in_channels=1, image_size=28, num_classes=10, nn=None, **kwargs):
-    """Build the zoo model ``name`` ('lenet', 'mnist-cnn' or 'resnet-small') for the given input.
+    """Build the zoo model ``name`` ('lenet', 'mnist-cnn', 'resnet-small' or 'tiny-mlp') for the
+    given input.
 
     nn: the framework's nn package (default gpudiff.nn; torch.nn builds the PyTorch twin).
     kwargs: passed on to the class (``blocks=3`` makes resnet-small a ResNet-20).
@@ -182,3 +199,4 @@ LeNet5 = _classes["lenet"]
 MnistNet = _classes["mnist-cnn"]
 ResNetSmall = _classes["resnet-small"]
 BasicBlock = _classes["BasicBlock"]
+TinyMLP = _classes["tiny-mlp"]
