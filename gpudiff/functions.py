@@ -100,15 +100,27 @@ def _shape(args):
 
 
 # ---- arithmetic -----------------------------------------------------------------------
+def _float_and_number(a, b):
+    """Whether ``a`` is a floating Tensor and ``b`` a Python number (which keeps a's dtype):
+    then the *_scalar ops apply, with no 0-d tensor made for ``b``."""
+    return type(b) in (int, float) and isinstance(a, Tensor) and a.dtype.kind == "f"
+
+
 def add(input, other, *, alpha=1):
     if alpha != 1:
         other = mul(other, alpha) if isinstance(other, Tensor) else other * alpha
+    if _float_and_number(input, other):
+        return E.add_scalar.apply(input, other=other)
+    if _float_and_number(other, input):
+        return E.add_scalar.apply(other, other=input)
     return E.add.apply(*_binary_args("add", input, other))
 
 
 def sub(input, other, *, alpha=1):
     if alpha != 1:
         other = mul(other, alpha) if isinstance(other, Tensor) else other * alpha
+    if _float_and_number(input, other):
+        return E.add_scalar.apply(input, other=-other)
     return E.sub.apply(*_binary_args("sub", input, other))
 
 
@@ -116,6 +128,10 @@ subtract = sub
 
 
 def mul(input, other):
+    if _float_and_number(input, other):
+        return E.mul_scalar.apply(input, other=other)
+    if _float_and_number(other, input):
+        return E.mul_scalar.apply(other, other=input)
     return E.mul.apply(*_binary_args("mul", input, other))
 
 

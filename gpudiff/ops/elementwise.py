@@ -51,6 +51,33 @@ class sub(Op):
         return sum_to(gy, sa), sum_to(-gy, sb)
 
 
+class add_scalar(Op):
+    """a + s for a Python number s: no 0-d tensor to make, nothing to save."""
+
+    def forward(ctx, a, *, other):
+        return ctx.xp.add(a, a.dtype.type(other))
+
+    def backward(ctx, gy):
+        return gy
+
+    def backward_arrays(ctx, gy):
+        return gy
+
+
+class mul_scalar(Op):
+    """a * s for a Python number s: no 0-d tensor to make, nothing to save."""
+
+    def forward(ctx, a, *, other):
+        ctx.other = other
+        return ctx.xp.multiply(a, a.dtype.type(other))
+
+    def backward(ctx, gy):
+        return mul_scalar.apply(gy, other=ctx.other)
+
+    def backward_arrays(ctx, gy):
+        return gy * gy.dtype.type(ctx.other)
+
+
 class mul(Op):
     def forward(ctx, a, b):
         ctx.save_for_backward(a, b)

@@ -62,7 +62,7 @@ def _avoid(*points, **extra):
 ELEMENTWISE = [
     _binary("add", lambda m, a, b: a + b, ("add",), dtypes=(float64, float32, float16)),
     _binary("add_alpha", lambda m, a, b: m.add(a, b, alpha=2) if not isinstance(a, float)
-            else b.add(a, alpha=2), ("add", "mul")),
+            else b.add(a, alpha=2), ("add", "mul_scalar")),
     _binary("sub", lambda m, a, b: a - b, ("sub",)),
     _binary("mul", lambda m, a, b: a * b, ("mul",), dtypes=(float64, float32, float16)),
     OpInfo("div", op=lambda m, a, b: a / b, covers=("div",), gradgradcheck=True,
@@ -80,6 +80,18 @@ ELEMENTWISE = [
                                  S(np.where(make.mask(3, 4), make(3, 4), 0).astype(make.dtype),
                                    make(3, 4, low=1.5, high=3),
                                    skip=("gradcheck", "gradgradcheck"))]),
+    # a floating tensor with a Python number: the *_scalar ops (no 0-d tensor is made)
+    OpInfo("add_scalar", op=lambda m, x, s: x + s, covers=("add_scalar",), gradgradcheck=True,
+           samples=lambda make: [S(make(3, 4), 2.5), S(make(3, 4), -3), S(make(), 0.5)]),
+    OpInfo("radd_scalar", op=lambda m, x, s: s + x, covers=("add_scalar",),
+           samples=lambda make: [S(make(3, 4), 2.5), S(make(2, 3), 1)]),
+    OpInfo("sub_scalar", op=lambda m, x, s: x - s, covers=("add_scalar",),
+           samples=lambda make: [S(make(3, 4), 2.5), S(make(2, 3), 4)]),
+    OpInfo("mul_scalar", op=lambda m, x, s: x * s, covers=("mul_scalar",), gradgradcheck=True,
+           samples=lambda make: [S(make(3, 4), 2.5), S(make(3, 4), -2), S(make(), 0.0),
+                                 S(make(2, 3), True)]),
+    OpInfo("rmul_scalar", op=lambda m, x, s: s * x, covers=("mul_scalar",),
+           samples=lambda make: [S(make(3, 4), 0.25), S(make(2, 3), 3)]),
     OpInfo("pow_scalar", op=lambda m, x, e: x ** e, covers=("pow_scalar",), gradgradcheck=True,
            samples=lambda make: [S(make(3, 4), 2), S(make(3, 4), 3), S(make(2, 3), 0),
                                  S(make(2, 3, low=0.5, high=2), 0.5),
@@ -186,7 +198,7 @@ ELEMENTWISE += [
     _unary("trunc", covers=("floor", "ceil", "where", "greater_equal")),
     _unary("square", covers=("mul",)),
     _unary("reciprocal", covers=("div",), domain=(0.5, 2.0)),
-    _unary("expm1", covers=("exp", "sub")),
+    _unary("expm1", covers=("exp", "add_scalar")),
     _unary("log2", covers=("log", "mul"), domain=(0.2, 3.0)),
     _unary("log10", covers=("log", "mul"), domain=(0.2, 3.0)),
     _unary("exp_int", covers=("exp", "to_dtype"), call=lambda m, x: m.exp(x), dtypes=INTS,
@@ -407,7 +419,7 @@ SHAPES = [
     OpInfo("repeat", op=lambda m, x, *r: x.repeat(*r), covers=("repeat",), gradgradcheck=True,
            samples=lambda make: [S(make(2, 3), 2, 1), S(make(2, 3), 1, 2, 3), S(make(3), 2),
                                  S(make(), 3)]),
-    OpInfo("contiguous", op=lambda m, x: x.contiguous() * 1.0, covers=("contiguous", "mul"),
+    OpInfo("contiguous", op=lambda m, x: x.contiguous() * 1.0, covers=("contiguous", "mul_scalar"),
            samples=lambda make: [S(make(3, 4, noncontig=True)), S(make(3, 4))]),
 ]
 
@@ -531,7 +543,7 @@ DEVICE = [
            ref=lambda m, x: x.exp(), covers=("to_device", "exp"), needs_cuda=True,
            gradgradcheck=True, samples=lambda make: [S(make(3, 4)), S(make())]),
     OpInfo("cuda_cpu_methods", op=lambda m, x: (x.cuda() * 2).cpu() if x.device.type == "cpu"
-           else (x.cpu() * 2).cuda(), ref=lambda m, x: x * 2, covers=("to_device", "mul"),
+           else (x.cpu() * 2).cuda(), ref=lambda m, x: x * 2, covers=("to_device", "mul_scalar"),
            needs_cuda=True, samples=lambda make: [S(make(2, 3))]),
 ]
 
