@@ -130,6 +130,37 @@ __global__ void warp_exchange(gptr<int> y, int with_syncwarp) {
     y[(long long)blockIdx.x * blockDim.x + threadIdx.x] = s[lane ^ 1];
 }
 
+// y[b] = sum(x[b * blockDim.x:(b + 1) * blockDim.x]) (elements past n count as 0) through an
+// `extern __shared__` array sized by the launch (shared_mem = blockDim.x * 4 bytes), as the
+// reductions of NVIDIA's cuda-samples do; blockDim.x a power of 2. With with_barrier = 0 the
+// barrier inside the loop is missing (a race, as in tree_sum).
+__global__ void extern_shared_sum(gptr<const float> x, gptr<float> y, long long n,
+                                  int with_barrier) {
+    extern __shared__ float sdata[];
+    const unsigned t = threadIdx.x;
+    const long long i = (long long)blockIdx.x * blockDim.x + t;
+    sdata[t] = i < n ? x[i] : 0.0f;
+    __syncthreads();
+    for (unsigned s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (t < s) sdata[t] += sdata[t + s];
+        if (with_barrier) __syncthreads();  // uniform
+    }
+    if (t == 0) y[blockIdx.x] = sdata[0];
+}
+
+// bits[b, t] = the bits of x[b, n - 1 - t]: written through one extern __shared__ array,
+// read through another of another type. All extern __shared__ arrays of a kernel are the
+// same dynamic shared memory (shared_mem >= blockDim.x * 4).
+__global__ void extern_shared_alias(gptr<const float> x, gptr<int> bits) {
+    extern __shared__ float as_float[];
+    extern __shared__ int as_int[];
+    const int t = threadIdx.x, n = blockDim.x;
+    const long long row = (long long)blockIdx.x * n;
+    as_float[t] = x[row + t];
+    __syncthreads();
+    bits[row + t] = as_int[n - 1 - t];
+}
+
 // ---- wrong on purpose: emulator only --------------------------------------------------------
 // total[0] += x[i] by every thread, without atomicAdd: right in every emulated order (one
 // thread runs at a time), updates lost on a GPU. racecheck reports it.
@@ -172,6 +203,16 @@ __global__ void dynamic_overflow(gptr<float> y) {
     __syncthreads();
     y[threadIdx.x] = s[threadIdx.x];
 }
+// Thread t writes sdata[t + 1] of an extern __shared__ array, then reads sdata[t]: with
+// shared_mem = blockDim.x * 4 the last thread writes one float past the end; with one float
+// more, sdata[0] is never written (NaN from the poison, an initcheck error when checked).
+__global__ void extern_shared_shift(gptr<float> y) {
+    extern __shared__ float sdata[];
+    const int t = threadIdx.x;
+    sdata[t + 1] = (float)t;
+    __syncthreads();
+    y[(long long)blockIdx.x * blockDim.x + t] = sdata[t];
+}
 // Half of the block returns before a barrier the other half waits at.
 __global__ void divergent_barrier(gptr<float> y) {
     if (threadIdx.x >= blockDim.x / 2) return;
@@ -193,11 +234,14 @@ GPUDIFF_KERNEL(index_probe)
 GPUDIFF_KERNEL(static_shared_copy)
 GPUDIFF_KERNEL(tree_sum)
 GPUDIFF_KERNEL(warp_exchange)
+GPUDIFF_KERNEL(extern_shared_sum)
+GPUDIFF_KERNEL(extern_shared_alias)
 GPUDIFF_KERNEL(forgotten_atomic)
 GPUDIFF_KERNEL(static_shared_overflow)
 GPUDIFF_KERNEL(shared_read_before_write)
 GPUDIFF_KERNEL(oob_write)
 GPUDIFF_KERNEL(oob_read)
 GPUDIFF_KERNEL(dynamic_overflow)
+GPUDIFF_KERNEL(extern_shared_shift)
 GPUDIFF_KERNEL(divergent_barrier)
 GPUDIFF_KERNEL(shfl_outside_mask)

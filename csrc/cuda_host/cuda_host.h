@@ -49,7 +49,9 @@
 // The macro starts with a dummy constexpr declaration so that all of CUDA's spellings
 // compile: `__shared__ T s[n];` and `static __shared__ T s[n];` (the `static` then applies
 // to the dummy; the variable gets its own). `extern __shared__ T s[];` cannot work this
-// way (the declaration has no size the shim could give it): use dynamic_shared<T>().
+// way (the declaration has no size the shim could give it): the emulator's build (setup.py)
+// compiles each such declaration inside a function as `T* const s = dynamic_shared<T>();`,
+// the launch's dynamic shared memory, which is what every extern shared array is on a GPU.
 #define __shared__                                                              \
     __attribute__((unused)) constexpr int GD_CAT(gd_shared_decl_, __COUNTER__) = 0; \
     static __attribute__((aligned(65536)))

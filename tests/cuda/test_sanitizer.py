@@ -38,6 +38,26 @@ def test_warp_exchange_with_syncwarp_is_race_free(where):
     np.testing.assert_array_equal(where.get(y), np.concatenate([3 * lane, 3 * lane + 1]))
 
 
+# `extern __shared__ T s[];` (the cuda-samples spelling of dynamic shared memory): the emulator
+# build compiles each such declaration as the launch's dynamic shared memory (setup.py)
+@pytest.mark.parametrize("n", [1000, 4096])
+def test_extern_shared_reduction_as_in_cuda_samples(where, n):
+    x = np.random.default_rng(n).integers(-8, 8, size=n).astype(np.float32)
+    blocks = -(-n // 256)
+    y = where.put(np.zeros(blocks, np.float32))
+    launch(ST, "extern_shared_sum", blocks, 256, (where.put(x), y, np.int64(n), np.int32(1)),
+           shared_mem=256 * 4)
+    expect = np.concatenate([x, np.zeros(blocks * 256 - n, np.float32)]).reshape(blocks, 256)
+    np.testing.assert_array_equal(where.get(y), expect.sum(1))
+
+
+def test_extern_shared_arrays_of_a_kernel_alias(where):
+    x = np.random.default_rng(5).standard_normal((3, 64)).astype(np.float32)
+    bits = where.put(np.zeros((3, 64), np.int32))
+    launch(ST, "extern_shared_alias", 3, 64, (where.put(x), bits), shared_mem=64 * 4)
+    np.testing.assert_array_equal(where.get(bits), x[:, ::-1].view(np.int32))
+
+
 @pytest.mark.parametrize("order", ORDERS)
 def test_atomics_do_not_race_with_atomics(order):
     x = np.random.default_rng(2).integers(0, 20, size=2000).astype(np.int32)
@@ -113,6 +133,18 @@ def test_warp_synchronous_code_needs_syncwarp(host, order):
             launch(ST, "warp_exchange", 1, 32, (y, np.int32(0)))
 
 
+@pytest.mark.parametrize("order", ORDERS)
+def test_extern_shared_reduction_without_its_barrier_is_a_race(host, order):
+    x = np.ones(128, np.float32)
+    y = np.zeros(1, np.float32)
+    with cuda_launch.emulator(order=order, **CHECKED):
+        with pytest.raises(host.KernelError, match=r"kernel 'extern_shared_sum': racecheck: "
+                                                    r"(read-after-write|write-after-read) hazard "
+                                                    r"on dynamic shared memory at byte offset"):
+            launch(ST, "extern_shared_sum", 1, 128, (x, y, np.int64(128), np.int32(0)),
+                   shared_mem=128 * 4)
+
+
 # ---- bounds: always on --------------------------------------------------------------------
 def test_static_shared_overflow_is_caught_at_once(host):
     y = np.zeros(33, np.float32)
@@ -144,6 +176,15 @@ def test_dynamic_shared_overflow_names_the_thread(host):
         launch(ST, "dynamic_overflow", 1, 64, (np.zeros(64, np.float32),), shared_mem=256)
 
 
+def test_extern_shared_overflow_is_caught_like_dynamic_shared_overflow(host):
+    y = np.zeros(64, np.float32)
+    with pytest.raises(host.KernelError, match=r"extern_shared_shift', block \(0, 0, 0\), "
+                                                r"thread \(63, 0, 0\): wrote outside its 256 "
+                                                r"bytes of dynamic shared memory: a 4-byte "
+                                                r"access at byte offset 256"):
+        launch(ST, "extern_shared_shift", 1, 64, (y,), shared_mem=256)
+
+
 # ---- initcheck and poison -----------------------------------------------------------------
 def test_static_shared_memory_is_poisoned_in_every_block(host):
     y = np.zeros((3, 64), np.float32)
@@ -156,6 +197,20 @@ def test_static_shared_memory_is_poisoned_in_every_block(host):
                                                     r"of uninitialised shared memory: shared "
                                                     r"variable 'shared_read_before_write::s'"):
             launch(ST, "shared_read_before_write", 3, 64, (y,))
+
+
+def test_extern_shared_memory_is_poisoned_in_every_block(host):
+    y = np.zeros((3, 64), np.float32)
+    with cuda_launch.emulator(check=""):  # one float more: in bounds, sdata[0] never written
+        launch(ST, "extern_shared_shift", 3, 64, (y,), shared_mem=65 * 4)
+    assert np.isnan(y[:, 0]).all()  # every block, not only the first
+    np.testing.assert_array_equal(y[:, 1:], np.tile(np.arange(63, dtype=np.float32), (3, 1)))
+    with cuda_launch.emulator(**CHECKED):
+        with pytest.raises(host.KernelError, match=r"extern_shared_shift', block \(0, 0, 0\), "
+                                                    r"thread \(0, 0, 0\): initcheck: read of "
+                                                    r"uninitialised shared memory: dynamic shared "
+                                                    r"memory at byte offset 0"):
+            launch(ST, "extern_shared_shift", 3, 64, (y,), shared_mem=65 * 4)
 
 
 def test_reading_a_poisoned_float_array_is_flagged(host):
