@@ -31,16 +31,19 @@ from .graph import Node, SavedTensor
 class FunctionCtx:
     """What a forward hands its backward: saved tensors and any attributes it sets."""
 
+    # defaults shared by every context (an op sets what it needs on its own instance)
+    materialize_grads = True
+    input_meta = ()     # (shape, dtype) of each input: the engine checks gradients
+    out_device = None   # an op whose outputs live elsewhere (to_device) sets it
+    _to_save = ()       # what save_for_backward got, until record() resolves it
+    _saved = None       # SavedTensors; None once freed (or before recording)
+    _non_diff = ()
+    _dirty = ()
+
     def __init__(self, needs_input_grad, device=None, name=""):
         self.needs_input_grad = needs_input_grad
         self.device = device
         self.op_name = name
-        self.materialize_grads = True
-        self.input_meta = ()   # (shape, dtype) of each input: the engine checks gradients
-        self._to_save = ()     # what save_for_backward got, until record() resolves it
-        self._saved = None     # SavedTensors; None once freed
-        self._non_diff = ()
-        self._dirty = ()
 
     @property
     def xp(self):
@@ -112,14 +115,18 @@ def record(ctx, backward_fn, inputs, outputs, backward_arrays=None):
     """Put one op on the tape: a Node (backward ``backward_fn(ctx, *gys)``) whose outputs are
     the differentiable ones of ``outputs``. Inputs' edges are taken before dirty inputs are
     rebased onto the node."""
-    ctx.input_meta = [(None, None) if t is None else (t.shape, t.dtype) for t in inputs]
+    ctx.input_meta = [None if t is None else (t.shape, t.dtype) for t in inputs]
     node = Node(ctx.op_name, backward_fn, ctx, inputs, outputs, backward_arrays)
     non_diff = ctx._non_diff
     for i, r in enumerate(outputs):
-        if r is None or r.dtype.kind != "f" or any(_is(v, r) for v in non_diff):
+        if r is None or r.array.dtype.kind != "f":
+            continue
+        if non_diff and any(v is r or v is r.array for v in non_diff):
             continue
         r.grad_fn, r._output_nr, r._requires_grad = node, i, True
-    ctx._saved = tuple(_save(v, inputs, outputs, node, ctx._dirty) for v in ctx._to_save)
+    to_save = ctx._to_save
+    ctx._saved = tuple(_save(v, inputs, outputs, node, ctx._dirty) for v in to_save) \
+        if to_save else ()
     ctx._to_save = ()
     return node
 

@@ -2,11 +2,16 @@
 import functools
 import threading
 
-_state = threading.local()
+class _State(threading.local):
+    enabled = True    # grad mode (each thread starts with it on, as in PyTorch)
+    anomaly = False   # anomaly detection
+
+
+_state = _State()
 
 
 def is_grad_enabled():
-    return getattr(_state, "enabled", True)
+    return _state.enabled
 
 
 def _set(flag):
@@ -14,7 +19,7 @@ def _set(flag):
 
 
 def is_anomaly_enabled():
-    return getattr(_state, "anomaly", False)
+    return _state.anomaly
 
 
 class _Mode:

@@ -103,18 +103,22 @@ def apply(op, tensors, params):
     ctx = FunctionCtx(needs_grad, dev, op.name)
     ctx.op = op
     arrays = [None if t is None else t.array for t in tensors]
-    with runtime.on_device(dev):
-        if listener is None:
+    if listener is not None:
+        f0 = perf_counter_ns()
+    host = dev.host  # NumPy arrays: the CPU, or the emulated CUDA device
+    if host:
+        out = op.forward(ctx, *arrays, **params)
+    else:
+        with runtime.on_device(dev):  # CuPy allocates on the current GPU
             out = op.forward(ctx, *arrays, **params)
-        else:
-            f0 = perf_counter_ns()
-            out = op.forward(ctx, *arrays, **params)
-            f1 = perf_counter_ns()
+    if listener is not None:
+        f1 = perf_counter_ns()
     multi = isinstance(out, tuple)
     outs = out if multi else (out,)
-    out_dev = getattr(ctx, "out_device", dev)
-    if dev.host:  # NumPy arrays: the CPU, or the emulated CUDA device
-        if any(type(o) is not np.ndarray for o in outs):
+    out_dev = ctx.out_device or dev
+    if host:
+        if (type(out) is not np.ndarray) if not multi else \
+                any(type(o) is not np.ndarray for o in outs):
             outs = _as_ndarrays(ctx, outs)
         if out_dev.type == "cuda":  # what the forward made with ndarray methods and operators
             runtime.emulated.own(outs)  # is device memory too (the emulated pool's blocks)
