@@ -157,3 +157,36 @@ def test_docs_point_only_inside_the_repository(path):
         if not os.path.exists(os.path.join(ROOT, p.rstrip("/"))):
             missing.append(p)
     assert missing == []
+
+
+# the places of the training stack that may use the raw-array API (docs/ARCHITECTURE.md,
+# "The raw-array API, and where it is used"); everything else there uses tensor ops
+RAW_ARRAY_USERS = {
+    "gpudiff/nn/functional.py", "gpudiff/nn/init.py", "gpudiff/nn/modules/module.py",
+    "gpudiff/nn/parameter.py", "gpudiff/nn/utils/clip_grad.py",
+    "gpudiff/nn/utils/convert_parameters.py", "gpudiff/nn/parallel/distributed.py",
+    "gpudiff/optim/adadelta.py", "gpudiff/optim/adagrad.py", "gpudiff/optim/adam.py",
+    "gpudiff/optim/optimizer.py", "gpudiff/optim/rmsprop.py", "gpudiff/optim/sgd.py",
+}
+
+
+def test_nn_and_optim_reach_arrays_only_where_the_docs_say():
+    found, private = set(), set()
+    for top in ("nn", "optim"):
+        for d, _, files in os.walk(os.path.join(PKG, top)):
+            for f in files:
+                if not f.endswith(".py"):
+                    continue
+                path = os.path.join(d, f)
+                rel = os.path.relpath(path, ROOT).replace(os.sep, "/")
+                text = open(path, encoding="utf-8").read()
+                if re.search(r"\.array\b|\.xp\b", text):
+                    found.add(rel)
+                if "_make(" in text:
+                    private.add(rel)   # the engine's constructor: Tensor.from_array instead
+    assert found <= RAW_ARRAY_USERS, sorted(found - RAW_ARRAY_USERS)
+    assert private == set()
+    doc = open(os.path.join(ROOT, "docs", "ARCHITECTURE.md"), encoding="utf-8").read()
+    for rel in RAW_ARRAY_USERS:
+        short = rel.split("gpudiff/", 1)[1]
+        assert short in doc or short.rsplit("/", 1)[0] + "/" in doc, rel

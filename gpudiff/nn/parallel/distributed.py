@@ -51,7 +51,7 @@ class _Bucket:
         self.views = [self.buffer[a:b].reshape(p.shape)
                       for a, b, p in zip(self.offsets, self.offsets[1:], params)]
         from ...tensor import Tensor
-        self.grads = [Tensor._make(v, device) for v in self.views]
+        self.grads = [Tensor.from_array(v, device) for v in self.views]
         self.pending = 0
         self.work = None
 
@@ -287,7 +287,7 @@ class DistributedDataParallel(Module):
             if z is None:
                 from ...tensor import Tensor
                 xp, p = self._params[i].device.xp, self._params[i]
-                z = self._zeros[i] = Tensor._make(
+                z = self._zeros[i] = Tensor.from_array(
                     xp.broadcast_to(xp.zeros((), dtype=p.dtype), p.shape), p.device)
             return z
         return hook
