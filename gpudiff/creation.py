@@ -155,8 +155,8 @@ def randn(*size, generator=None, dtype=None, device=None, requires_grad=False):
 
 def randint(low, high=None, size=None, generator=None, dtype=None, device=None,
             requires_grad=False):
-    if high is None:
-        low, high = 0, low
+    if high is None or (size is None and isinstance(high, (tuple, list))):
+        low, high, size = 0, low, size if high is None else high  # randint(high, size)
     return _random(lambda r, s: r.integers(low, high, s), (size,), dtype or np.int64, device,
                    requires_grad, generator)
 

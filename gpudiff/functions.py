@@ -19,7 +19,7 @@ from .ops import reduce as R
 from .ops import shape as S
 from .ops import softmax as Sm
 from .ops.reduce import norm_dims
-from .tensor import Tensor, get_default_dtype
+from .tensor import Tensor, _infer_dtype, get_default_dtype
 
 
 # ---- argument helpers -----------------------------------------------------------------
@@ -200,6 +200,9 @@ def minimum(input, other):
 def where(condition, input=None, other=None):
     if input is None:
         return nonzero(condition, as_tuple=True)
+    if not isinstance(input, Tensor) and not isinstance(other, Tensor):  # two numbers
+        input = Tensor._make(condition.device.xp.asarray(input, dtype=_infer_dtype(input)),
+                             condition.device)
     like = input if isinstance(input, Tensor) else other
     input, other = _binary_args("where", input if isinstance(input, Tensor) else
                                 _wrap(input, like), other)

@@ -256,18 +256,24 @@ class Tensor:
     def is_contiguous(self):
         return bool(self.array.flags.c_contiguous)
 
+    def _new(self, fill, size, dtype, device, *value):
+        dev = self.device if device is None else runtime.device(device)
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size,)
+        with runtime.on_device(dev):
+            a = getattr(dev.xp, fill)(size, *value, dtype=dtype or self.dtype)
+        return Tensor._make(a, dev)
+
     def new_zeros(self, size, dtype=None, device=None):
-        return Tensor._make(self.device.xp.zeros(size, dtype=dtype or self.dtype), self.device)
+        return self._new("zeros", size, dtype, device)
 
     def new_ones(self, size, dtype=None, device=None):
-        return Tensor._make(self.device.xp.ones(size, dtype=dtype or self.dtype), self.device)
+        return self._new("ones", size, dtype, device)
 
     def new_full(self, size, fill_value, dtype=None, device=None):
-        return Tensor._make(self.device.xp.full(size, fill_value, dtype=dtype or self.dtype),
-                            self.device)
+        return self._new("full", size, dtype, device, fill_value)
 
     def new_empty(self, size, dtype=None, device=None):
-        return Tensor._make(self.device.xp.empty(size, dtype=dtype or self.dtype), self.device)
+        return self._new("empty", size, dtype, device)
 
     def new_tensor(self, data, dtype=None, device=None, requires_grad=False):
         return Tensor(data, dtype=dtype or self.dtype, device=device or self.device,

@@ -461,3 +461,28 @@ def test_cat_stack_promotion_matches_torch(dtypes):
         g = getattr(gpudiff, fn)([gpudiff.ones(2, dtype=getattr(gpudiff, d)) for d in dtypes])
         t = getattr(torch, fn)([torch.ones(2, dtype=getattr(torch, d)) for d in dtypes])
         assert tname(g.dtype) == tname(t.dtype), fn
+
+
+# ---- PyTorch spellings that a new user tries (docs/API.md's gap list) ---------------------
+def test_randint_high_and_size_only():
+    t = gpudiff.randint(10, (3,))
+    assert t.shape == (3,) and t.dtype == gpudiff.int64
+    assert 0 <= t.min().item() <= t.max().item() < 10
+    assert gpudiff.randint(2, 5, (2, 2)).shape == (2, 2)
+
+
+def test_new_factories_follow_their_device_and_dtype_arguments():
+    x = gpudiff.ones(2)
+    assert x.new_zeros((3,)).shape == (3,) and x.new_ones(3).tolist() == [1.0, 1.0, 1.0]
+    assert x.new_full((2,), 7.0).tolist() == [7.0, 7.0]
+    assert x.new_zeros(2, dtype=gpudiff.int64).dtype == gpudiff.int64
+    if gpudiff.cuda.is_available():
+        assert x.new_zeros(2, device="cuda").device.type == "cuda"
+        assert x.new_empty(2, device="cuda").device.type == "cuda"
+
+
+def test_where_with_two_numbers():
+    c = gpudiff.tensor([True, False])
+    assert gpudiff.where(c, 1.0, 0.0).tolist() == [1.0, 0.0]
+    assert gpudiff.where(c, 1.0, 0.0).dtype == gpudiff.float32
+    assert gpudiff.where(c, 1, 0).dtype == gpudiff.int64
