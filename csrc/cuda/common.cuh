@@ -11,8 +11,9 @@
 // Conventions for kernel files:
 //   * global-memory pointer parameters are gptr<T> / gptr<const T> (T* __restrict__ on the
 //     GPU; a bounds-checked pointer in the emulator that may later trace memory traffic);
-//   * dynamic shared memory comes from dynamic_shared<T>(), not `extern __shared__` (the
-//     emulator cannot give `extern __shared__` a per-launch size);
+//   * our kernels take dynamic shared memory from dynamic_shared<T>() (typed, and the
+//     emulator bounds-checks it); cuda-samples' `extern __shared__ T s[];` also works: the
+//     emulator build rewrites it to the same call (setup.py, docs/EMULATOR.md);
 //   * each kernel instantiation the backend uses is listed once, at the end of its file, as
 //     GPUDIFF_KERNEL(name<type>) lines: Python reads these lines for CuPy's
 //     name_expressions, the emulator build registers them, nvcc instantiates them.
