@@ -783,22 +783,36 @@ ger = outer
 
 
 # ---- the Tensor methods that run ops beyond the functions above -------------------------
-def _to(self, *args, **kwargs):
-    """``to(device)``, ``to(dtype)``, ``to(device, dtype)``, ``to(other)``."""
-    dev, dtype = kwargs.get("device"), kwargs.get("dtype")
+def parse_to_args(*args, **kwargs):
+    """(device, dtype) from the arguments of Tensor.to and Module.to (not exported: nn's
+    Module.to uses it too)."""
+    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
+    for ignored in ("non_blocking", "memory_format", "copy"):  # (no asynchronous copies here)
+        kwargs.pop(ignored, None)
+    if kwargs:
+        raise TypeError(f"to() got unexpected keyword arguments {sorted(kwargs)}")
     for a in args:
         if isinstance(a, Tensor):
-            dev, dtype = a.device, a.dtype
+            device, dtype = a.device, a.dtype
         elif isinstance(a, runtime.Device) or (isinstance(a, str) and
                                                a.split(":")[0] in ("cpu", "cuda")):
-            dev = a
-        else:
+            device = a
+        elif isinstance(a, bool):  # non_blocking positional
+            continue
+        elif a is not None:
             dtype = a
+    if device is not None:
+        device = runtime.device(device)
+    return device, (None if dtype is None else np.dtype(dtype))
+
+
+def _to(self, *args, **kwargs):
+    """``to(device)``, ``to(dtype)``, ``to(device, dtype)``, ``to(other)``."""
+    dev, dtype = parse_to_args(*args, **kwargs)
     out = self
-    if dtype is not None and np.dtype(dtype) != self.dtype:
-        out = E.to_dtype.apply(out, dtype=np.dtype(dtype))
+    if dtype is not None and dtype != self.dtype:
+        out = E.to_dtype.apply(out, dtype=dtype)
     if dev is not None:
-        dev = runtime.device(dev)
         if dev != out.device:
             out = D.to_device.apply(out, device=dev)
     return out
@@ -895,4 +909,4 @@ _attach()
 # what `from gpudiff.functions import *` (gpudiff's namespace) takes: the functions above
 __all__ = sorted(n for n, v in list(globals().items())
                  if not n.startswith("_") and callable(v) and not isinstance(v, type)
-                 and getattr(v, "__module__", None) == __name__)
+                 and getattr(v, "__module__", None) == __name__ and n != "parse_to_args")

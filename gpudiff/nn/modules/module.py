@@ -13,6 +13,7 @@ import numpy as np
 
 from ... import runtime
 from ...autograd.grad_mode import no_grad
+from ...functions import parse_to_args
 from ...tensor import Tensor
 from ..parameter import Buffer, Parameter
 
@@ -434,7 +435,7 @@ class Module:
         A dtype applies to floating-point parameters and buffers only (integer buffers such
         as BatchNorm's num_batches_tracked keep theirs), as in PyTorch.
         """
-        device, dtype = _parse_to(*args, **kwargs)
+        device, dtype = parse_to_args(*args, **kwargs)
         if dtype is not None and np.dtype(dtype).kind not in "fc":
             raise TypeError(f"nn.Module.to only accepts floating point or complex dtypes, but "
                             f"got desired dtype={np.dtype(dtype)}")
@@ -608,28 +609,6 @@ def _plain(t):
 
 def _size(shape):
     return f"gpudiff.Size({list(shape)})"
-
-
-def _parse_to(*args, **kwargs):
-    """(device, dtype) from the arguments of Module.to / Tensor.to."""
-    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
-    kwargs.pop("non_blocking", None)
-    kwargs.pop("memory_format", None)
-    if kwargs:
-        raise TypeError(f"to() got unexpected keyword arguments {sorted(kwargs)}")
-    for a in args:
-        if isinstance(a, Tensor):
-            device, dtype = a.device, a.dtype
-        elif isinstance(a, runtime.Device) or (isinstance(a, str) and
-                                               a.split(":")[0] in ("cpu", "cuda")):
-            device = a
-        elif isinstance(a, bool):  # non_blocking positional
-            continue
-        elif a is not None:
-            dtype = a
-    if device is not None:
-        device = runtime.device(device)
-    return device, (None if dtype is None else np.dtype(dtype))
 
 
 def _warn(msg):
