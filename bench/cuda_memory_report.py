@@ -161,8 +161,8 @@ def record_conv_choices(rec):
     """Log (pass, geometry, algorithm) of every convolution (wraps rc.conv._algorithm)."""
     inner = rc.conv._algorithm
 
-    def logged(geom, pass_):
-        algo = inner(geom, pass_)
+    def logged(geom, pass_, *args):
+        algo = inner(geom, pass_, *args)
         if rec.on:
             g = geom
             rec.convs.append({

@@ -22,7 +22,7 @@ NAMESPACES = [
     "gpudiff", "gpudiff.nn", "gpudiff.nn.functional", "gpudiff.nn.init", "gpudiff.nn.utils",
     "gpudiff.optim", "gpudiff.optim.lr_scheduler", "gpudiff.utils.data", "gpudiff.autograd",
     "gpudiff.cuda", "gpudiff.backends.cuda", "gpudiff.datasets", "gpudiff.transforms",
-    "gpudiff.profiler",
+    "gpudiff.profiler", "gpudiff.backends.cudnn", "gpudiff.backends.mps",
 ]
 # documented too when they exist (work in progress may add or remove them)
 OPTIONAL_NAMESPACES = ["gpudiff.distributed", "gpudiff.nn.parallel"]

@@ -21,6 +21,19 @@ choose_conv_algorithm = cuda_conv.choose_conv_algorithm
 reset_conv_log = cuda_conv.reset_conv_log
 
 
+class _MatmulSettings:
+    """``gpudiff.backends.cuda.matmul``: PyTorch's matmul switches (accepted and kept; our
+    matmuls go through cuBLAS / NumPy in FP32, so they change nothing yet)."""
+
+    def __init__(self):
+        self.allow_tf32 = False   # PyTorch's default
+        self.allow_fp16_reduced_precision_reduction = True
+        self.allow_bf16_reduced_precision_reduction = True
+
+
+matmul = _MatmulSettings()
+
+
 class _CudaSettings(types.ModuleType):
     @property
     def conv_algorithm(self):

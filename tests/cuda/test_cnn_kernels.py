@@ -844,3 +844,69 @@ def test_backends_cuda_conv_algorithm_setting_forces_the_path():
         assert settings.conv_algorithm == "implicit_gemm"
     finally:
         settings.conv_algorithm = "auto"
+
+
+def _conv_step(gpudiff, gF, x, w):
+    x.grad = w.grad = None
+    y = gF.conv2d(x, w, padding=1)
+    y.sum().backward()
+    return y.detach().cpu().numpy(), x.grad.cpu().numpy(), w.grad.cpu().numpy()
+
+
+def test_backends_cudnn_benchmark_and_enabled():
+    # torch.backends.cudnn's switches act on our kernels: benchmark uses the heuristic on the
+    # emulated device (its times say nothing about a GPU's) and times nothing; enabled=False
+    # sends the convolution ops to their reference (im2col + GEMM), same numbers
+    import gpudiff
+    import gpudiff.nn.functional as gF
+
+    cudnn = gpudiff.backends.cudnn
+    x = gpudiff.randn(2, 3, 8, 8, device="cuda", requires_grad=True)
+    w = gpudiff.randn(4, 3, 3, 3, device="cuda", requires_grad=True)
+    plain = _conv_step(gpudiff, gF, x, w)
+    heuristic = dict(gpudiff.backends.cuda.last_conv_algorithm)
+    assert (cudnn.benchmark, cudnn.enabled, cudnn.allow_tf32) == (False, True, True)
+    assert gpudiff.backends.cuda.matmul.allow_tf32 is False
+    try:
+        cudnn.benchmark = True
+        assert rc.conv.benchmark is True
+        for a, b in zip(_conv_step(gpudiff, gF, x, w), plain):
+            np.testing.assert_array_equal(a, b)
+        assert gpudiff.backends.cuda.last_conv_algorithm == heuristic
+        assert rc.conv.benchmark_cache == {}            # nothing timed on the emulator
+        cudnn.benchmark = False
+        cudnn.enabled = False
+        rc.conv.reset_conv_log()
+        for a, b in zip(_conv_step(gpudiff, gF, x, w), plain):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+        assert gpudiff.backends.cuda.last_conv_algorithm == {}  # our conv kernels did not run
+    finally:
+        cudnn.benchmark, cudnn.enabled = False, True
+
+
+def test_backends_mps_answers_no():
+    # PyTorch's MNIST example asks before choosing a device
+    import gpudiff
+    assert gpudiff.backends.mps.is_available() is False
+    assert gpudiff.backends.mps.is_built() is False
+    assert gpudiff.backends.cudnn.is_available() is gpudiff.cuda.is_available()
+
+
+@pytest.mark.gpu
+def test_backends_cudnn_benchmark_times_each_geometry_once_on_a_gpu():
+    import gpudiff
+    import gpudiff.nn.functional as gF
+    if not gpu_available():
+        pytest.skip("needs CuPy and an NVIDIA GPU")
+    x = gpudiff.randn(8, 16, 16, 16, device="cuda", requires_grad=True)
+    w = gpudiff.randn(16, 16, 3, 3, device="cuda", requires_grad=True)
+    ref = _conv_step(gpudiff, gF, x, w)
+    try:
+        gpudiff.backends.cudnn.benchmark = True
+        rc.conv.benchmark_cache.clear()
+        out = _conv_step(gpudiff, gF, x, w)
+        assert len(rc.conv.benchmark_cache) == 3          # one choice per pass
+        for a, b in zip(out, ref):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    finally:
+        gpudiff.backends.cudnn.benchmark = False

@@ -27,6 +27,7 @@ profiler read them); ``use_conv_algorithm(name)`` forces one for a block of code
 """
 import collections
 import contextlib
+import importlib
 import math
 
 import numpy as np
@@ -40,6 +41,7 @@ from .launch import (
     ctype,
     grid_1d,
     i32,
+    is_cupy,
     launch,
     sm_count,
     unbatch,
@@ -49,6 +51,13 @@ from .launch import (
 # ---- settings and bookkeeping ---------------------------------------------------------------
 CONV_ALGORITHMS = ("auto", "implicit_gemm", "im2col", "direct")
 conv_algorithm = "auto"
+#: the cuDNN-style switches (gpudiff.backends.cudnn): our convolution kernels play cuDNN's role.
+#: enabled=False: the convolution ops run their im2col + GEMM reference instead; benchmark:
+#: 'auto' times the algorithms once per geometry on a real GPU (the heuristic on the emulator)
+enabled = True
+benchmark = False
+#: (pass, geometry, dtype) -> the algorithm benchmark chose
+benchmark_cache = {}
 #: pass ('forward', 'backward_input', 'backward_weight') -> algorithm of the latest call
 last_conv_algorithm = {}
 #: (pass, algorithm) -> number of calls since import (or reset_conv_log())
@@ -102,16 +111,42 @@ def choose_conv_algorithm(geom, pass_="forward"):
     return "implicit_gemm"
 
 
-def _algorithm(geom, pass_):
+def _algorithm(geom, pass_, run, some_array):
+    """The algorithm of this pass: the forced one, else (``auto``) the benchmarked fastest
+    (``benchmark`` on a real GPU) or the heuristic. ``run(algo)`` runs the pass."""
     algo = conv_algorithm
     if algo not in CONV_ALGORITHMS:
         raise ValueError(f"gpudiff.backends.cuda.conv_algorithm must be one of "
                          f"{CONV_ALGORITHMS}, got {algo!r}")
     if algo == "auto":
-        algo = choose_conv_algorithm(geom, pass_)
+        if benchmark and is_cupy(some_array):
+            algo = _fastest(geom, pass_, run, some_array)
+        else:  # (the emulator's times say nothing about a GPU's: the heuristic there)
+            algo = choose_conv_algorithm(geom, pass_)
     last_conv_algorithm[pass_] = algo
     conv_algorithm_counts[(pass_, algo)] += 1
     return algo
+
+
+def _fastest(geom, pass_, run, some_array, repeats=3):
+    """cudnn.benchmark on a real GPU: time every algorithm once per (pass, geometry, dtype)
+    with CUDA events and keep the fastest (not yet run on a GPU)."""
+    key = (pass_, geom.kernel_args(), some_array.dtype.str)
+    best = benchmark_cache.get(key)
+    if best is None:
+        cupy = importlib.import_module("cupy")
+        times = {}
+        for algo in CONV_ALGORITHMS[1:]:
+            run(algo)                                    # warm-up (compiles the module)
+            start, end = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record()
+            for _ in range(repeats):
+                run(algo)
+            end.record()
+            end.synchronize()
+            times[algo] = cupy.cuda.get_elapsed_time(start, end)
+        best = benchmark_cache[key] = min(times, key=times.get)
+    return best
 
 
 def _tile(rows):
@@ -143,7 +178,7 @@ def _batch_chunk(geom, itemsize, depth_per_image):
 def conv2d(x, w, b, stride, padding, dilation, groups):
     """y (N, K, OH, OW) = conv2d(x (N, C, H, W), w (K, C/groups, KH, KW)) + b (K,)."""
     t = ctype(x, w, b)
-    if t is None or x.ndim not in (3, 4) or w.ndim != 4:
+    if t is None or not enabled or x.ndim not in (3, 4) or w.ndim != 4:
         return None
     x, unbatched = unbatch(x)
     geom = ConvGeom(x.shape, w.shape, stride, padding, dilation, groups)
@@ -153,21 +188,24 @@ def conv2d(x, w, b, stride, padding, dilation, groups):
     x = xp.ascontiguousarray(x)
     w = xp.ascontiguousarray(w)
     y = xp.empty((geom.N, geom.K, geom.OH, geom.OW), x.dtype)
-    if y.size:
-        algo = _algorithm(geom, "forward")
+
+    def run(algo):
         if algo == "im2col":
             _conv2d_im2col(x, w, b, y, geom, t)
+            return
+        has_bias = b is not None
+        bias = xp.ascontiguousarray(b) if has_bias else xp.zeros(1, x.dtype)
+        if algo == "direct":
+            launch("conv.cu", f"conv2d_fwd_direct<{t}>", grid_1d(y.size, x), THREADS,
+                   (x, w, bias, y) + i32(*geom.kernel_args()) + i32(has_bias))
         else:
-            has_bias = b is not None
-            bias = xp.ascontiguousarray(b) if has_bias else xp.zeros(1, x.dtype)
-            if algo == "direct":
-                launch("conv.cu", f"conv2d_fwd_direct<{t}>", grid_1d(y.size, x), THREADS,
-                       (x, w, bias, y) + i32(*geom.kernel_args()) + i32(has_bias))
-            else:
-                tile = _tile(geom.Kg)
-                launch("conv.cu", _igemm_name("conv2d_fwd_igemm", t, tile),
-                       _igemm_grid(geom.N * geom.OH * geom.OW, geom.Kg, geom.G, tile),
-                       _igemm_threads(tile), (x, w, bias, y) + i32(*geom.kernel_args()) + i32(has_bias))
+            tile = _tile(geom.Kg)
+            launch("conv.cu", _igemm_name("conv2d_fwd_igemm", t, tile),
+                   _igemm_grid(geom.N * geom.OH * geom.OW, geom.Kg, geom.G, tile),
+                   _igemm_threads(tile),
+                   (x, w, bias, y) + i32(*geom.kernel_args()) + i32(has_bias))
+    if y.size:
+        run(_algorithm(geom, "forward", run, x))
     return y[0] if unbatched else y
 
 
@@ -191,7 +229,7 @@ def _conv2d_im2col(x, w, b, y, geom, t):
 def conv2d_backward_input(gy, w, x_shape, stride, padding, dilation, groups):
     """gx (N, C, H, W) of y = conv2d(x, w): also conv_transpose2d's forward."""
     t = ctype(gy, w)
-    if t is None or gy.ndim not in (3, 4) or w.ndim != 4 or len(x_shape) != gy.ndim:
+    if t is None or not enabled or gy.ndim not in (3, 4) or w.ndim != 4 or len(x_shape) != gy.ndim:
         return None
     gy, unbatched = unbatch(gy)
     x_shape = (1,) + tuple(x_shape) if unbatched else tuple(x_shape)
@@ -202,21 +240,24 @@ def conv2d_backward_input(gy, w, x_shape, stride, padding, dilation, groups):
     gy = xp.ascontiguousarray(gy)
     w = xp.ascontiguousarray(w)
     gx = xp.empty((geom.N, geom.C, geom.H, geom.W), gy.dtype)
+
+    def run(algo):
+        if algo == "im2col":
+            _dgrad_im2col(gy, w, gx, geom, t)
+        elif algo == "direct":
+            launch("conv.cu", f"conv2d_dgrad_direct<{t}>", grid_1d(gx.size, gy), THREADS,
+                   (gy, w, gx) + i32(*geom.kernel_args()))
+        else:
+            tile = _tile(geom.Cg)
+            launch("conv.cu", _igemm_name("conv2d_dgrad_igemm", t, tile),
+                   _igemm_grid(geom.N * geom.H * geom.W, geom.Cg, geom.G, tile),
+                   _igemm_threads(tile),
+                   (gy, _dgrad_weights(w, geom), gx) + i32(*geom.kernel_args()))
     if gx.size:
         if gy.size == 0:
             gx[...] = 0
         else:
-            algo = _algorithm(geom, "backward_input")
-            if algo == "im2col":
-                _dgrad_im2col(gy, w, gx, geom, t)
-            elif algo == "direct":
-                launch("conv.cu", f"conv2d_dgrad_direct<{t}>", grid_1d(gx.size, gy), THREADS,
-                       (gy, w, gx) + i32(*geom.kernel_args()))
-            else:
-                tile = _tile(geom.Cg)
-                launch("conv.cu", _igemm_name("conv2d_dgrad_igemm", t, tile),
-                       _igemm_grid(geom.N * geom.H * geom.W, geom.Cg, geom.G, tile),
-                       _igemm_threads(tile), (gy, _dgrad_weights(w, geom), gx) + i32(*geom.kernel_args()))
+            run(_algorithm(geom, "backward_input", run, gy))
     return gx[0] if unbatched else gx
 
 
@@ -248,7 +289,7 @@ def _dgrad_im2col(gy, w, gx, geom, t):
 def conv2d_backward_weight(gy, x, w_shape, stride, padding, dilation, groups):
     """gw (K, C/groups, KH, KW) of y = conv2d(x, w)."""
     t = ctype(gy, x)
-    if t is None or gy.ndim not in (3, 4) or x.ndim != gy.ndim or len(w_shape) != 4:
+    if t is None or not enabled or gy.ndim not in (3, 4) or x.ndim != gy.ndim or len(w_shape) != 4:
         return None
     gy, _ = unbatch(gy)
     x, _ = unbatch(x)
@@ -264,16 +305,18 @@ def conv2d_backward_weight(gy, x, w_shape, stride, padding, dilation, groups):
     if gy.size == 0:
         gw[...] = 0
         return gw
-    algo = _algorithm(geom, "backward_weight")
-    if algo == "im2col":
-        _wgrad_im2col(gy, x, gw, geom, t)
-    elif algo == "direct":
-        threads = min(THREADS, max(32, 1 << (geom.N * geom.OH * geom.OW - 1).bit_length()))
-        launch("conv.cu", f"conv2d_wgrad_direct<{t}>",
-               max(1, min(gw.size, wave_blocks(gy, threads))), threads,
-               (gy, x, gw) + i32(*geom.kernel_args()))
-    else:
-        _wgrad_igemm(gy, x, gw, geom, t)
+
+    def run(algo):
+        if algo == "im2col":
+            _wgrad_im2col(gy, x, gw, geom, t)
+        elif algo == "direct":
+            threads = min(THREADS, max(32, 1 << (geom.N * geom.OH * geom.OW - 1).bit_length()))
+            launch("conv.cu", f"conv2d_wgrad_direct<{t}>",
+                   max(1, min(gw.size, wave_blocks(gy, threads))), threads,
+                   (gy, x, gw) + i32(*geom.kernel_args()))
+        else:
+            _wgrad_igemm(gy, x, gw, geom, t)
+    run(_algorithm(geom, "backward_weight", run, gy))
     return gw
 
 

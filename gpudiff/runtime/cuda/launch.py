@@ -184,14 +184,14 @@ last_emulator_stats = {}
 
 
 # ---- launching ----------------------------------------------------------------------------
-def _is_cupy(a):
+def is_cupy(a):
     return type(a).__module__.split(".")[0] == "cupy"
 
 
 def array_module(a):
     """cupy, or for a NumPy array numpy (the emulated device's, allocating from its pool, under
     GPUDIFF_CUDA=emulate), whichever ``a`` belongs to (without importing cupy for numpy)."""
-    if _is_cupy(a):
+    if is_cupy(a):
         return importlib.import_module("cupy")
     return _emulated.xp if cuda_mode() == "emulate" else np
 
@@ -207,7 +207,7 @@ def _check_args(name, args):
     for i, a in enumerate(args):
         if isinstance(a, np.generic):
             continue
-        if isinstance(a, np.ndarray) or _is_cupy(a):
+        if isinstance(a, np.ndarray) or is_cupy(a):
             if a.size and not a.flags.c_contiguous:
                 raise ValueError(f"{name}: argument {i} is not C-contiguous (kernels see a bare pointer)")
             continue
@@ -231,7 +231,7 @@ def launch(source_file, name, grid, block, args, shared_mem=0, benign_races=Fals
     if events.listener is not None:
         events.listener.launch(source_file, name)
     _check_args(name, args)
-    gpu_arrays = [a for a in args if _is_cupy(a)]
+    gpu_arrays = [a for a in args if is_cupy(a)]
     if gpu_arrays:
         _launch_cupy(source_file, name, grid, block, args, shared_mem, gpu_arrays[0])
     else:
@@ -261,7 +261,7 @@ def _launch_cupy(source_file, name, grid, block, args, shared_mem, some_array):
     for i, a in enumerate(args):
         if isinstance(a, np.ndarray):
             raise TypeError(f"{name}: argument {i} is a NumPy array among CuPy arrays")
-        if _is_cupy(a) and a.device.id != dev:
+        if is_cupy(a) and a.device.id != dev:
             raise ValueError(f"{name}: arrays on devices cuda:{dev} and cuda:{a.device.id}")
     kernel = cupy_module(source_file, dev).get_function(name)
     with cupy.cuda.Device(dev):
@@ -291,7 +291,7 @@ def _gpu_sm_count(device_id):
 
 def sm_count(a):
     """Streaming multiprocessors of the device holding array ``a`` (132 when emulated)."""
-    return _gpu_sm_count(a.device.id) if _is_cupy(a) else EMULATED_SM_COUNT
+    return _gpu_sm_count(a.device.id) if is_cupy(a) else EMULATED_SM_COUNT
 
 
 # ---- launch configuration (shared by every wrapper module) -----------------------------------
@@ -365,7 +365,7 @@ def small_row_config(rows, cols, itemsize, buffers, extra, a):
 
 def address(a):
     """The device address of an array's first element (alignment checks, pointer tables)."""
-    return int(a.data.ptr) if _is_cupy(a) else int(a.ctypes.data)
+    return int(a.data.ptr) if is_cupy(a) else int(a.ctypes.data)
 
 
 def fits_int32(*sizes):
