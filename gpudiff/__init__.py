@@ -55,7 +55,10 @@ def detach(t):
 
 
 def seed():
-    return runtime.default_generator.initial_seed()
+    """Seed the generator with a non-deterministic number and return it (as torch.seed)."""
+    s = _np.random.SeedSequence().entropy % 2**63   # (the OS's entropy)
+    runtime.manual_seed(s)
+    return s
 
 
 def initial_seed():

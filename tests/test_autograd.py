@@ -720,3 +720,31 @@ def test_training_loop_memory_is_flat():
     # one step allocates ~20 kB of arrays; keeping even one per step would be 20 MB
     assert grown < 20_000, f"memory grew by {grown} bytes over 1000 steps"
     assert last < 1.0  # and it trained
+
+
+def test_grad_modes_decorate_without_parentheses_and_anomaly_decorates():
+    @gpudiff.no_grad
+    def f(x):
+        return (x * 2).requires_grad
+
+    @gpudiff.enable_grad
+    def g(x):
+        return (x * 2).requires_grad
+
+    @gpudiff.autograd.detect_anomaly()
+    def h():
+        return gpudiff.autograd.is_anomaly_enabled()
+
+    x = gpudiff.ones(2, requires_grad=True)
+    assert f(x) is False and gpudiff.is_grad_enabled()
+    with gpudiff.no_grad():
+        assert g(x) is True
+    assert h() is True and gpudiff.autograd.is_anomaly_enabled() is False
+
+
+def test_seed_reseeds_and_returns_the_seed():
+    s = gpudiff.seed()
+    assert s == gpudiff.initial_seed()
+    a = gpudiff.rand(3).tolist()
+    gpudiff.manual_seed(s)
+    assert gpudiff.rand(3).tolist() == a

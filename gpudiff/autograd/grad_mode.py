@@ -23,9 +23,16 @@ def is_anomaly_enabled():
 
 
 class _Mode:
-    """Base of the grad-mode context managers; each is also a decorator."""
+    """Base of the grad-mode context managers; each is also a decorator, with or without
+    parentheses (``@no_grad()`` and ``@no_grad``, as PyTorch 2 allows)."""
 
     flag = None
+
+    def __new__(cls, *args, **kwargs):
+        if cls in (no_grad, enable_grad) and len(args) == 1 and callable(args[0]) \
+                and not kwargs:
+            return object.__new__(cls)(args[0])   # @no_grad on a function: decorate it
+        return object.__new__(cls)
 
     def __enter__(self):
         self._prev = is_grad_enabled()
@@ -93,7 +100,8 @@ class set_grad_enabled(_Mode):
 
 
 class detect_anomaly:
-    """Check every forward output and backward gradient for NaN/Inf and name the op.
+    """Check every forward output and backward gradient for NaN/Inf and name the op; a context
+    manager or a decorator.
 
     >>> with detect_anomaly():
     ...     loss.backward()      # RuntimeError: Function 'log' returned nan values ...
@@ -101,6 +109,15 @@ class detect_anomaly:
 
     def __init__(self, check_nan=True):
         self.check_nan = check_nan
+
+    def __call__(self, fn):
+        check_nan = self.check_nan
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            with detect_anomaly(check_nan):
+                return fn(*args, **kwargs)
+        return wrapper
 
     def __enter__(self):
         self._prev = is_anomaly_enabled()
