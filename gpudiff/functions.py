@@ -352,7 +352,11 @@ def prod(input, dim=None, keepdim=False, *, dtype=None):
     return R.prod.apply(input, dim=_dims(dim), keepdim=keepdim)
 
 
-def var(input, dim=None, *, correction=1, keepdim=False, unbiased=None):
+def var(input, dim=None, unbiased=None, keepdim=False, *, correction=1):
+    """Variance over ``dim`` with ``correction`` (Bessel's by default); also PyTorch's older
+    spellings ``var(x, dim, unbiased, keepdim)`` and ``var(x, unbiased)``."""
+    if isinstance(dim, bool):  # var(x, unbiased)
+        dim, unbiased = None, dim
     if unbiased is not None:
         correction = int(unbiased)
     dims = norm_dims(_dims(dim), input.ndim)
@@ -363,8 +367,8 @@ def var(input, dim=None, *, correction=1, keepdim=False, unbiased=None):
     return (d * d).sum(dim=dims, keepdim=keepdim) / builtins.max(n - correction, 0)
 
 
-def std(input, dim=None, *, correction=1, keepdim=False, unbiased=None):
-    return var(input, dim, correction=correction, keepdim=keepdim, unbiased=unbiased).sqrt()
+def std(input, dim=None, unbiased=None, keepdim=False, *, correction=1):
+    return var(input, dim, unbiased, keepdim, correction=correction).sqrt()
 
 
 def var_mean(input, dim=None, *, correction=1, keepdim=False):

@@ -486,3 +486,15 @@ def test_where_with_two_numbers():
     assert gpudiff.where(c, 1.0, 0.0).tolist() == [1.0, 0.0]
     assert gpudiff.where(c, 1.0, 0.0).dtype == gpudiff.float32
     assert gpudiff.where(c, 1, 0).dtype == gpudiff.int64
+
+
+@pytest.mark.parametrize("args,kw", [((0, True), {}), ((0, False), {}), ((True,), {}),
+                                     ((1,), {"keepdim": True}), ((), {"correction": 0}),
+                                     ((0, True, True), {})])
+def test_var_std_accept_torch_positional_spellings(args, kw):
+    import torch
+    a = np.random.default_rng(0).random((3, 4)).astype(np.float32)
+    for name in ("var", "std"):
+        got = getattr(gpudiff.tensor(a), name)(*args, **kw).numpy()
+        want = getattr(torch.tensor(a), name)(*args, **kw).numpy()
+        np.testing.assert_allclose(got, want, rtol=1e-6)
