@@ -464,12 +464,13 @@ def _softmax_dim(input, dim):
     return norm_dims(dim, input.ndim)[0] if input.ndim else 0
 
 
-def cumsum(input, dim):
-    # a triangular matmul keeps it differentiable and simple (small dims in practice)
-    n = input.shape[dim]
-    tri = Tensor._make(input.device.xp.triu(input.device.xp.ones((n, n), dtype=input.dtype)),
-                       input.device)
-    return (input.movedim(dim, -1) @ tri).movedim(-1, dim)
+def cumsum(input, dim, *, dtype=None):
+    if dtype is not None:
+        input = input.to(dtype)
+    if input.ndim == 0:
+        input = input.reshape(1)  # (torch: a 0-d input is its own cumsum)
+        return R.cumsum.apply(input, dim=norm_dims(dim, 1)[0]).reshape(())
+    return R.cumsum.apply(input, dim=norm_dims(dim, input.ndim)[0])
 
 
 # ---- shapes ---------------------------------------------------------------------------

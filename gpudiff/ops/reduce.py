@@ -44,6 +44,23 @@ class sum(Op):
         return _expand_back_array(ctx.xp, gy, ctx.shape, ctx.dims, ctx.keepdim)
 
 
+class cumsum(Op):
+    """Running sums along ``dim`` (integers and bools sum in int64, as PyTorch); the gradient
+    is the running sums of gy taken from the other end."""
+
+    def forward(ctx, x, *, dim):
+        ctx.dim = dim
+        return ctx.xp.cumsum(x, axis=dim, dtype=x.dtype if x.dtype.kind == "f" else "int64")
+
+    def backward(ctx, gy):
+        d = ctx.dim
+        return gy.flip([d]).cumsum(d).flip([d])
+
+    def backward_arrays(ctx, gy):
+        xp, d = ctx.xp, ctx.dim
+        return xp.flip(xp.cumsum(xp.flip(gy, d), axis=d), d)
+
+
 class mean(Op):
     def forward(ctx, x, *, dim=None, keepdim=False):
         ctx.dims = norm_dims(dim, x.ndim)
