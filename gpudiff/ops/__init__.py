@@ -8,6 +8,9 @@
         def backward(ctx, gy):            # Tensors in, Tensors out, written in gpudiff ops,
             y, = ctx.saved_tensors        #   so double backward works (create_graph=True)
             return gy * y
+        def backward_arrays(ctx, gy):     # optional, for hot ops: the same on raw arrays,
+            y, = ctx.saved_arrays         #   run by a plain backward (no graph to build)
+            return gy * y
 
 Tensor arguments are positional (None allowed, e.g. a missing bias); everything else is a
 keyword-only parameter. ``exp.apply(t)`` runs it: it checks devices, runs ``forward`` on the
