@@ -8,6 +8,7 @@ The same measurement as ``gpudiff bench --distributed``.
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -24,7 +25,9 @@ def main():
     a = p.parse_args()
     res = run_distributed(a.nproc, quick=a.quick)
     res["load_average"] = os.getloadavg()
-    path = os.path.join(HERE, "results", f"distributed_{time.strftime('%Y%m%d_%H%M%S')}.json")
+    machine = re.sub(r"[^a-z0-9]+", "-", res["machine"].lower()).strip("-")
+    path = os.path.join(HERE, "results",
+                        f"distributed_{machine}_{time.strftime('%Y%m%d_%H%M%S')}.json")
     with open(path, "w") as f:
         json.dump(res, f, indent=2)
     print(f"wrote {path}")

@@ -799,7 +799,7 @@ def dispatch_text(rows):
 # the bytes each rank must send and receive in a ring all-reduce, so busbw is comparable with
 # a link's or memcpy's bandwidth). memcpy: numpy.copyto of the same number of bytes, one
 # thread.
-DIST_SIZES = [4 << 10, 64 << 10, 1 << 20, 4 << 20, 25 << 20, 100 << 20]
+DIST_SIZES = [4 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 25 << 20, 100 << 20]
 
 
 def _dist_median_time(fn, reps, warmup=2, sync=None):
@@ -824,24 +824,41 @@ def memcpy_bandwidth(nbytes=25 << 20, reps=20):
 
 
 def _dist_worker_allreduce(sizes, reps):
+    """Each size through three paths: "auto" (what all_reduce picks), "mpi" (MPI's Allreduce)
+    and "shm" (the shared-memory window, docs/DISTRIBUTED.md), interleaved per size so the
+    machine's load hits them alike."""
     from mpi4py import MPI
 
     import gpudiff
     import gpudiff.distributed as dist
+    from gpudiff.distributed import distributed_c10d as c10d
     dist.init_process_group("mpi")
+    pg = c10d._get_pg()
+    shm, shm_min = pg.shm, pg.shm_min_bytes
     n = dist.get_world_size()
     rows = []
     for nbytes in sizes:
-        t = gpudiff.ones(nbytes // 4)
+        t = gpudiff.zeros(nbytes // 4)    # zeros: repeated sums stay finite
         r = max(3, min(reps, int(2e8 // max(nbytes, 1))))
-        med, _ = _dist_median_time(lambda t=t: dist.all_reduce(t), r,
-                                 sync=MPI.COMM_WORLD.Barrier)
-        # the slowest rank's time is the collective's
-        med = MPI.COMM_WORLD.allreduce(med, op=MPI.MAX)
-        alg = nbytes / med / 1e9
-        rows.append({"bytes": nbytes, "median_s": med, "algbw_GBps": alg,
-                     "busbw_GBps": alg * 2 * (n - 1) / n, "reps": r})
-    return {"world_size": n, "allreduce": rows}
+        row = {"bytes": nbytes, "reps": r}
+        for path in ("auto", "mpi", "shm"):
+            if path == "shm" and shm is None:
+                continue
+            pg.shm = None if path == "mpi" else shm
+            pg.shm_min_bytes = 0 if path == "shm" else shm_min
+            med, _ = _dist_median_time(lambda t=t: dist.all_reduce(t), r,
+                                       sync=MPI.COMM_WORLD.Barrier)
+            # the slowest rank's time is the collective's
+            med = MPI.COMM_WORLD.allreduce(med, op=MPI.MAX)
+            alg = nbytes / med / 1e9
+            pre = "" if path == "auto" else path + "_"
+            row.update({pre + "median_s": med, pre + "algbw_GBps": alg,
+                        pre + "busbw_GBps": alg * 2 * (n - 1) / n})
+        pg.shm, pg.shm_min_bytes = shm, shm_min
+        row["path"] = "shm" if shm is not None and nbytes >= shm_min else "mpi"
+        rows.append(row)
+    return {"world_size": n, "allreduce": rows, "shm_min_bytes": shm_min,
+            "shm_chunk_bytes": shm.chunk_bytes if shm is not None else None}
 
 
 def _dist_worker_step(steps, batch):
@@ -890,7 +907,7 @@ def _dist_run_ranks(n, args, timeout=900):
 
 def run_distributed(nproc=2, quick=False, log=print):
     """Measure and return the results dict (see the module doc)."""
-    sizes = DIST_SIZES[:5] if quick else DIST_SIZES
+    sizes = DIST_SIZES[:6] if quick else DIST_SIZES
     steps = 5 if quick else 20
     res = {"machine": f"{cpu_model()}, {os.cpu_count()} cores", "nproc": nproc,
            "time": time.strftime("%Y-%m-%d %H:%M:%S"), "memcpy": memcpy_bandwidth(),
@@ -901,13 +918,22 @@ def run_distributed(nproc=2, quick=False, log=print):
     ar = _dist_run_ranks(nproc, ["--worker", "allreduce", "--sizes",
                             ",".join(map(str, sizes))])
     res["allreduce"] = ar["allreduce"]
-    log(f"all_reduce over MPI (shared memory), {nproc} ranks:")
-    log(f"  {'bytes':>12} {'time ms':>9} {'algbw GB/s':>11} {'busbw GB/s':>11} "
-        f"{'busbw/memcpy':>12}")
+    res["shm_min_bytes"], res["shm_chunk_bytes"] = ar["shm_min_bytes"], ar["shm_chunk_bytes"]
+    mc = res["memcpy"]["GBps"]
+    log(f"all_reduce, {nproc} ranks on this node; busbw GB/s (% of memcpy) by path: all_reduce's"
+        f" choice (shared-memory window from {ar['shm_min_bytes']:,} bytes), MPI's Allreduce, "
+        f"the window forced:")
+    log(f"  {'bytes':>12} {'time ms':>9} {'all_reduce':>16} {'MPI':>16} {'window':>16}")
     for r in ar["allreduce"]:
-        r["busbw_over_memcpy"] = r["busbw_GBps"] / res["memcpy"]["GBps"]
-        log(f"  {r['bytes']:>12,} {1e3 * r['median_s']:>9.3f} {r['algbw_GBps']:>11.2f} "
-            f"{r['busbw_GBps']:>11.2f} {r['busbw_over_memcpy']:>11.0%}")
+        cells = []
+        for pre in ("", "mpi_", "shm_"):
+            if pre + "busbw_GBps" in r:
+                r[pre + "busbw_over_memcpy"] = r[pre + "busbw_GBps"] / mc
+                cells.append(f"{r[pre + 'busbw_GBps']:.2f} ({r[pre + 'busbw_over_memcpy']:.0%})")
+            else:
+                cells.append("-")
+        log(f"  {r['bytes']:>12,} {1e3 * r['median_s']:>9.3f} {cells[0]:>16} {cells[1]:>16} "
+            f"{cells[2]:>16}")
     one = _dist_run_ranks(1, ["--worker", "step", "--steps", str(steps)])
     many = _dist_run_ranks(nproc, ["--worker", "step", "--steps", str(steps)])
     res["step"] = {"1": one, str(nproc): many,

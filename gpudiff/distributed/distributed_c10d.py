@@ -17,7 +17,7 @@ import pickle
 
 import numpy as np
 
-from . import _fault
+from . import _fault, _shm
 
 DEFAULT_TIMEOUT_S = 600.0   # 10 minutes, as PyTorch's NCCL default
 
@@ -113,6 +113,15 @@ class _ProcessGroup:
         local = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
         self.local_rank, self.local_size = local.Get_rank(), local.Get_size()
         local.Free()
+        # all_reduce of host arrays through a shared-memory window when every rank is on
+        # this node (_shm.py); GPUDIFF_DIST_SHM=0 turns it off, GPUDIFF_DIST_SHM_MIN sets
+        # the smallest message (bytes) that takes it. Collective: every rank reads the same
+        # environment from the launcher.
+        self.shm = None
+        if os.environ.get("GPUDIFF_DIST_SHM", "1") != "0":
+            self.shm = _shm.ShmAllreduce.for_comm(MPI, self.comm)
+        env_min = os.environ.get("GPUDIFF_DIST_SHM_MIN")
+        self.shm_min_bytes = int(env_min) if env_min else _shm.MIN_BYTES
         self.backend = backend
         self.timeout_s = timeout_s
         self.seq = 0
@@ -186,6 +195,8 @@ def destroy_process_group(group=None):
     pg, _pg = _pg, None
     if pg._nccl is not None:
         pg._nccl.close()
+    if pg.shm is not None:
+        pg.shm.close()
     _fault.uninstall()
     pg.comm.Free()
 
@@ -325,6 +336,15 @@ def all_reduce(tensor, op=ReduceOp.SUM, group=None, async_op=False):
     mop = pg.mpi_op(op)
     if pg.size == 1:
         req = None
+    elif pg.shm is not None and _shm.usable(buf, op, pg.shm_min_bytes):
+        # synchronous, also for async_op=True: the handle comes back already complete
+        tok = _fault.begin("all_reduce", seq)
+        try:
+            pg.shm.allreduce(buf, op)
+        finally:
+            _fault.end(tok)
+        finish = _chain(back, staged.back if staged else None)   # AVG already divided
+        return _ret(Work("all_reduce", seq, None, finish), async_op)
     elif async_op:
         req = pg.comm.Iallreduce(pg.MPI.IN_PLACE, buf, mop)
     else:

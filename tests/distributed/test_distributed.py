@@ -55,6 +55,17 @@ def test_collectives_ddp_syncbn_sampler_two_ranks():
 
 
 @needs_mpi
+@pytest.mark.parametrize("n", [2, 3])
+def test_shared_memory_all_reduce_equals_mpi(n):
+    """all_reduce through the MPI-3 shared-memory window == MPI's Allreduce, bitwise equal on
+    every rank (3 ranks oversubscribe 2 cores: tiny messages only)."""
+    rc, out, err, _ = mpirun([os.path.join(HERE, "shm_main.py")], n=n)
+    assert rc == 0, out + err
+    for r in range(n):
+        assert f"RANK {r} OK" in out, out + err
+
+
+@needs_mpi
 def test_exception_on_one_rank_ends_the_job():
     rc, out, err, secs = mpirun([os.path.join(HERE, "fault_main.py"), "raise"], timeout=60)
     assert rc != 0 and secs < 30, (rc, secs)

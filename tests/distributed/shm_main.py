@@ -1,0 +1,87 @@
+"""Run under ``mpiexec -n 2`` (and ``-n 3``) by test_distributed.py: all_reduce through the
+shared-memory window (_shm.py) equals MPI's Allreduce (SUM, AVG, MAX, MIN; float32, float64,
+int64; sizes around the chunk edges; non-contiguous input; async_op), bitwise equal on every
+rank; the window grows. Prints "RANK r OK"."""
+import hashlib
+
+import numpy as np
+
+import gpudiff as torch
+import gpudiff.distributed as dist
+from gpudiff.distributed import distributed_c10d as c10d
+
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+pg = c10d._get_pg()
+assert pg.shm is not None, "all ranks are on one node: the shared-memory path must be on"
+MPI = pg.MPI
+pg.shm_min_bytes = 0            # every message through the window...
+pg.shm.chunk_bytes = 1024       # ...cut into many small chunks (the pipeline, chunk edges)
+OPS = {"sum": MPI.SUM, "avg": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}
+
+
+def mpi_reference(x, op):
+    want = np.ascontiguousarray(x).copy()
+    pg.comm.Allreduce(MPI.IN_PLACE, want, OPS[op])
+    if op == "avg":
+        want = want / world if want.dtype.kind == "f" else want // world
+    return want.astype(x.dtype)
+
+
+def same_everywhere(arr, what):
+    digest = hashlib.sha256(np.ascontiguousarray(arr).tobytes()).hexdigest()
+    everyone = pg.comm.allgather(digest)
+    assert len(set(everyone)) == 1, f"{what}: ranks differ"
+
+
+rng = np.random.default_rng(100 + rank)
+checks = 0
+for dtype in (np.float32, np.float64, np.int64):
+    item = np.dtype(dtype).itemsize
+    per = 1024 // item                         # elements per chunk
+    for n in (1, 2, 7, per - 1, per, per + 1, 3 * per, 3 * per + 5, 5000):
+        if dtype == np.int64:
+            x = rng.integers(-1000, 1000, n).astype(dtype)
+        else:
+            x = rng.standard_normal(n).astype(dtype)
+        for op in ("sum", "avg", "max", "min"):
+            t = torch.tensor(x.copy())
+            dist.all_reduce(t, op=op)
+            got, want = t.numpy(), mpi_reference(x, op)
+            if world == 2 or dtype == np.int64 or op in ("max", "min"):
+                # two operands: a + b == b + a exactly; integers, max, min: any order
+                assert np.array_equal(got, want), (dtype, n, op, got[:4], want[:4])
+            else:      # 3 ranks: MPI may add in another order
+                np.testing.assert_allclose(got, want, rtol=1e-6 if dtype == np.float32
+                                           else 1e-13)
+            same_everywhere(got, f"{dtype.__name__} n={n} {op}")
+            checks += 1
+
+# non-contiguous input, and async_op (run synchronously: the handle comes back complete)
+base = rng.standard_normal((64, 48)).astype(np.float32)
+t = torch.tensor(base.copy()).t()
+assert not t.is_contiguous()
+work = dist.all_reduce(t, op=dist.ReduceOp.AVG, async_op=True)
+assert work.is_completed() and work.wait()
+assert np.array_equal(t.numpy(), mpi_reference(base.T, "avg"))
+same_everywhere(t.numpy(), "non-contiguous avg")
+
+# the default settings: a message over the default chunk size grows the window
+pg.shm.chunk_bytes = 2 << 20
+for n in (300_000, (2 << 20) // 4 + 3):
+    x = rng.standard_normal(n).astype(np.float32)
+    t = torch.tensor(x.copy())
+    cap = pg.shm.cap
+    dist.all_reduce(t)
+    assert pg.shm.cap >= cap and np.array_equal(t.numpy(), mpi_reference(x, "sum")) \
+        if world == 2 else np.allclose(t.numpy(), mpi_reference(x, "sum"), rtol=1e-5)
+    same_everywhere(t.numpy(), f"n={n}")
+assert pg.shm.cap == 2 << 20
+
+# bool and tiny messages still take MPI
+pg.shm_min_bytes = 1 << 20
+t = torch.ones(10)
+dist.all_reduce(t)
+assert t.tolist() == [float(world)] * 10
+dist.destroy_process_group()
+print(f"RANK {rank} OK ({checks} checks, world {world})", flush=True)
