@@ -538,6 +538,54 @@ def test_conv_kernels(case, dtype, rng):
     np.testing.assert_allclose(gw, wt.grad.numpy(), **t)
 
 
+# 3x3, stride 1, padding 1 convolutions on images of 14+ pixels a side take conv.cpp's
+# implicit GEMM on a padded grid (forward, and the input gradient as the flipped-kernel
+# convolution); the weight gradient takes its dot-product kernel below 32 filters and the
+# grid GEMM from 32 on. Odd sizes, batch 1, channel and filter counts off the vector width.
+CONV3 = [  # (N, C, H, W, K)
+    (3, 5, 17, 15, 17),   # odd sizes; K = 2 blocks of 8 + 1 in the dot kernel
+    (1, 3, 16, 19, 2),    # one sample, fewer filters than a block
+    (2, 16, 32, 32, 16),  # ResNet-20 stage 1 (two chunks of one sample)
+    (9, 33, 14, 16, 40),  # the grid GEMM for the weight gradient; samples chunked
+    (5, 7, 21, 14, 33),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CONV3)
+def test_conv3x3_grid_path(case, dtype, rng):
+    N, C, H, W, Kf = case
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((Kf, C, 3, 3)).astype(dtype)
+    b = rng.standard_normal(Kf).astype(dtype)
+    gy = rng.standard_normal((N, Kf, H, W)).astype(dtype)
+    one, pad = (1, 1), (1, 1)
+    args = (one, pad, one, 1)
+    y = K.conv2d(x, w, b, *args)
+    gx = K.conv2d_backward_input(gy, w, x.shape, *args)
+    gw = K.conv2d_backward_weight(gy, x, w.shape, *args)
+    # the existing im2col path: the same convolution of the explicitly padded input
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    no = ((1, 1), (0, 0), (1, 1), 1)
+    t = {"rtol": 1e-4, "atol": 1e-4} if dtype == np.float32 else {"rtol": 1e-11, "atol": 1e-11}
+    np.testing.assert_allclose(y, K.conv2d(xp, w, b, *no), **t)
+    gxp = K.conv2d_backward_input(gy, w, xp.shape, *no)
+    np.testing.assert_allclose(gx, gxp[:, :, 1:-1, 1:-1], **t)
+    np.testing.assert_allclose(gw, K.conv2d_backward_weight(gy, xp, w.shape, *no), **t)
+    # and PyTorch in float64
+    xt = torch.from_numpy(x.astype(np.float64)).requires_grad_()
+    wt = torch.from_numpy(w.astype(np.float64)).requires_grad_()
+    yt = F.conv2d(xt, wt, torch.from_numpy(b.astype(np.float64)), 1, 1)
+    yt.backward(torch.from_numpy(gy.astype(np.float64)))
+    np.testing.assert_allclose(y, yt.detach().numpy(), **t)
+    np.testing.assert_allclose(gx, xt.grad.numpy(), **t)
+    np.testing.assert_allclose(gw, wt.grad.numpy(), **t)
+    # deterministic: a second run gives the same bits
+    assert np.array_equal(y, K.conv2d(x, w, b, *args))
+    assert np.array_equal(gx, K.conv2d_backward_input(gy, w, x.shape, *args))
+    assert np.array_equal(gw, K.conv2d_backward_weight(gy, x, w.shape, *args))
+
+
 def test_conv_kernel_declines_what_it_cannot_do():
     x = np.zeros((1, 2, 5, 5), np.float32)
     assert K.conv2d(x, np.zeros((2, 2, 3, 3), np.float64), None, (1, 1), (0, 0), (1, 1), 1) \

@@ -12,6 +12,12 @@
 //
 // The GEMM is gemm.h's (single-threaded, AVX-512 where the CPU has it): each thread runs
 // its own, and the threads join once per call.
+//
+// 3x3 convolutions with stride 1 and padding 1 (ResNet's) on 16x16 images and up skip the
+// im2col copy: the samples sit in one zero-padded grid whose shifted views are the im2col
+// rows, read by the GEMM's packing (gemm_rows); the input gradient is the same kind of
+// convolution (flipped kernel), and the weight gradient with few filters takes a dot
+// product kernel over the grid rows (wgrad_dot). See "implicit GEMM on a padded grid".
 #include "common.h"
 #include "gemm.h"
 #include "im2col.h"
@@ -20,6 +26,8 @@
 #include <pybind11/stl.h>
 
 #include <cstring>
+
+#define GD_INLINE_CONV __attribute__((always_inline)) inline
 
 namespace gpudiff {
 namespace {
@@ -53,6 +61,15 @@ constexpr index_t kChunkBytes = 2 << 20;
 // ... and a chunk's GEMM gets at least this many columns when the images are small.
 constexpr index_t kMinGemmColumns = 1024;
 
+// Samples per chunk: at most `most`, evened out so that the chunk count is a multiple of
+// the thread count (5 chunks on 2 threads would idle one a fifth of the time).
+inline index_t balanced_batch(index_t N, index_t most) {
+    most = std::max<index_t>(1, most);
+    const index_t threads = max_threads();
+    const index_t rounds = (N + most * threads - 1) / (most * threads);
+    return std::max<index_t>(1, (N + rounds * threads - 1) / (rounds * threads));
+}
+
 Conv make_conv(index_t N, index_t C, index_t H, index_t W, index_t K, index_t kh, index_t kw,
                std::pair<int, int> s, std::pair<int, int> p, std::pair<int, int> d, int groups,
                index_t itemsize, const char* name) {
@@ -68,12 +85,8 @@ Conv make_conv(index_t N, index_t C, index_t H, index_t W, index_t K, index_t kh
                   p.second == 0;
     const index_t by_width = (kMinGemmColumns + c.L - 1) / c.L;
     const index_t by_bytes = std::max<index_t>(1, kChunkBytes / (c.Rg * c.L * itemsize));
-    // the largest chunk that both limits allow, then evened out so that the chunk count is
-    // a multiple of the thread count (5 chunks on 2 threads would idle one a fifth of the time)
-    const index_t most = std::max<index_t>(1, std::min({by_width, by_bytes, (N + 1) / 2}));
-    const index_t threads = max_threads();
-    const index_t rounds = (N + most * threads - 1) / (most * threads);
-    c.B = std::max<index_t>(1, (N + rounds * threads - 1) / (rounds * threads));
+    // the largest chunk that both limits allow
+    c.B = balanced_batch(N, std::min({by_width, by_bytes, (N + 1) / 2}));
     return c;
 }
 
@@ -277,6 +290,218 @@ GPUDIFF_CLONES void wgrad_chunk(const T* gy, const T* x, T* gw_part, const Conv&
     }
 }
 
+// ---- 3x3, stride 1, padding 1, dilation 1, one group: implicit GEMM on a padded grid ----
+//
+// The samples [n0, n0 + nb) of each channel are laid out in one zero-padded "grid" whose
+// rows are W + 1 long (one zero column, the right padding of a row and the left padding of
+// the next) and whose samples are H + 1 rows apart (one zero row between samples, the
+// bottom padding of one and the top padding of the next):
+//
+//   value (b, h, w) at  base + b*S + h*Wq + w,   Wq = W + 1,  S = (H + 1)*Wq,  base = Wq + 1
+//
+// and every position that is not a value is 0. Output (b, oh, ow) becomes GEMM column
+// q = b*S + oh*Wq + ow, and its tap (i, j) reads grid[q + i*Wq + j]: row (c, i, j) of the
+// im2col matrix is the channel-c grid shifted by i*Wq + j, so the GEMM's packing reads the
+// input directly (gemm_rows) and the 9x larger column matrix is never written. The price:
+// the Q columns include the padding positions (6% more work at 32x32, 13% at 16x16, 27% at
+// 8x8), computed and thrown away (forward), or multiplied by the zeros that the
+// output-gradient grid holds there (weight gradient).
+struct Grid {
+    index_t H, W, Wq, S, base, len, Q;  // len: one channel's grid, Q: GEMM columns
+    index_t ld;  // channel stride: len and kSlack zeros, which let wgrad_dot round Q up
+};
+
+constexpr index_t kSlack = 16;  // a vector of floats
+
+inline Grid make_grid(index_t H, index_t W, index_t nb) {
+    Grid gr;
+    gr.H = H, gr.W = W, gr.Wq = W + 1, gr.S = (H + 1) * gr.Wq, gr.base = gr.Wq + 1;
+    gr.len = nb * gr.S + gr.Wq + 1;  // the last read: column Q - 1, tap (2, 2) = len - 1
+    gr.Q = (nb - 1) * gr.S + (H - 1) * gr.Wq + W;
+    gr.ld = gr.len + kSlack;
+    return gr;
+}
+
+// 3x3 "same" convolutions whose grid wastes at most 15% (16x16 images and up): on 8x8
+// images the padding columns (27%) cost more than the im2col copy saves.
+inline bool takes_grid(const Conv& c) {
+    const ConvGeom& g = c.g;
+    return c.G == 1 && g.kh == 3 && g.kw == 3 && g.sh == 1 && g.sw == 1 && g.ph == 1 &&
+           g.pw == 1 && g.dh == 1 && g.dw == 1 && (g.H + 1) * (g.W + 1) * 20 <= g.H * g.W * 23;
+}
+
+// The weight gradient takes wgrad_dot (no packing) for few filters, where the packed GEMM
+// fills half of its 32-wide micro-tiles; with more, the GEMM's register blocking wins.
+inline bool wgrad_by_dot(const Conv& c) { return c.K < 32; }
+
+// src (N, Ch, H, W), samples [n0, n0 + nb) -> dst (Ch, ld) grids, every position written.
+template <typename T>
+void to_grid(const T* src, index_t Ch, index_t n0, index_t nb, const Grid& gr, T* dst) {
+    const index_t plane = gr.H * gr.W;
+    for (index_t ch = 0; ch < Ch; ++ch) {
+        T* d = dst + ch * gr.ld;
+        std::fill(d, d + gr.base, T(0));  // top padding of sample 0
+        for (index_t b = 0; b < nb; ++b) {
+            const T* s = src + ((n0 + b) * Ch + ch) * plane;
+            T* ds = d + gr.base + b * gr.S;
+            for (index_t h = 0; h < gr.H; ++h) {
+                std::memcpy(ds + h * gr.Wq, s + h * gr.W, sizeof(T) * gr.W);
+                ds[h * gr.Wq + gr.W] = T(0);  // the shared side padding
+            }
+            std::fill(ds + gr.H * gr.Wq, ds + gr.S, T(0));  // the shared row of padding
+        }
+        std::fill(d + gr.len, d + gr.ld, T(0));
+    }
+}
+
+// The im2col matrix's row pointers, (Ch*9,): row (c*3 + i)*3 + j = grid c shifted by
+// i*Wq + j (per thread, kept).
+template <typename T>
+const T* const* grid_rows(const T* grid, index_t Ch, const Grid& gr) {
+    static thread_local std::vector<const T*> rows;
+    rows.resize(Ch * 9);
+    for (index_t ch = 0; ch < Ch; ++ch)
+        for (index_t i = 0; i < 3; ++i)
+            for (index_t j = 0; j < 3; ++j)
+                rows[(ch * 3 + i) * 3 + j] = grid + ch * gr.ld + i * gr.Wq + j;
+    return rows.data();
+}
+
+// out (K, Q) on the grid's columns -> y[n0 + b, k] (H, W), plus the bias.
+template <typename T>
+void from_grid(const T* out, const T* bias, index_t K, index_t n0, index_t nb, const Grid& gr,
+               T* y) {
+    for (index_t b = 0; b < nb; ++b)
+        for (index_t k = 0; k < K; ++k) {
+            const T* s = out + k * gr.Q + b * gr.S;
+            T* d = y + ((n0 + b) * K + k) * gr.H * gr.W;
+            const T add = bias ? bias[k] : T(0);
+            for (index_t h = 0; h < gr.H; ++h)
+                for (index_t w = 0; w < gr.W; ++w) d[h * gr.W + w] = s[h * gr.Wq + w] + add;
+        }
+}
+
+// y (K, Q) = W (K, C*9) @ cols (C*9, Q), cols read from the input grid.
+template <typename T>
+GPUDIFF_CLONES void forward3x3_chunk(const T* x, const T* w, const T* bias, T* y, const Conv& c,
+                                     index_t n0, index_t n1) {
+    const index_t nb = n1 - n0;
+    const Grid gr = make_grid(c.g.H, c.g.W, nb);
+    T* grid = scratch<T, 0>(c.C * gr.ld);
+    T* out = scratch<T, 1>(c.K * gr.Q);
+    to_grid(x, c.C, n0, nb, gr, grid);
+    gemm_rows(false, false, c.K, gr.Q, c.Rg, w, c.Rg, nullptr, (const T*)nullptr, 0,
+              grid_rows(grid, c.C, gr), T(0), out, gr.Q);
+    from_grid(out, bias, c.K, n0, nb, gr, y);
+}
+
+// The weight gradient as dot products along the grid's columns, with no packing:
+//
+//   gW[k, (c*3 + i)*3 + j] += sum_q gy[k, q] * grid_c[q + i*Wq + j]
+//
+// The GEMM behind it is (K, Q) @ (Q, C*9) with a long depth Q and a small output; with 16
+// filters its packing (one packed element per vector multiply-add) costs as much as its
+// arithmetic. Here KB filters and the three taps j of one (c, i) share their loads: per
+// vector of columns, 3 + KB loads feed 3*KB multiply-adds held in registers (KB = 8: 24
+// accumulators of 32 AVX-512 registers). Each accumulator is summed lane by lane at the
+// end, in a fixed order: the same bits on every run.
+template <typename V, typename T, int KB>
+GD_INLINE_CONV void wgrad_dot_block(const T* x0, const T* gy, index_t ldg, index_t Q, T* gw,
+                                    index_t ldw) {
+    constexpr int W = sizeof(V) / sizeof(T);
+    typedef T VU __attribute__((vector_size(sizeof(V)), aligned(sizeof(T))));  // unaligned
+    V acc[KB][3];
+#pragma GCC unroll 8
+    for (int k = 0; k < KB; ++k) acc[k][0] = acc[k][1] = acc[k][2] = V{};
+    for (index_t q = 0; q < Q; q += W) {  // past Q: zeros of gy's grid (and its slack)
+        const V a0 = *reinterpret_cast<const VU*>(x0 + q);
+        const V a1 = *reinterpret_cast<const VU*>(x0 + q + 1);
+        const V a2 = *reinterpret_cast<const VU*>(x0 + q + 2);
+#pragma GCC unroll 8
+        for (int k = 0; k < KB; ++k) {
+            const V g = *reinterpret_cast<const VU*>(gy + k * ldg + q);
+            acc[k][0] += g * a0, acc[k][1] += g * a1, acc[k][2] += g * a2;
+        }
+    }
+    for (int k = 0; k < KB; ++k)
+        for (int j = 0; j < 3; ++j) {
+            T sum = T(0);
+            for (int l = 0; l < W; ++l) sum += acc[k][j][l];
+            gw[k * ldw + j] += sum;
+        }
+}
+
+// gW (K, C*9) += over the (c, i) tap rows and blocks of 8 filters (then one at a time).
+template <typename V, typename T>
+GD_INLINE_CONV void wgrad_dot(const T* xg, const T* gyq, const Grid& gr, index_t C, index_t K,
+                              T* gw) {
+    const index_t Rg = C * 9;
+    for (index_t ci = 0; ci < C * 3; ++ci) {  // ci = c*3 + i
+        const T* x0 = xg + (ci / 3) * gr.ld + (ci % 3) * gr.Wq;
+        index_t k = 0;
+        for (; k + 8 <= K; k += 8)
+            wgrad_dot_block<V, T, 8>(x0, gyq + k * gr.ld, gr.ld, gr.Q, gw + k * Rg + ci * 3, Rg);
+        for (; k < K; ++k)
+            wgrad_dot_block<V, T, 1>(x0, gyq + k * gr.ld, gr.ld, gr.Q, gw + k * Rg + ci * 3, Rg);
+    }
+}
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+template <typename T>
+__attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,fma"))) void wgrad_dot_avx512(
+    const T* xg, const T* gyq, const Grid& gr, index_t C, index_t K, T* gw) {
+    typedef T V __attribute__((vector_size(64)));
+    wgrad_dot<V, T>(xg, gyq, gr, C, K, gw);
+}
+#endif
+
+template <typename T>
+GPUDIFF_CLONES void wgrad_dot_any(const T* xg, const T* gyq, const Grid& gr, index_t C,
+                                  index_t K, T* gw) {
+    typedef T V __attribute__((vector_size(32)));
+    wgrad_dot<V, T>(xg, gyq, gr, C, K, gw);
+}
+
+inline bool has_avx512() {
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+    static const bool v = [] {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+    }();
+    return v;
+#else
+    return false;
+#endif
+}
+
+// Columns per wgrad_dot call: its epilogue (3*KB lane sums) then costs ~10% of the loop.
+constexpr index_t kDotColumns = 4096;
+
+// gW (K, C*9) += the chunk's weight gradient; gy's grid is 0 at the padding columns, so
+// they add nothing.
+template <typename T>
+GPUDIFF_CLONES void wgrad3x3_chunk(const T* gy, const T* x, T* gw_part, const Conv& c,
+                                   index_t n0, index_t n1) {
+    const index_t nb = n1 - n0;
+    const Grid gr = make_grid(c.g.H, c.g.W, nb);
+    T* xg = scratch<T, 0>(c.C * gr.ld);
+    T* gyg = scratch<T, 1>(c.K * gr.ld);
+    to_grid(x, c.C, n0, nb, gr, xg);
+    to_grid(gy, c.K, n0, nb, gr, gyg);
+    const T* gyq = gyg + gr.base;  // column q of gy at gyq[k*ld + q]
+    if (!wgrad_by_dot(c)) {
+        // gW^T (C*9, K) += cols (C*9, Q) @ gy^T (Q, K), cols read from the input grid
+        gemm_rows(false, true, c.Rg, c.K, gr.Q, (const T*)nullptr, 0, grid_rows(xg, c.C, gr),
+                  gyq, gr.ld, nullptr, T(1), gw_part, c.K);
+        return;
+    }
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+    if (has_avx512()) return wgrad_dot_avx512<T>(xg, gyq, gr, c.C, c.K, gw_part);
+#endif
+    wgrad_dot_any<T>(xg, gyq, gr, c.C, c.K, gw_part);
+}
+
 std::pair<int, int> pair_of(py::handle t) {
     auto s = t.cast<py::sequence>();
     return {s[0].cast<int>(), s[1].cast<int>()};
@@ -312,8 +537,12 @@ py::array conv2d_forward(py::array x, py::array w, py::object b, py::object stri
         T* py_ = y.mutable_data();
         {
             py::gil_scoped_release nogil;
+            const bool grid = takes_grid(c);
             for_chunks(c, [&](index_t n0, index_t n1, int) {
-                forward_chunk<T>(px, pw, pb, py_, c, n0, n1);
+                if (grid)
+                    forward3x3_chunk<T>(px, pw, pb, py_, c, n0, n1);
+                else
+                    forward_chunk<T>(px, pw, pb, py_, c, n0, n1);
             });
         }
         return y;
@@ -343,9 +572,12 @@ py::array conv2d_backward_input(py::array gy, py::array w, py::object x_shape, p
     // whose GEMM is (C, K*kh*kw) @ (K*kh*kw, L): deep, and nothing to fold.
     const auto s = pair_of(stride), p = pair_of(padding), d = pair_of(dilation);
     const index_t kh = w.shape(2), kw = w.shape(3);
-    const bool flipped = groups == 1 && s.first == 1 && s.second == 1 && c.K <= 16 &&
-                         c.C >= 16 && p.first <= d.first * (kh - 1) &&
-                         p.second <= d.second * (kw - 1);
+    // Convolutions that take the grid path always take it: the flipped convolution has the
+    // same geometry, and runs forward3x3_chunk's implicit GEMM.
+    const bool flipped = (groups == 1 && s.first == 1 && s.second == 1 && c.K <= 16 &&
+                          c.C >= 16 && p.first <= d.first * (kh - 1) &&
+                          p.second <= d.second * (kw - 1)) ||
+                         takes_grid(c);
     return dispatch_float(gy, name, [&](auto tag) -> py::array {
         using T = decltype(tag);
         auto gx = empty_array<T>({xs[0], xs[1], xs[2], xs[3]});
@@ -367,8 +599,12 @@ py::array conv2d_backward_input(py::array gy, py::array w, py::object x_shape, p
                                 pw[((k * c.C + ch) * kh + i) * kw + j];
             {
                 py::gil_scoped_release nogil;
+                const bool grid = takes_grid(cf);
                 for_chunks(cf, [&](index_t n0, index_t n1, int) {
-                    forward_chunk<T>(pg, wf.data(), nullptr, px, cf, n0, n1);
+                    if (grid)
+                        forward3x3_chunk<T>(pg, wf.data(), nullptr, px, cf, n0, n1);
+                    else
+                        forward_chunk<T>(pg, wf.data(), nullptr, px, cf, n0, n1);
                 });
             }
             return gx;
@@ -410,12 +646,22 @@ py::array conv2d_backward_weight(py::array gy, py::array x, py::object w_shape,
             py::gil_scoped_release nogil;
             // one zeroed partial sum per thread, added up after the samples
             std::vector<T> parts(size_t(max_threads()) * size, T(0));
-            for_chunks(c, [&](index_t n0, index_t n1, int tid) {
-                wgrad_chunk<T>(pg, px, parts.data() + tid * size, c, n0, n1);
+            const bool grid = takes_grid(c);
+            // wgrad_dot wants long rows: kDotColumns or more a chunk
+            const bool dot = grid && wgrad_by_dot(c);
+            Conv cw = c;
+            const index_t per_sample = (c.g.H + 1) * (c.g.W + 1);
+            if (dot)
+                cw.B = balanced_batch(c.N, std::min(kDotColumns / per_sample + 1, (c.N + 1) / 2));
+            for_chunks(cw, [&](index_t n0, index_t n1, int tid) {
+                if (grid)
+                    wgrad3x3_chunk<T>(pg, px, parts.data() + tid * size, c, n0, n1);
+                else
+                    wgrad_chunk<T>(pg, px, parts.data() + tid * size, c, n0, n1);
             });
             // sum over threads; parts hold gW^T per group, (G, Rg, Kg), or gW itself
             const int threads = max_threads();
-            const bool tr = wgrad_transposed(c);
+            const bool tr = dot ? false : wgrad_transposed(c);  // wgrad_dot: gW itself
             for (index_t gi = 0; gi < c.G; ++gi)
                 for (index_t k = 0; k < c.Kg; ++k)
                     for (index_t r = 0; r < c.Rg; ++r) {

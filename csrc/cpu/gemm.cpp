@@ -35,29 +35,41 @@ T* packbuf(int slot, index_t n) {
     return b.data();
 }
 
+// A GEMM operand: the row-major matrix p with leading dimension ld, or, when rows is set,
+// one pointer per row (each row contiguous). The row pointers let a caller hand over a
+// matrix that is never built, e.g. the im2col matrix of a 3x3 convolution, whose rows are
+// shifted views of one padded input (conv.cpp): packing reads them directly.
+template <typename T>
+struct Operand {
+    const T* p;
+    index_t ld;
+    const T* const* rows;
+    GD_INLINE const T* row(index_t i) const { return rows ? rows[i] : p + i * ld; }
+};
+
 // op(A)[i, k] for i in [i0, i0 + mc), k in [k0, k0 + kc) into MR-row panels, column by
 // column: Ap[(panel * kc + k) * MR + r]. Rows past M are zero.
 template <typename T, int MR>
-GD_INLINE void pack_a(bool ta, const T* A, index_t lda, index_t M, index_t i0, index_t mc,
+GD_INLINE void pack_a(bool ta, const Operand<T>& A, index_t M, index_t i0, index_t mc,
                       index_t k0, index_t kc, T* Ap) {
     for (index_t p = 0; p * MR < mc; ++p) {
         T* dst = Ap + p * kc * MR;
         const index_t ib = i0 + p * MR;
         const index_t rows = std::min<index_t>(MR, M - ib);
         if (!ta) {  // row i contiguous along k: MR read streams, one sequential write
+            const T* src[MR] = {};
+            for (index_t r = 0; r < rows; ++r) src[r] = A.row(ib + r) + k0;
             if (rows == MR) {
-                const T* src = A + ib * lda + k0;
                 for (index_t k = 0; k < kc; ++k)
 #pragma GCC unroll 16
-                    for (int r = 0; r < MR; ++r) dst[k * MR + r] = src[r * lda + k];
+                    for (int r = 0; r < MR; ++r) dst[k * MR + r] = src[r][k];
             } else {
                 for (index_t k = 0; k < kc; ++k)
-                    for (index_t r = 0; r < rows; ++r)
-                        dst[k * MR + r] = A[(ib + r) * lda + k0 + k];
+                    for (index_t r = 0; r < rows; ++r) dst[k * MR + r] = src[r][k];
             }
         } else {    // column k contiguous along i
             for (index_t k = 0; k < kc; ++k) {
-                const T* src = A + (k0 + k) * lda + ib;
+                const T* src = A.row(k0 + k) + ib;
                 for (index_t r = 0; r < rows; ++r) dst[k * MR + r] = src[r];
             }
         }
@@ -69,7 +81,7 @@ GD_INLINE void pack_a(bool ta, const T* A, index_t lda, index_t M, index_t i0, i
 // op(B)[k, j] for k in [k0, k0 + kc), j in [j0, j0 + nc) into NR-column panels, row by row:
 // Bp[(panel * kc + k) * NR + c]. Columns past N are zero.
 template <typename T, int NR>
-GD_INLINE void pack_b(bool tb, const T* B, index_t ldb, index_t N, index_t k0, index_t kc,
+GD_INLINE void pack_b(bool tb, const Operand<T>& B, index_t N, index_t k0, index_t kc,
                       index_t j0, index_t nc, T* Bp) {
     for (index_t p = 0; p * NR < nc; ++p) {
         T* dst = Bp + p * kc * NR;
@@ -77,21 +89,22 @@ GD_INLINE void pack_b(bool tb, const T* B, index_t ldb, index_t N, index_t k0, i
         const index_t cols = std::min<index_t>(NR, N - jb);
         if (!tb) {  // row k contiguous along j
             for (index_t k = 0; k < kc; ++k) {
-                const T* src = B + (k0 + k) * ldb + jb;
+                const T* src = B.row(k0 + k) + jb;
                 T* d = dst + k * NR;
                 for (index_t c = 0; c < cols; ++c) d[c] = src[c];
                 for (index_t c = cols; c < NR; ++c) d[c] = T(0);
             }
         } else {    // column j contiguous along k: 8 columns at a time, so that only 8
                     // read streams are live (NR rows a power-of-two apart alias in L1)
-            const T* src = B + jb * ldb + k0;
+            const T* src[NR < 8 ? 8 : NR] = {};
+            for (index_t c = 0; c < cols; ++c) src[c] = B.row(jb + c) + k0;
             index_t c0 = 0;
             for (; c0 + 8 <= cols; c0 += 8)
                 for (index_t k = 0; k < kc; ++k)
 #pragma GCC unroll 8
-                    for (int c = 0; c < 8; ++c) dst[k * NR + c0 + c] = src[(c0 + c) * ldb + k];
+                    for (int c = 0; c < 8; ++c) dst[k * NR + c0 + c] = src[c0 + c][k];
             for (index_t k = 0; k < kc; ++k) {
-                for (index_t c = c0; c < cols; ++c) dst[k * NR + c] = src[c * ldb + k];
+                for (index_t c = c0; c < cols; ++c) dst[k * NR + c] = src[c][k];
                 for (index_t c = cols; c < NR; ++c) dst[k * NR + c] = T(0);
             }
         }
@@ -141,8 +154,10 @@ GD_INLINE void micro(index_t kc, const T* __restrict Ap, const T* __restrict Bp,
 }
 
 template <typename V, typename T, int MR, int NV>
-GD_INLINE void gemm_impl(bool ta, bool tb, index_t M, index_t N, index_t K, const T* A,
-                         index_t lda, const T* B, index_t ldb, T beta, T* C, index_t ldc) {
+GD_INLINE void gemm_impl(bool ta, bool tb, index_t M, index_t N, index_t K, const T* A_,
+                         index_t lda, const T* const* Arows, const T* B_, index_t ldb,
+                         const T* const* Brows, T beta, T* C, index_t ldc) {
+    const Operand<T> A{A_, lda, Arows}, B{B_, ldb, Brows};
     constexpr int NR = NV * int(sizeof(V) / sizeof(T));
     constexpr index_t MC = MR * 10;
     if (M <= 0 || N <= 0) return;
@@ -158,10 +173,10 @@ GD_INLINE void gemm_impl(bool ta, bool tb, index_t M, index_t N, index_t K, cons
         for (index_t pc = 0; pc < K; pc += KC) {
             const index_t kc = std::min(KC, K - pc);
             const bool acc = pc > 0 || beta != T(0);
-            pack_b<T, NR>(tb, B, ldb, N, pc, kc, jc, nc, Bp);
+            pack_b<T, NR>(tb, B, N, pc, kc, jc, nc, Bp);
             for (index_t ic = 0; ic < M; ic += MC) {
                 const index_t mc = std::min(MC, M - ic);
-                pack_a<T, MR>(ta, A, lda, M, ic, mc, pc, kc, Ap);
+                pack_a<T, MR>(ta, A, M, ic, mc, pc, kc, Ap);
                 for (index_t jr = 0; jr < nc; jr += NR)
                     for (index_t ir = 0; ir < mc; ir += MR)
                         micro<V, T, MR, NV>(kc, Ap + ir * kc, Bp + jr * kc,
@@ -174,9 +189,10 @@ GD_INLINE void gemm_impl(bool ta, bool tb, index_t M, index_t N, index_t K, cons
 }
 
 #define GD_GEMM_ARGS                                                                        \
-    bool ta, bool tb, index_t M, index_t N, index_t K, const T *A, index_t lda, const T *B, \
-        index_t ldb, T beta, T *C, index_t ldc
-#define GD_GEMM_PASS ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc
+    bool ta, bool tb, index_t M, index_t N, index_t K, const T *A, index_t lda,             \
+        const T *const *Arows, const T *B, index_t ldb, const T *const *Brows, T beta, T *C, \
+        index_t ldc
+#define GD_GEMM_PASS ta, tb, M, N, K, A, lda, Arows, B, ldb, Brows, beta, C, ldc
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 template <typename T>
@@ -233,12 +249,24 @@ void gemm_dispatch(GD_GEMM_ARGS) {
 
 void gemm(bool ta, bool tb, index_t M, index_t N, index_t K, const float* A, index_t lda,
           const float* B, index_t ldb, float beta, float* C, index_t ldc) {
-    gemm_dispatch<float>(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
+    gemm_dispatch<float>(ta, tb, M, N, K, A, lda, nullptr, B, ldb, nullptr, beta, C, ldc);
 }
 
 void gemm(bool ta, bool tb, index_t M, index_t N, index_t K, const double* A, index_t lda,
           const double* B, index_t ldb, double beta, double* C, index_t ldc) {
-    gemm_dispatch<double>(ta, tb, M, N, K, A, lda, B, ldb, beta, C, ldc);
+    gemm_dispatch<double>(ta, tb, M, N, K, A, lda, nullptr, B, ldb, nullptr, beta, C, ldc);
+}
+
+void gemm_rows(bool ta, bool tb, index_t M, index_t N, index_t K, const float* A, index_t lda,
+               const float* const* Arows, const float* B, index_t ldb, const float* const* Brows,
+               float beta, float* C, index_t ldc) {
+    gemm_dispatch<float>(ta, tb, M, N, K, A, lda, Arows, B, ldb, Brows, beta, C, ldc);
+}
+
+void gemm_rows(bool ta, bool tb, index_t M, index_t N, index_t K, const double* A, index_t lda,
+               const double* const* Arows, const double* B, index_t ldb,
+               const double* const* Brows, double beta, double* C, index_t ldc) {
+    gemm_dispatch<double>(ta, tb, M, N, K, A, lda, Arows, B, ldb, Brows, beta, C, ldc);
 }
 
 // For the tests: C = op(A) @ op(B) (+ C0), with the shapes checked.
