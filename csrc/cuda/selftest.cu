@@ -192,6 +192,14 @@ __global__ void oob_write(gptr<float> y, long long n, long long offset) {
         raw[n + offset] = 1.0f;
     }
 }
+// Copies the float that starts `shift` bytes into x: a misaligned load unless shift % 4 == 0
+// (a GPU faults with "misaligned address"; the memory checker reports it).
+__global__ void misaligned_load(gptr<const float> x, gptr<float> y, int shift) {
+    if (threadIdx.x == 0) {
+        const char* bytes = reinterpret_cast<const char*>(&x[0]);
+        y[0] = *reinterpret_cast<const float*>(bytes + shift);
+    }
+}
 // Reads x[n]: the bounds-checked pointer catches it at once.
 __global__ void oob_read(gptr<const float> x, gptr<float> y, long long n) {
     y[0] = x[n];
@@ -241,6 +249,7 @@ GPUDIFF_KERNEL(static_shared_overflow)
 GPUDIFF_KERNEL(shared_read_before_write)
 GPUDIFF_KERNEL(oob_write)
 GPUDIFF_KERNEL(oob_read)
+GPUDIFF_KERNEL(misaligned_load)
 GPUDIFF_KERNEL(dynamic_overflow)
 GPUDIFF_KERNEL(extern_shared_shift)
 GPUDIFF_KERNEL(divergent_barrier)

@@ -361,31 +361,45 @@ void first_use(SharedVar& v) {
     g_l.touched.push_back(&v);
 }
 
-void on_access(const void* addr, size_t n, bool write, bool atomic) {
-    const auto* at = static_cast<const unsigned char*>(addr);
+// The region (static shared variable, dynamic shared memory, argument array) an access of n
+// bytes at `at` belongs to, or nullptr (the host's own memory: stack, module data).
+Region* find_region(const unsigned char* at, size_t n) {
     if (static_cast<size_t>(at - g_ss.base) < g_ss.span) {
         const int i = g_ss.slot[static_cast<size_t>(at - g_ss.base) / kSlot];
         if (i >= 0) {
             SharedVar& v = *g_ss.vars[i];
             if (at >= v.region.data + v.region.nbytes || at + n > v.region.data + v.region.nbytes) {
                 for (const auto& o : g_ss.others)  // another object of the module: not ours
-                    if (at >= o.first && at < o.first + o.second) return;
+                    if (at >= o.first && at < o.first + o.second) return nullptr;
             }
             if (v.poisoned_in != g_l.block_serial) first_use(v);
-            check_region(v.region, at, n, write, atomic);
-            return;
+            return &v.region;
         }
     }
-    if (static_cast<size_t>(at - g_l.dyn.lo) < static_cast<size_t>(g_l.dyn.hi - g_l.dyn.lo)) {
-        check_region(g_l.dyn, at, n, write, atomic);
-        return;
-    }
-    for (Region& r : g_l.arrays) {
-        if (at >= r.lo && at < r.hi) {
-            check_region(r, at, n, write, atomic);
-            return;
-        }
-    }
+    if (static_cast<size_t>(at - g_l.dyn.lo) < static_cast<size_t>(g_l.dyn.hi - g_l.dyn.lo))
+        return &g_l.dyn;
+    for (Region& r : g_l.arrays)
+        if (at >= r.lo && at < r.hi) return &r;
+    return nullptr;
+}
+
+void on_access(const void* addr, size_t n, bool write, bool atomic) {
+    const auto* at = static_cast<const unsigned char*>(addr);
+    if (Region* r = find_region(at, n)) check_region(*r, at, n, write, atomic);
+}
+
+// A 2-, 4-, 8- or 16-byte load or store of kernel code (the sized hooks): a GPU faults on one
+// that is not naturally aligned ("misaligned address"), the host would not notice.
+void on_sized_access(const void* addr, size_t n, bool write) {
+    const auto* at = static_cast<const unsigned char*>(addr);
+    Region* r = find_region(at, n);
+    if (r == nullptr) return;
+    if (n > 1 && reinterpret_cast<uintptr_t>(at) % n != 0)
+        throw KernelError(here() + fmt("misaligned %zu-byte %s of %s at byte offset %ld (a GPU "
+                                       "faults: misaligned address)",
+                                       n, write ? "write" : "read", region_name(*r).c_str(),
+                                       static_cast<long>(at - r->data)));
+    check_region(*r, at, n, write, false);
 }
 
 }  // namespace
@@ -499,7 +513,7 @@ void atomic_end() { san::g_suppress = false; }
 #define GD_HOOK(NAME, N, WRITE)                                              \
     extern "C" void NAME(void* p) {                                          \
         if (gd_host::san::g_on && !gd_host::san::g_suppress)                 \
-            gd_host::san::on_access(p, N, WRITE, false);                     \
+            gd_host::san::on_sized_access(p, N, WRITE);                      \
     }
 #define GD_HOOKS(N)                                  \
     GD_HOOK(__tsan_read##N, N, false)                \

@@ -232,3 +232,16 @@ def test_the_checker_knows_the_static_shared_variables(host):
     assert names["rotate_block::s"] == "4096"
     assert names["static_shared_copy::s"] == "128"
     assert any(n.startswith("gd::block_allreduce<gd::Sum<float> >::partial") for n in names)
+
+
+def test_misaligned_access_is_caught_with_its_offset(host):
+    # memcheck's "misaligned address": a 4-byte load from a byte offset not a multiple of 4
+    x = np.arange(8, dtype=np.float32)
+    y = np.zeros(1, np.float32)
+    with pytest.raises(host.KernelError, match=r"misaligned_load', block \(0, 0, 0\), thread "
+                                                r"\(0, 0, 0\): misaligned 4-byte read of "
+                                                r"argument 0 .*at byte offset 2 \(a GPU faults: "
+                                                r"misaligned address\)"):
+        launch(ST, "misaligned_load", 1, 32, (x, y, np.int32(2)))
+    launch(ST, "misaligned_load", 1, 32, (x, y, np.int32(8)))   # aligned: x[2]
+    assert y[0] == 2.0
