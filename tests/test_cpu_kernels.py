@@ -586,6 +586,62 @@ def test_conv3x3_grid_path(case, dtype, rng):
     assert np.array_equal(gw, K.conv2d_backward_weight(gy, x, w.shape, *args))
 
 
+# k x k (and kh x kw) stride-1 convolutions with padding 0 <= p <= k - 1 take the same grid
+# (rows W + pw long, samples H + ph rows apart): the forward where it wastes <= 15% (5x5
+# pad 2 on 28x28, full padding), the input gradient as the flipped convolution there (4+
+# channels), the weight gradient's dot kernel (KW taps x KB filters in registers) below 32
+# filters where the grid wastes <= 2x (LeNet's 5x5 valid conv on 14x14: 1.96).
+CONVK = [  # (N, C, H, W, K, (kh, kw), (ph, pw))
+    (3, 1, 28, 28, 6, (5, 5), (2, 2)),    # LeNet conv1: all three on the grid, K = 4 + 2
+    (4, 6, 14, 14, 16, (5, 5), (0, 0)),   # LeNet conv2: the weight gradient's dot kernel
+    (1, 5, 13, 11, 9, (5, 5), (4, 4)),    # one sample, full padding (no waste)
+    (3, 5, 17, 15, 7, (5, 5), (1, 1)),    # odd sizes, padding between 0 and k - 1
+    (2, 4, 15, 10, 9, (7, 7), (3, 3)),    # 7x7: 3 filters a block
+    (2, 3, 12, 12, 5, (4, 4), (1, 2)),    # even kernel, uneven padding
+    (2, 6, 11, 13, 5, (3, 5), (2, 1)),    # kh != kw
+    (5, 7, 28, 28, 33, (5, 5), (2, 2)),   # 33 filters: the weight gradient's grid GEMM
+    (2, 16, 28, 28, 2, (5, 5), (2, 2)),   # flipped input gradient on the grid, K = 2
+    (2, 8, 12, 12, 4, (5, 5), (1, 1)),    # grid waste 1.69: the forward on im2col, wgrad dot
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CONVK)
+def test_convkxk_grid_path(case, dtype, rng):
+    N, C, H, W, Kf, (kh, kw), pad = case
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((Kf, C, kh, kw)).astype(dtype)
+    b = rng.standard_normal(Kf).astype(dtype)
+    one = (1, 1)
+    args = (one, pad, one, 1)
+    y = K.conv2d(x, w, b, *args)
+    gy = rng.standard_normal(y.shape).astype(dtype)
+    gx = K.conv2d_backward_input(gy, w, x.shape, *args)
+    gw = K.conv2d_backward_weight(gy, x, w.shape, *args)
+    t = {"rtol": 1e-4, "atol": 1e-4} if dtype == np.float32 else {"rtol": 1e-11, "atol": 1e-11}
+    np.testing.assert_allclose(y, conv_ref(x, w, b, *args), **t)
+    # the im2col path: a 2-group convolution of the input twice over (groups > 1 never
+    # take the grid) gives the same result in each half
+    x2, w2 = np.concatenate([x, x], 1), np.concatenate([w, w], 0)
+    g2 = (one, pad, one, 2)
+    np.testing.assert_allclose(y, K.conv2d(x2, w2, np.concatenate([b, b]), *g2)[:, :Kf], **t)
+    gy2 = np.concatenate([gy, gy], 1)
+    np.testing.assert_allclose(gx, K.conv2d_backward_input(gy2, w2, x2.shape, *g2)[:, :C], **t)
+    np.testing.assert_allclose(gw, K.conv2d_backward_weight(gy2, x2, w2.shape, *g2)[:Kf], **t)
+    # and PyTorch in float64
+    xt = torch.from_numpy(x.astype(np.float64)).requires_grad_()
+    wt = torch.from_numpy(w.astype(np.float64)).requires_grad_()
+    yt = F.conv2d(xt, wt, torch.from_numpy(b.astype(np.float64)), 1, pad)
+    yt.backward(torch.from_numpy(gy.astype(np.float64)))
+    np.testing.assert_allclose(y, yt.detach().numpy(), **t)
+    np.testing.assert_allclose(gx, xt.grad.numpy(), **t)
+    np.testing.assert_allclose(gw, wt.grad.numpy(), **t)
+    # deterministic: a second run gives the same bits
+    assert np.array_equal(y, K.conv2d(x, w, b, *args))
+    assert np.array_equal(gx, K.conv2d_backward_input(gy, w, x.shape, *args))
+    assert np.array_equal(gw, K.conv2d_backward_weight(gy, x, w.shape, *args))
+
+
 def test_conv_kernel_declines_what_it_cannot_do():
     x = np.zeros((1, 2, 5, 5), np.float32)
     assert K.conv2d(x, np.zeros((2, 2, 3, 3), np.float64), None, (1, 1), (0, 0), (1, 1), 1) \

@@ -13,11 +13,13 @@
 // The GEMM is gemm.h's (single-threaded, AVX-512 where the CPU has it): each thread runs
 // its own, and the threads join once per call.
 //
-// 3x3 convolutions with stride 1 and padding 1 (ResNet's) on 16x16 images and up skip the
-// im2col copy: the samples sit in one zero-padded grid whose shifted views are the im2col
-// rows, read by the GEMM's packing (gemm_rows); the input gradient is the same kind of
-// convolution (flipped kernel), and the weight gradient with few filters takes a dot
-// product kernel over the grid rows (wgrad_dot). See "implicit GEMM on a padded grid".
+// Stride-1 kh x kw convolutions with padding at most k - 1 (ResNet's 3x3 pad 1 on 16x16
+// images and up, LeNet's 5x5 pad 2 on 28x28) skip the im2col copy: the samples sit in one
+// zero-padded grid whose shifted views are the im2col rows, read by the GEMM's packing
+// (gemm_rows); the input gradient is the same kind of convolution (flipped kernel), and the
+// weight gradient with few filters takes a dot product kernel over the grid rows
+// (wgrad_dot), also where the grid wastes up to half its columns (LeNet's 5x5 valid conv on
+// 14x14). See "implicit GEMM on a padded grid".
 #include "common.h"
 #include "gemm.h"
 #include "im2col.h"
@@ -290,106 +292,138 @@ GPUDIFF_CLONES void wgrad_chunk(const T* gy, const T* x, T* gw_part, const Conv&
     }
 }
 
-// ---- 3x3, stride 1, padding 1, dilation 1, one group: implicit GEMM on a padded grid ----
+// ---- kh x kw, stride 1, padding ph <= kh-1 / pw <= kw-1, dilation 1, one group: ----
+// ---- implicit GEMM on a padded grid                                             ----
 //
 // The samples [n0, n0 + nb) of each channel are laid out in one zero-padded "grid" whose
-// rows are W + 1 long (one zero column, the right padding of a row and the left padding of
-// the next) and whose samples are H + 1 rows apart (one zero row between samples, the
-// bottom padding of one and the top padding of the next):
+// rows are Wq = W + pw long (pw zero columns: the right padding of a row and the left
+// padding of the next) and whose samples are H + ph rows apart (ph zero rows between
+// samples: the bottom padding of one and the top padding of the next):
 //
-//   value (b, h, w) at  base + b*S + h*Wq + w,   Wq = W + 1,  S = (H + 1)*Wq,  base = Wq + 1
+//   value (b, h, w) at  base + b*S + h*Wq + w,   Wq = W + pw,  S = (H + ph)*Wq,
+//                                                base = ph*Wq + pw
 //
 // and every position that is not a value is 0. Output (b, oh, ow) becomes GEMM column
-// q = b*S + oh*Wq + ow, and its tap (i, j) reads grid[q + i*Wq + j]: row (c, i, j) of the
-// im2col matrix is the channel-c grid shifted by i*Wq + j, so the GEMM's packing reads the
-// input directly (gemm_rows) and the 9x larger column matrix is never written. The price:
-// the Q columns include the padding positions (6% more work at 32x32, 13% at 16x16, 27% at
-// 8x8), computed and thrown away (forward), or multiplied by the zeros that the
-// output-gradient grid holds there (weight gradient).
+// q = b*S + oh*Wq + ow, and its tap (i, j) reads grid[q + i*Wq + j] (input pixel
+// (oh + i - ph, ow + j - pw), or a zero): row (c, i, j) of the im2col matrix is the
+// channel-c grid shifted by i*Wq + j, so the GEMM's packing reads the input directly
+// (gemm_rows) and the kh*kw times larger column matrix is never written. Padding up to
+// k - 1 fits in the shared zeros because a tap reaches at most pw columns left or right of
+// a row (and ph rows above or below a sample). The price: the Q columns per sample, S,
+// include positions that are no output, (H + ph)(W + pw) against OH*OW (3x3 pad 1: 6% more
+// at 32x32, 13% at 16x16, 27% at 8x8; 5x5 pad 2 at 28x28: 15%; 5x5 pad 0 at 14x14: 96%;
+// "full" padding k - 1: none), computed and thrown away (forward), or multiplied by the
+// zeros that the output-gradient grid holds there (weight gradient).
 struct Grid {
-    index_t H, W, Wq, S, base, len, Q;  // len: one channel's grid, Q: GEMM columns
+    index_t H, W, OH, OW, kh, kw;  // input and output planes, taps
+    index_t Wq, S, base, len, Q;   // len: one channel's grid, Q: GEMM columns
     index_t ld;  // channel stride: len and kSlack zeros, which let wgrad_dot round Q up
 };
 
 constexpr index_t kSlack = 16;  // a vector of floats
 
-inline Grid make_grid(index_t H, index_t W, index_t nb) {
+inline Grid make_grid(const ConvGeom& g, index_t nb) {
     Grid gr;
-    gr.H = H, gr.W = W, gr.Wq = W + 1, gr.S = (H + 1) * gr.Wq, gr.base = gr.Wq + 1;
-    gr.len = nb * gr.S + gr.Wq + 1;  // the last read: column Q - 1, tap (2, 2) = len - 1
-    gr.Q = (nb - 1) * gr.S + (H - 1) * gr.Wq + W;
+    gr.H = g.H, gr.W = g.W, gr.OH = g.OH, gr.OW = g.OW, gr.kh = g.kh, gr.kw = g.kw;
+    gr.Wq = g.W + g.pw, gr.S = (g.H + g.ph) * gr.Wq, gr.base = g.ph * gr.Wq + g.pw;
+    gr.Q = (nb - 1) * gr.S + (g.OH - 1) * gr.Wq + g.OW;
+    // the last read: column Q - 1, tap (kh - 1, kw - 1)
+    gr.len = gr.Q + (g.kh - 1) * gr.Wq + g.kw - 1;  // = base + nb*S
     gr.ld = gr.len + kSlack;
     return gr;
 }
 
-// 3x3 "same" convolutions whose grid wastes at most 15% (16x16 images and up): on 8x8
-// images the padding columns (27%) cost more than the im2col copy saves.
-inline bool takes_grid(const Conv& c) {
-    const ConvGeom& g = c.g;
-    return c.G == 1 && g.kh == 3 && g.kw == 3 && g.sh == 1 && g.sw == 1 && g.ph == 1 &&
-           g.pw == 1 && g.dh == 1 && g.dw == 1 && (g.H + 1) * (g.W + 1) * 20 <= g.H * g.W * 23;
+// Grid columns per output pixel (S / (OH*OW)).
+inline double grid_waste(const ConvGeom& g) {
+    return double((g.H + g.ph) * (g.W + g.pw)) / double(g.OH * g.OW);
 }
 
-// The weight gradient takes wgrad_dot (no packing) for few filters, where the packed GEMM
-// fills half of its 32-wide micro-tiles; with more, the GEMM's register blocking wins.
-inline bool wgrad_by_dot(const Conv& c) { return c.K < 32; }
+// Convolutions the grid can hold: stride 1, no dilation, one group, not 1x1 (the pointwise
+// path reads the input in place), padding at most k - 1 per side.
+inline bool grid_fits(const Conv& c) {
+    const ConvGeom& g = c.g;
+    return c.G == 1 && g.sh == 1 && g.sw == 1 && g.dh == 1 && g.dw == 1 && g.kh * g.kw > 1 &&
+           g.ph <= g.kh - 1 && g.pw <= g.kw - 1;
+}
 
-// src (N, Ch, H, W), samples [n0, n0 + nb) -> dst (Ch, ld) grids, every position written.
+// The forward GEMM on the grid when it wastes at most 15% (3x3 pad 1 on 16x16 images and
+// up, 5x5 pad 2 on 28x28, "full" padding always): beyond, the padding columns cost more
+// than the im2col copy saves (3x3 pad 1 on 8x8: 27%).
+inline bool takes_grid(const Conv& c) { return grid_fits(c) && grid_waste(c.g) <= 1.15; }
+
+// Taps a row that the dot-product kernel below holds in registers.
+constexpr index_t kDotMaxTaps = 7;
+
+// The weight gradient takes wgrad_dot (no packing) for few filters, where the packed GEMM
+// fills half of its 32-wide micro-tiles; with more, the GEMM's register blocking wins. The
+// dot kernel does the waste's multiply-adds but writes no column matrix and packs nothing:
+// it pays up to twice the useful work (LeNet's 5x5 valid conv on 14x14: 1.96).
+inline bool wgrad_by_dot(const Conv& c) {
+    return c.K < 32 && c.g.kw <= kDotMaxTaps && grid_fits(c) && grid_waste(c.g) <= 2.0;
+}
+// The weight gradient's grid path: the dot kernel, or the grid GEMM where the forward
+// takes the grid.
+inline bool wgrad_takes_grid(const Conv& c) { return wgrad_by_dot(c) || takes_grid(c); }
+
+// src (N, Ch, h, w) planes, samples [n0, n0 + nb) -> dst (Ch, ld) grids with rows Wq long
+// and samples S apart: value (b, y, x) at off + b*S + y*Wq + x, every other position of
+// [0, ld) written 0 (off + nb*S <= len). The input grid: (H, W) at off = base.
 template <typename T>
-void to_grid(const T* src, index_t Ch, index_t n0, index_t nb, const Grid& gr, T* dst) {
-    const index_t plane = gr.H * gr.W;
+void to_grid(const T* src, index_t Ch, index_t n0, index_t nb, index_t h, index_t w,
+             index_t off, const Grid& gr, T* dst) {
+    const index_t plane = h * w, rows = gr.S / gr.Wq;  // rows: h and the zero rows after
     for (index_t ch = 0; ch < Ch; ++ch) {
         T* d = dst + ch * gr.ld;
-        std::fill(d, d + gr.base, T(0));  // top padding of sample 0
+        std::fill(d, d + off, T(0));  // the top (and left) padding of sample 0
         for (index_t b = 0; b < nb; ++b) {
             const T* s = src + ((n0 + b) * Ch + ch) * plane;
-            T* ds = d + gr.base + b * gr.S;
-            for (index_t h = 0; h < gr.H; ++h) {
-                std::memcpy(ds + h * gr.Wq, s + h * gr.W, sizeof(T) * gr.W);
-                ds[h * gr.Wq + gr.W] = T(0);  // the shared side padding
+            T* ds = d + off + b * gr.S;
+            for (index_t y = 0; y < h; ++y) {
+                std::memcpy(ds + y * gr.Wq, s + y * w, sizeof(T) * w);
+                for (index_t z = w; z < gr.Wq; ++z) ds[y * gr.Wq + z] = T(0);  // side padding
             }
-            std::fill(ds + gr.H * gr.Wq, ds + gr.S, T(0));  // the shared row of padding
+            std::fill(ds + h * gr.Wq, ds + rows * gr.Wq, T(0));  // the rows of padding
         }
-        std::fill(d + gr.len, d + gr.ld, T(0));
+        std::fill(d + off + nb * gr.S, d + gr.ld, T(0));
     }
 }
 
-// The im2col matrix's row pointers, (Ch*9,): row (c*3 + i)*3 + j = grid c shifted by
+// The im2col matrix's row pointers, (Ch*kh*kw,): row (c*kh + i)*kw + j = grid c shifted by
 // i*Wq + j (per thread, kept).
 template <typename T>
 const T* const* grid_rows(const T* grid, index_t Ch, const Grid& gr) {
     static thread_local std::vector<const T*> rows;
-    rows.resize(Ch * 9);
+    rows.resize(Ch * gr.kh * gr.kw);
     for (index_t ch = 0; ch < Ch; ++ch)
-        for (index_t i = 0; i < 3; ++i)
-            for (index_t j = 0; j < 3; ++j)
-                rows[(ch * 3 + i) * 3 + j] = grid + ch * gr.ld + i * gr.Wq + j;
+        for (index_t i = 0; i < gr.kh; ++i)
+            for (index_t j = 0; j < gr.kw; ++j)
+                rows[(ch * gr.kh + i) * gr.kw + j] = grid + ch * gr.ld + i * gr.Wq + j;
     return rows.data();
 }
 
-// out (K, Q) on the grid's columns -> y[n0 + b, k] (H, W), plus the bias.
+// out (K, Q) on the grid's columns -> y[n0 + b, k] (OH, OW), plus the bias.
 template <typename T>
 void from_grid(const T* out, const T* bias, index_t K, index_t n0, index_t nb, const Grid& gr,
                T* y) {
     for (index_t b = 0; b < nb; ++b)
         for (index_t k = 0; k < K; ++k) {
             const T* s = out + k * gr.Q + b * gr.S;
-            T* d = y + ((n0 + b) * K + k) * gr.H * gr.W;
+            T* d = y + ((n0 + b) * K + k) * gr.OH * gr.OW;
             const T add = bias ? bias[k] : T(0);
-            for (index_t h = 0; h < gr.H; ++h)
-                for (index_t w = 0; w < gr.W; ++w) d[h * gr.W + w] = s[h * gr.Wq + w] + add;
+            for (index_t h = 0; h < gr.OH; ++h)
+                for (index_t w = 0; w < gr.OW; ++w) d[h * gr.OW + w] = s[h * gr.Wq + w] + add;
         }
 }
 
-// y (K, Q) = W (K, C*9) @ cols (C*9, Q), cols read from the input grid.
+// y (K, Q) = W (K, C*kh*kw) @ cols (C*kh*kw, Q), cols read from the input grid.
 template <typename T>
-GPUDIFF_CLONES void forward3x3_chunk(const T* x, const T* w, const T* bias, T* y, const Conv& c,
-                                     index_t n0, index_t n1) {
+GPUDIFF_CLONES void forward_grid_chunk(const T* x, const T* w, const T* bias, T* y,
+                                       const Conv& c, index_t n0, index_t n1) {
     const index_t nb = n1 - n0;
-    const Grid gr = make_grid(c.g.H, c.g.W, nb);
+    const Grid gr = make_grid(c.g, nb);
     T* grid = scratch<T, 0>(c.C * gr.ld);
     T* out = scratch<T, 1>(c.K * gr.Q);
-    to_grid(x, c.C, n0, nb, gr, grid);
+    to_grid(x, c.C, n0, nb, c.g.H, c.g.W, gr.base, gr, grid);
     gemm_rows(false, false, c.K, gr.Q, c.Rg, w, c.Rg, nullptr, (const T*)nullptr, 0,
               grid_rows(grid, c.C, gr), T(0), out, gr.Q);
     from_grid(out, bias, c.K, n0, nb, gr, y);
@@ -397,52 +431,91 @@ GPUDIFF_CLONES void forward3x3_chunk(const T* x, const T* w, const T* bias, T* y
 
 // The weight gradient as dot products along the grid's columns, with no packing:
 //
-//   gW[k, (c*3 + i)*3 + j] += sum_q gy[k, q] * grid_c[q + i*Wq + j]
+//   gW[k, (c*kh + i)*kw + j] += sum_q gy[k, q] * grid_c[q + i*Wq + j]
 //
-// The GEMM behind it is (K, Q) @ (Q, C*9) with a long depth Q and a small output; with 16
-// filters its packing (one packed element per vector multiply-add) costs as much as its
-// arithmetic. Here KB filters and the three taps j of one (c, i) share their loads: per
-// vector of columns, 3 + KB loads feed 3*KB multiply-adds held in registers (KB = 8: 24
-// accumulators of 32 AVX-512 registers). Each accumulator is summed lane by lane at the
-// end, in a fixed order: the same bits on every run.
-template <typename V, typename T, int KB>
+// The GEMM behind it is (K, Q) @ (Q, C*kh*kw) with a long depth Q and a small output;
+// with 16 filters its packing (one packed element per vector multiply-add) costs as much
+// as its arithmetic. Here KB filters and the KW taps j of one (c, i) share their loads: per
+// vector of columns, KW + KB loads feed KW*KB multiply-adds held in registers (AVX-512,
+// 32 registers: 3 taps x 8 filters = 24 accumulators, 5 x 4 = 20, 7 x 3 = 21). Each
+// accumulator is summed lane by lane at the end, in a fixed order: the same bits on every
+// run.
+template <typename V, typename T, int KW, int KB>
 GD_INLINE_CONV void wgrad_dot_block(const T* x0, const T* gy, index_t ldg, index_t Q, T* gw,
                                     index_t ldw) {
     constexpr int W = sizeof(V) / sizeof(T);
     typedef T VU __attribute__((vector_size(sizeof(V)), aligned(sizeof(T))));  // unaligned
-    V acc[KB][3];
+    V acc[KB][KW];
 #pragma GCC unroll 8
-    for (int k = 0; k < KB; ++k) acc[k][0] = acc[k][1] = acc[k][2] = V{};
+    for (int k = 0; k < KB; ++k)
+#pragma GCC unroll 8
+        for (int j = 0; j < KW; ++j) acc[k][j] = V{};
     for (index_t q = 0; q < Q; q += W) {  // past Q: zeros of gy's grid (and its slack)
-        const V a0 = *reinterpret_cast<const VU*>(x0 + q);
-        const V a1 = *reinterpret_cast<const VU*>(x0 + q + 1);
-        const V a2 = *reinterpret_cast<const VU*>(x0 + q + 2);
+        V a[KW];
+#pragma GCC unroll 8
+        for (int j = 0; j < KW; ++j) a[j] = *reinterpret_cast<const VU*>(x0 + q + j);
 #pragma GCC unroll 8
         for (int k = 0; k < KB; ++k) {
             const V g = *reinterpret_cast<const VU*>(gy + k * ldg + q);
-            acc[k][0] += g * a0, acc[k][1] += g * a1, acc[k][2] += g * a2;
+#pragma GCC unroll 8
+            for (int j = 0; j < KW; ++j) acc[k][j] += g * a[j];
         }
     }
     for (int k = 0; k < KB; ++k)
-        for (int j = 0; j < 3; ++j) {
+        for (int j = 0; j < KW; ++j) {
             T sum = T(0);
             for (int l = 0; l < W; ++l) sum += acc[k][j][l];
             gw[k * ldw + j] += sum;
         }
 }
 
-// gW (K, C*9) += over the (c, i) tap rows and blocks of 8 filters (then one at a time).
+// Filters per block for KW taps: the accumulators, KW loads and a spare or two within the
+// vector registers (16 for 32-byte vectors); 3 taps keep 8 (the 3x3 kernel's choice).
+template <typename V, int KW>
+constexpr int dot_filters() {
+    constexpr int regs = sizeof(V) == 64 ? 32 : 16;
+    return KW == 3 ? 8 : ((regs - KW - 4) / KW > 1 ? (regs - KW - 4) / KW : 1);
+}
+
+// The last r < KB filters as one block of r.
+template <typename V, typename T, int KW, int KB>
+GD_INLINE_CONV void wgrad_dot_rest(int r, const T* x0, const T* gy, index_t ldg, index_t Q,
+                                   T* gw, index_t ldw) {
+    if constexpr (KB >= 1) {
+        if (r == KB) return wgrad_dot_block<V, T, KW, KB>(x0, gy, ldg, Q, gw, ldw);
+        wgrad_dot_rest<V, T, KW, KB - 1>(r, x0, gy, ldg, Q, gw, ldw);
+    }
+}
+
+// gW (K, C*kh*kw) += over the (c, i) tap rows and blocks of KB filters (then the rest).
+template <typename V, typename T, int KW>
+GD_INLINE_CONV void wgrad_dot_kw(const T* xg, const T* gyq, const Grid& gr, index_t C,
+                                 index_t K, T* gw) {
+    constexpr int KB = dot_filters<V, KW>();
+    const index_t Rg = C * gr.kh * KW;
+    for (index_t ci = 0; ci < C * gr.kh; ++ci) {  // ci = c*kh + i
+        const T* x0 = xg + (ci / gr.kh) * gr.ld + (ci % gr.kh) * gr.Wq;
+        index_t k = 0;
+        for (; k + KB <= K; k += KB)
+            wgrad_dot_block<V, T, KW, KB>(x0, gyq + k * gr.ld, gr.ld, gr.Q, gw + k * Rg + ci * KW,
+                                          Rg);
+        if (k < K)
+            wgrad_dot_rest<V, T, KW, KB - 1>(int(K - k), x0, gyq + k * gr.ld, gr.ld, gr.Q,
+                                             gw + k * Rg + ci * KW, Rg);
+    }
+}
+
 template <typename V, typename T>
 GD_INLINE_CONV void wgrad_dot(const T* xg, const T* gyq, const Grid& gr, index_t C, index_t K,
                               T* gw) {
-    const index_t Rg = C * 9;
-    for (index_t ci = 0; ci < C * 3; ++ci) {  // ci = c*3 + i
-        const T* x0 = xg + (ci / 3) * gr.ld + (ci % 3) * gr.Wq;
-        index_t k = 0;
-        for (; k + 8 <= K; k += 8)
-            wgrad_dot_block<V, T, 8>(x0, gyq + k * gr.ld, gr.ld, gr.Q, gw + k * Rg + ci * 3, Rg);
-        for (; k < K; ++k)
-            wgrad_dot_block<V, T, 1>(x0, gyq + k * gr.ld, gr.ld, gr.Q, gw + k * Rg + ci * 3, Rg);
+    switch (gr.kw) {  // kw <= kDotMaxTaps
+        case 2: return wgrad_dot_kw<V, T, 2>(xg, gyq, gr, C, K, gw);
+        case 3: return wgrad_dot_kw<V, T, 3>(xg, gyq, gr, C, K, gw);
+        case 4: return wgrad_dot_kw<V, T, 4>(xg, gyq, gr, C, K, gw);
+        case 5: return wgrad_dot_kw<V, T, 5>(xg, gyq, gr, C, K, gw);
+        case 6: return wgrad_dot_kw<V, T, 6>(xg, gyq, gr, C, K, gw);
+        case 7: return wgrad_dot_kw<V, T, 7>(xg, gyq, gr, C, K, gw);
+        default: return wgrad_dot_kw<V, T, 1>(xg, gyq, gr, C, K, gw);  // kh x 1
     }
 }
 
@@ -475,23 +548,24 @@ inline bool has_avx512() {
 #endif
 }
 
-// Columns per wgrad_dot call: its epilogue (3*KB lane sums) then costs ~10% of the loop.
+// Columns per wgrad_dot call: its epilogue (KW*KB lane sums) then costs ~10% of the loop.
 constexpr index_t kDotColumns = 4096;
 
-// gW (K, C*9) += the chunk's weight gradient; gy's grid is 0 at the padding columns, so
-// they add nothing.
+// gW (K, C*kh*kw) += the chunk's weight gradient; gy's grid is 0 at the columns that are
+// no output, so they add nothing.
 template <typename T>
-GPUDIFF_CLONES void wgrad3x3_chunk(const T* gy, const T* x, T* gw_part, const Conv& c,
-                                   index_t n0, index_t n1) {
+GPUDIFF_CLONES void wgrad_grid_chunk(const T* gy, const T* x, T* gw_part, const Conv& c,
+                                     index_t n0, index_t n1) {
     const index_t nb = n1 - n0;
-    const Grid gr = make_grid(c.g.H, c.g.W, nb);
+    const Grid gr = make_grid(c.g, nb);
     T* xg = scratch<T, 0>(c.C * gr.ld);
     T* gyg = scratch<T, 1>(c.K * gr.ld);
-    to_grid(x, c.C, n0, nb, gr, xg);
-    to_grid(gy, c.K, n0, nb, gr, gyg);
+    to_grid(x, c.C, n0, nb, c.g.H, c.g.W, gr.base, gr, xg);
+    // gy's grid: (OH, OW) at base too (any offset would do; base keeps the 3x3 layout)
+    to_grid(gy, c.K, n0, nb, c.g.OH, c.g.OW, gr.base, gr, gyg);
     const T* gyq = gyg + gr.base;  // column q of gy at gyq[k*ld + q]
     if (!wgrad_by_dot(c)) {
-        // gW^T (C*9, K) += cols (C*9, Q) @ gy^T (Q, K), cols read from the input grid
+        // gW^T (C*kh*kw, K) += cols (C*kh*kw, Q) @ gy^T (Q, K), cols read from the input grid
         gemm_rows(false, true, c.Rg, c.K, gr.Q, (const T*)nullptr, 0, grid_rows(xg, c.C, gr),
                   gyq, gr.ld, nullptr, T(1), gw_part, c.K);
         return;
@@ -540,7 +614,7 @@ py::array conv2d_forward(py::array x, py::array w, py::object b, py::object stri
             const bool grid = takes_grid(c);
             for_chunks(c, [&](index_t n0, index_t n1, int) {
                 if (grid)
-                    forward3x3_chunk<T>(px, pw, pb, py_, c, n0, n1);
+                    forward_grid_chunk<T>(px, pw, pb, py_, c, n0, n1);
                 else
                     forward_chunk<T>(px, pw, pb, py_, c, n0, n1);
             });
@@ -572,12 +646,14 @@ py::array conv2d_backward_input(py::array gy, py::array w, py::object x_shape, p
     // whose GEMM is (C, K*kh*kw) @ (K*kh*kw, L): deep, and nothing to fold.
     const auto s = pair_of(stride), p = pair_of(padding), d = pair_of(dilation);
     const index_t kh = w.shape(2), kw = w.shape(3);
-    // Convolutions that take the grid path always take it: the flipped convolution has the
-    // same geometry, and runs forward3x3_chunk's implicit GEMM.
+    // Convolutions that take the grid path take it here too when the flipped GEMM has 4+
+    // rows (C): the flipped convolution, padding k - 1 - p, has the same grid, and runs
+    // forward_grid_chunk's implicit GEMM. (LeNet's 5x5 valid conv on 14x14, whose flipped
+    // grid wastes nothing, has 6 rows: 1.27 ms single-threaded against col2im's 0.59.)
     const bool flipped = (groups == 1 && s.first == 1 && s.second == 1 && c.K <= 16 &&
                           c.C >= 16 && p.first <= d.first * (kh - 1) &&
                           p.second <= d.second * (kw - 1)) ||
-                         takes_grid(c);
+                         (takes_grid(c) && c.C >= 4);
     return dispatch_float(gy, name, [&](auto tag) -> py::array {
         using T = decltype(tag);
         auto gx = empty_array<T>({xs[0], xs[1], xs[2], xs[3]});
@@ -602,7 +678,7 @@ py::array conv2d_backward_input(py::array gy, py::array w, py::object x_shape, p
                 const bool grid = takes_grid(cf);
                 for_chunks(cf, [&](index_t n0, index_t n1, int) {
                     if (grid)
-                        forward3x3_chunk<T>(pg, wf.data(), nullptr, px, cf, n0, n1);
+                        forward_grid_chunk<T>(pg, wf.data(), nullptr, px, cf, n0, n1);
                     else
                         forward_chunk<T>(pg, wf.data(), nullptr, px, cf, n0, n1);
                 });
@@ -646,16 +722,16 @@ py::array conv2d_backward_weight(py::array gy, py::array x, py::object w_shape,
             py::gil_scoped_release nogil;
             // one zeroed partial sum per thread, added up after the samples
             std::vector<T> parts(size_t(max_threads()) * size, T(0));
-            const bool grid = takes_grid(c);
+            const bool grid = wgrad_takes_grid(c);
             // wgrad_dot wants long rows: kDotColumns or more a chunk
-            const bool dot = grid && wgrad_by_dot(c);
+            const bool dot = wgrad_by_dot(c);
             Conv cw = c;
-            const index_t per_sample = (c.g.H + 1) * (c.g.W + 1);
+            const index_t per_sample = (c.g.H + c.g.ph) * (c.g.W + c.g.pw);  // grid columns
             if (dot)
                 cw.B = balanced_batch(c.N, std::min(kDotColumns / per_sample + 1, (c.N + 1) / 2));
             for_chunks(cw, [&](index_t n0, index_t n1, int tid) {
                 if (grid)
-                    wgrad3x3_chunk<T>(pg, px, parts.data() + tid * size, c, n0, n1);
+                    wgrad_grid_chunk<T>(pg, px, parts.data() + tid * size, c, n0, n1);
                 else
                     wgrad_chunk<T>(pg, px, parts.data() + tid * size, c, n0, n1);
             });
