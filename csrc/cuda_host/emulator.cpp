@@ -33,15 +33,7 @@
 #include <vector>
 
 namespace gd_host {
-namespace {
 
-constexpr int kMaxThreadsPerBlock = 1024;
-constexpr size_t kStackBytes = 256 * 1024;      // per fiber; a PROT_NONE page sits below
-constexpr size_t kGuardBytes = 256;             // guard zone on each side of every array
-constexpr size_t kMaxDynamicShared = 48 * 1024;  // CUDA's limit without an opt-in attribute
-constexpr unsigned long long kMaxBlocks = 1ull << 24;
-
-std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
 std::string fmt(const char* f, ...) {
     char buf[1024];
     va_list ap;
@@ -50,6 +42,15 @@ std::string fmt(const char* f, ...) {
     va_end(ap);
     return buf;
 }
+
+namespace {
+
+constexpr int kMaxThreadsPerBlock = 1024;
+constexpr size_t kStackBytes = 256 * 1024;      // per fiber; a PROT_NONE page sits below
+constexpr size_t kGuardBytes = 256;             // guard zone on each side of every array
+constexpr size_t kMaxDynamicShared = 48 * 1024;  // CUDA's limit without an opt-in attribute
+constexpr unsigned long long kMaxBlocks = 1ull << 24;
+
 
 std::string dim_str(const dim3& d) { return fmt("(%u, %u, %u)", d.x, d.y, d.z); }
 

@@ -26,6 +26,9 @@ struct KernelError : std::runtime_error {
     using std::runtime_error::runtime_error;
 };
 
+// printf into a std::string (the messages of the scheduler and the memory checker)
+std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
+
 // ---- scheduler entry points, called from kernel code through cuda_host.h -------------------
 enum class WarpOp : int { ShflIdx, ShflUp, ShflDown, ShflXor, Ballot, Any, All, SyncWarp };
 // Suspends the calling thread until every lane in `mask` made the same call; returns the

@@ -48,15 +48,6 @@ constexpr size_t kRedZone = 256;         // red-zone bytes checked after each bl
 constexpr uint32_t kPoisonWord = 0xffffffffu;  // empty() arrays (initcheck), poisoned shared
 constexpr uint16_t kAtomic = 1;
 
-std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
-std::string fmt(const char* f, ...) {
-    char buf[1024];
-    va_list ap;
-    va_start(ap, f);
-    vsnprintf(buf, sizeof buf, f, ap);
-    va_end(ap);
-    return buf;
-}
 
 // one access: who, when
 struct Rec {
