@@ -100,6 +100,16 @@ def end(tok):
         _waiting.pop(tok, None)
 
 
+@contextlib.contextmanager
+def waiting(name, seq):
+    """``with waiting("all_reduce", seq): ...``: begin / end around a blocking collective."""
+    tok = begin(name, seq)
+    try:
+        yield
+    finally:
+        end(tok)
+
+
 def _watch():
     while not _stop.wait(0.5):
         timeout = _state["timeout"]

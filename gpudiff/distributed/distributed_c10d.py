@@ -231,11 +231,8 @@ class Work:
             self._event = None
             self._complete()
             return True
-        tok = _fault.begin(self._name, self._seq)
-        try:
+        with _fault.waiting(self._name, self._seq):
             self._request.Wait()
-        finally:
-            _fault.end(tok)
         self._complete()
         return True
 
@@ -338,21 +335,15 @@ def all_reduce(tensor, op=ReduceOp.SUM, group=None, async_op=False):
         req = None
     elif pg.shm is not None and _shm.usable(buf, op, pg.shm_min_bytes):
         # synchronous, also for async_op=True: the handle comes back already complete
-        tok = _fault.begin("all_reduce", seq)
-        try:
+        with _fault.waiting("all_reduce", seq):
             pg.shm.allreduce(buf, op)
-        finally:
-            _fault.end(tok)
         finish = _chain(back, staged.back if staged else None)   # AVG already divided
         return _ret(Work("all_reduce", seq, None, finish), async_op)
     elif async_op:
         req = pg.comm.Iallreduce(pg.MPI.IN_PLACE, buf, mop)
     else:
-        tok = _fault.begin("all_reduce", seq)
-        try:
+        with _fault.waiting("all_reduce", seq):
             pg.comm.Allreduce(pg.MPI.IN_PLACE, buf, mop)
-        finally:
-            _fault.end(tok)
         req = None
     finish = _chain(_avg_fix(buf, op, pg.size), back, staged.back if staged else None)
     return _ret(Work("all_reduce", seq, req, finish), async_op)
@@ -380,11 +371,8 @@ def broadcast(tensor, src=0, group=None, async_op=False):
     elif async_op:
         req = pg.comm.Ibcast(buf, root=src)
     else:
-        tok = _fault.begin("broadcast", seq)
-        try:
+        with _fault.waiting("broadcast", seq):
             pg.comm.Bcast(buf, root=src)
-        finally:
-            _fault.end(tok)
         req = None
     return _ret(Work("broadcast", seq, req, _chain(back, staged.back if staged else None)),
                 async_op)
@@ -425,11 +413,8 @@ def all_gather_into_tensor(output_tensor, input_tensor, group=None, async_op=Fal
     elif async_op:
         req = pg.comm.Iallgather(ibuf, obuf)
     else:
-        tok = _fault.begin("all_gather", seq)
-        try:
+        with _fault.waiting("all_gather", seq):
             pg.comm.Allgather(ibuf, obuf)
-        finally:
-            _fault.end(tok)
         req = None
     return _ret(Work("all_gather", seq, req, _chain(back, staged.back if staged else None)),
                 async_op)
@@ -480,11 +465,8 @@ def reduce_scatter_tensor(output, input, op=ReduceOp.SUM, group=None, async_op=F
     elif async_op:
         req = pg.comm.Ireduce_scatter_block(ibuf, obuf, mop)
     else:
-        tok = _fault.begin("reduce_scatter", seq)
-        try:
+        with _fault.waiting("reduce_scatter", seq):
             pg.comm.Reduce_scatter_block(ibuf, obuf, mop)
-        finally:
-            _fault.end(tok)
         req = None
     finish = _chain(_avg_fix(obuf, op, pg.size), back, staged.back if staged else None)
     return _ret(Work("reduce_scatter", seq, req, finish), async_op)
@@ -507,11 +489,8 @@ def barrier(group=None, async_op=False, device_ids=None):
         return _ret(Work("barrier", seq), async_op)
     if async_op:
         return Work("barrier", seq, pg.comm.Ibarrier())
-    tok = _fault.begin("barrier", seq)
-    try:
+    with _fault.waiting("barrier", seq):
         pg.comm.Barrier()
-    finally:
-        _fault.end(tok)
     return None
 
 
@@ -519,12 +498,9 @@ def barrier(group=None, async_op=False, device_ids=None):
 def broadcast_object_list(object_list, src=0, group=None, device=None):
     pg = _get_pg()
     seq = pg.next_seq()
-    tok = _fault.begin("broadcast_object_list", seq)
-    try:
+    with _fault.waiting("broadcast_object_list", seq):
         data = pg.comm.bcast(pickle.dumps(list(object_list)) if pg.rank == src else None,
                              root=src)
-    finally:
-        _fault.end(tok)
     object_list[:] = pickle.loads(data)
 
 
@@ -534,11 +510,8 @@ def all_gather_object(object_list, obj, group=None):
     if len(object_list) != pg.size:
         raise ValueError(f"all_gather_object: expected a list of {pg.size} slots, got "
                          f"{len(object_list)}")
-    tok = _fault.begin("all_gather_object", seq)
-    try:
+    with _fault.waiting("all_gather_object", seq):
         got = pg.comm.allgather(obj)
-    finally:
-        _fault.end(tok)
     object_list[:] = got
 
 

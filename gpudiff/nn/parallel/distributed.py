@@ -317,11 +317,8 @@ class DistributedDataParallel(Module):
             if pg.shm is not None and c10d._shm.usable(buf, "sum", pg.shm_min_bytes):
                 # this node's shared memory (distributed/_shm.py): synchronous, so the
                 # handle comes back complete; the timeout watchdog still names it
-                tok = c10d._fault.begin(f"DDP bucket {b.index} all_reduce", seq)
-                try:
+                with c10d._fault.waiting(f"DDP bucket {b.index} all_reduce", seq):
                     pg.shm.allreduce(buf, "sum")
-                finally:
-                    c10d._fault.end(tok)
                 return c10d.Work(f"DDP bucket {b.index} all_reduce", seq)
             req = self._comm.Iallreduce(pg.MPI.IN_PLACE, buf, pg.MPI.SUM)
             return c10d.Work(f"DDP bucket {b.index} all_reduce", seq, req)
