@@ -2,6 +2,7 @@
 import numpy as np
 
 from . import runtime
+from .runtime import capture
 from .tensor import Tensor, _infer_dtype, _to_array, get_default_dtype
 
 
@@ -140,6 +141,7 @@ def eye(n, m=None, dtype=None, device=None, requires_grad=False):
 # ---- random (drawn on the host from gpudiff's generator: same numbers on every device) --
 def _random(draw, size, dtype, device, requires_grad, generator):
     dev = _device(device)
+    capture.check_alloc("a random factory (rand, randn, ...: numbers drawn on the host)")
     a = draw(runtime.rng(generator), _size(size)).astype(_dtype(dtype) or get_default_dtype())
     return _new(runtime.to_device(a, dev), dev, requires_grad)
 
@@ -163,6 +165,7 @@ def randint(low, high=None, size=None, generator=None, dtype=None, device=None,
 
 def randperm(n, generator=None, dtype=None, device=None):
     dev = _device(device)
+    capture.check_alloc("randperm (drawn on the host)")
     a = runtime.rng(generator).permutation(n).astype(_dtype(dtype) or np.int64)
     return _new(runtime.to_device(a, dev), dev, False)
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from . import runtime
 from .ops import activation as N
+from .runtime import capture
 from .ops import device as D
 from .ops import elementwise as E
 from .ops import index as I
@@ -689,8 +690,11 @@ def _index_key(t, key):
             if k.dtype.kind not in "iub":
                 raise IndexError(f"tensors used as indices must be long, int or bool tensors "
                                  f"(got {k.dtype})")
+            if k.dtype.kind == "b":
+                capture.check_shape_known("indexing with a boolean mask (x[mask])")
             out.append(k.array)
         elif isinstance(k, (list, np.ndarray)):
+            capture.check_alloc("indexing with a Python list or NumPy array")
             out.append(runtime.to_device(np.asarray(k), t.device))
         else:
             out.append(k)
@@ -741,6 +745,7 @@ def scatter_add(input, dim, index, src):
 
 
 def nonzero(input, as_tuple=False):
+    capture.check_shape_known("nonzero")
     idx = input.device.xp.nonzero(input.array)
     if as_tuple:
         return tuple(Tensor._make(i.astype(np.int64), input.device) for i in idx)
@@ -819,6 +824,7 @@ def _to(self, *args, **kwargs):
         out = E.to_dtype.apply(out, dtype=dtype)
     if dev is not None:
         if dev != out.device:
+            capture.check_alloc(f"to({dev}) from {out.device}")
             out = D.to_device.apply(out, device=dev)
     return out
 

@@ -14,6 +14,7 @@ from . import runtime
 from .autograd import graph
 from .autograd.function import check_inplace
 from .autograd.grad_mode import is_grad_enabled
+from .runtime import capture
 
 _DEFAULT_DTYPE = [np.dtype("float32")]
 
@@ -164,6 +165,7 @@ class Tensor:
 
     # ---- conversion -------------------------------------------------------------------
     def numpy(self, *, force=False):
+        capture.check_sync("Tensor.numpy()")
         if self.requires_grad and not force:
             raise RuntimeError("Can't call numpy() on Tensor that requires grad. "
                                "Use tensor.detach().numpy() instead.")
@@ -173,6 +175,7 @@ class Tensor:
         return runtime.to_numpy(self.array)
 
     def __array__(self, dtype=None, copy=None):
+        capture.check_sync("numpy.asarray(tensor)")
         a = runtime.to_numpy(self.array)
         return a.astype(dtype) if dtype is not None else a
 
@@ -183,12 +186,14 @@ class Tensor:
         return self.array.__dlpack_device__()
 
     def item(self):
+        capture.check_sync("Tensor.item()")
         if self.array.size != 1:
             raise RuntimeError(f"a Tensor with {self.array.size} elements cannot be converted "
                                f"to Scalar")
         return runtime.to_numpy(self.array).reshape(()).item()
 
     def tolist(self):
+        capture.check_sync("Tensor.tolist()")
         return runtime.to_numpy(self.array).tolist()
 
     def __float__(self):
@@ -204,6 +209,7 @@ class Tensor:
         return int(self.item())
 
     def __bool__(self):
+        capture.check_sync("bool(tensor) (an `if` or `while` on a tensor's value)")
         if self.array.size != 1:
             raise RuntimeError("Boolean value of Tensor with more than one value is ambiguous")
         return bool(self.item())
@@ -331,12 +337,10 @@ class Tensor:
         if recording:
             check_inplace("in-place op", self)
         a = out.array
-        if a.dtype != self.dtype:
-            a = a.astype(self.dtype)
         if a.shape != self.shape:
             raise RuntimeError(f"in-place op: output shape {tuple(a.shape)} doesn't match the "
                                f"broadcast shape {tuple(self.shape)}")
-        self.array[...] = a
+        self._write(self.array.__setitem__, Ellipsis, a)  # (casts to self's dtype)
         self._version[0] += 1
         if recording:
             # self now stands for the op's output (what it saved stays in `out`'s own buffer)
@@ -357,7 +361,7 @@ class Tensor:
             raise RuntimeError(f"{ufunc.__name__}_: expected all tensors to be on the same "
                                f"device, but found {self.device} and {other.device}")
         try:
-            ufunc(self.array, o, out=self.array, casting="unsafe")
+            self._write(_ufunc_into, ufunc, self.array, o)
         except ValueError:  # NumPy's words are about "operands": say it as torch does
             try:
                 shape = np.broadcast_shapes(self.shape, np.shape(o))
@@ -368,6 +372,16 @@ class Tensor:
                                f"doesn't match the broadcast shape {shape}") from None
         self._version[0] += 1
         return self
+
+    def _write(self, fn, *args):
+        """Run ``fn(*args)``, an in-place write of ``self.array``; inside a graph capture also
+        record it as a step (runtime/capture.py)."""
+        plan = capture.recording()
+        if plan is not None:
+            plan.static(self, weakref.ref)
+            plan.will_write(self.array)
+            plan.add(lambda: fn(*args))
+        fn(*args)
 
     def _needs_graph(self, *others):
         return is_grad_enabled() and (self.requires_grad or any(
@@ -423,7 +437,8 @@ class Tensor:
     def fill_(self, value):
         if self._needs_graph(value):
             return self._inplace(lambda s: s * 0 + value)
-        self.array[...] = value.array if isinstance(value, Tensor) else value
+        self._write(self.array.__setitem__, Ellipsis,
+                    value.array if isinstance(value, Tensor) else value)
         self._version[0] += 1
         return self
 
@@ -432,8 +447,11 @@ class Tensor:
             src = Tensor(src, dtype=self.dtype)
         if self._needs_graph(src):
             return self._inplace(lambda s: s * 0 + src.to(self.device))
-        a = runtime.to_device(src.array, self.device)
-        self.array[...] = a
+        if src.device == self.device:
+            self._write(self.array.__setitem__, Ellipsis, src.array)
+        else:
+            capture.check_alloc(f"copy_ from {src.device} to {self.device}")
+            self.array[...] = runtime.to_device(src.array, self.device)
         self._version[0] += 1
         return self
 
@@ -458,6 +476,7 @@ class Tensor:
         return self._set_random(r)
 
     def _set_random(self, r):
+        capture.check_alloc("uniform_/normal_/bernoulli_/random_ (numbers drawn on the host)")
         if self._needs_graph():
             raise RuntimeError("a leaf Variable that requires grad is being used in an in-place "
                                "operation (initialise it inside gpudiff.no_grad())")
@@ -467,6 +486,7 @@ class Tensor:
 
     # ---- printing ---------------------------------------------------------------------
     def __repr__(self):
+        capture.check_sync("printing a tensor (repr/str)")
         a = runtime.to_numpy(self.array)
         # as torch: integral floats as "1.", others with 4 decimals ("1.5000")
         mode = "maxprec_equal"
@@ -489,6 +509,7 @@ class Tensor:
         return "tensor(" + body + "".join(", " + e for e in extras) + ")"
 
     def __reduce__(self):  # pickling (DataLoader workers): the host array only
+        capture.check_sync("pickling a tensor")
         return (_rebuild, (runtime.to_numpy(self.array), str(self.device).split(" ")[0],
                            self.requires_grad))
 
@@ -526,6 +547,7 @@ def _infer_dtype(data):
 
 def _to_array(data, dtype, dev):
     """``data`` (nested lists, scalars, arrays, Tensors) as a new array of ``dev``."""
+    capture.check_alloc("tensor(data) (a tensor made from host data)")
     if isinstance(data, Tensor):
         data = runtime.to_numpy(data.array)
     if isinstance(data, (list, tuple)) and any(isinstance(d, Tensor) for d in data):
@@ -536,6 +558,10 @@ def _to_array(data, dtype, dev):
     dt = None if dtype is None else np.dtype(dtype)
     a = np.array(data, dtype=dt or _infer_dtype(data))
     return runtime.to_device(a, dev)
+
+
+def _ufunc_into(ufunc, a, o):
+    ufunc(a, o, out=a, casting="unsafe")
 
 
 graph.set_tensor_type(Tensor)  # the tape wraps gradients and saved tensors in it

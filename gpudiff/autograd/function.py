@@ -131,6 +131,24 @@ def record(ctx, backward_fn, inputs, outputs, backward_arrays=None):
     return node
 
 
+_CTX_OWN = frozenset(("needs_input_grad", "device", "op_name", "_to_save", "_saved",
+                      "input_meta", "_non_diff", "_dirty"))
+
+
+def resave(node, ctx, new_outputs, out_arrays, inputs, outputs):
+    """A captured graph's replay reran ``node``'s forward into ``ctx``, whose outputs
+    ``new_outputs`` were copied into ``out_arrays`` (those of ``outputs``): give the node
+    what this forward saved and set, with fresh version checks (runtime/capture.py)."""
+    swap = {id(n): b for n, b in zip(new_outputs, out_arrays)}
+    for k, v in ctx.__dict__.items():
+        if k not in _CTX_OWN:
+            setattr(node.ctx, k, v)
+    to_save = ctx._to_save
+    node.ctx._saved = tuple(_save(swap.get(id(v), v), inputs, outputs, node, ())
+                            for v in to_save) if to_save else ()
+    node.freed = False
+
+
 def check_inplace(name, t):
     """A tensor about to be written in place while recording: not a leaf that requires grad
     (its .grad would mean nothing), not a view (its base would keep a stale graph)."""

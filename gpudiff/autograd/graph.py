@@ -14,6 +14,7 @@ import itertools
 import weakref
 from time import perf_counter_ns
 
+from ..runtime import capture as _capture
 from ..runtime import events
 from .grad_mode import enable_grad, is_anomaly_enabled, no_grad, set_detect_anomaly
 
@@ -141,7 +142,8 @@ def _check_finite(name, grads, what, xp):
                                f"inputs are where to look")
 
 
-def run_backward(roots, grad_roots, retain_graph=False, create_graph=False, inputs=None):
+def run_backward(roots, grad_roots, retain_graph=False, create_graph=False, inputs=None,
+                 leaf_plan=None, replay=False):
     """Apply the chain rule from ``roots`` (Tensors) seeded with ``grad_roots`` (Tensors).
 
     With ``inputs`` (autograd.grad): returns their gradients and leaves every ``.grad`` alone.
@@ -150,6 +152,10 @@ def run_backward(roots, grad_roots, retain_graph=False, create_graph=False, inpu
     Gradients flow as raw arrays unless ``create_graph``: there is no graph to build, so a node
     whose op has ``backward_arrays`` runs it on arrays, and only the other nodes (and hooks)
     see Tensors. With ``create_graph`` every node's backward runs on Tensors, recorded.
+
+    ``leaf_plan`` (a dict) is a graph capture's record of the leaves' gradient arrays: filled
+    while capturing, and with ``replay`` written in place (assigned where the capture made
+    the .grad, accumulated where it existed before), as a CUDA graph would.
     """
     arrays = not create_graph
 
@@ -193,9 +199,20 @@ def run_backward(roots, grad_roots, retain_graph=False, create_graph=False, inpu
             if k is not None:
                 results[k] = _accumulate(results[k], g)
             return
+        if leaf_plan is not None:
+            entry = leaf_plan.get(id(leaf))
+            if replay:
+                _replay_leaf(leaf, entry, g)
+                return
+            if entry is None:  # [leaf, its .grad after capture, assign?, written this run?]
+                entry = leaf_plan[id(leaf)] = [leaf, None, leaf.grad is None, False]
+                if leaf.grad is not None:
+                    _capture.active.will_write(leaf.grad.array)
         if leaf.grad is None:
             # own the buffer: the grad must not alias an array the graph still uses
             leaf.grad = Tensor._make(leaf.device.xp.array(g), leaf.device) if arrays else g
+            if leaf_plan is not None:
+                leaf_plan[id(leaf)][1] = leaf.grad
         elif arrays:
             leaf.grad.array += g  # in place: no new allocation per step
         else:
@@ -272,6 +289,19 @@ def run_backward(roots, grad_roots, retain_graph=False, create_graph=False, inpu
     return [wrap(r, t.device) if r is not None else None for r, t in zip(results, inputs)]
 
 
+def _replay_leaf(leaf, entry, g):
+    """A replayed backward's gradient ``g`` for ``leaf``: into the array the capture gave
+    its .grad (the optimizer's captured step reads that array)."""
+    grad = entry[1]
+    if leaf.grad is not grad:
+        leaf.grad = grad
+    if entry[2] and not entry[3]:  # the first gradient of this replay: overwrite
+        grad.array[...] = g
+        entry[3] = True
+    else:
+        grad.array += g
+
+
 def _call(node, gys, arrays, wrap, unwrap):
     """Run ``node``'s backward: on arrays where its op has ``backward_arrays`` and no graph is
     being built, else on Tensors (wrapping and unwrapping arrays around it)."""
@@ -323,6 +353,14 @@ def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False, 
     if retain_graph is None:
         retain_graph = create_graph
     seeds = _seed_grads(tensors, grad_tensors)
+    plan = _capture.recording()
+    if plan is not None:
+        if create_graph or inputs is not None:
+            raise _capture.CaptureError(
+                "backward: create_graph=True and inputs=... are not supported inside a graph "
+                "capture (use autograd.grad, or capture a plain loss.backward())")
+        _backward_captured(plan, tensors, seeds, retain_graph)
+        return
     if inputs is not None:  # only these leaves receive .grad
         inputs = [inputs] if isinstance(inputs, Tensor) else list(inputs)
         grads = run_backward(tensors, seeds, retain_graph, create_graph, inputs=inputs)
@@ -332,6 +370,45 @@ def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False, 
                     else t.grad + g
         return
     run_backward(tensors, seeds, retain_graph, create_graph)
+
+
+def _backward_captured(plan, roots, seeds, retain_graph):
+    """``backward`` while a graph is captured: run it once, recording which leaf gradients
+    it writes, and add a step that reruns it over the captured nodes (their saved arrays are
+    refreshed by the replayed forwards) into the same gradient arrays."""
+    leaf_plan = {}
+    for t in roots:
+        plan.static(t, weakref.ref)
+    plan.run(run_backward, roots, seeds, retain_graph, False, None, leaf_plan)
+    entries = list(leaf_plan.values())
+
+    def step():
+        for e in entries:
+            e[3] = False
+        run_backward(roots, seeds, retain_graph, False, None, leaf_plan, True)
+    plan.add(step)
+
+
+def _grad_captured(plan, outputs, seeds, retain_graph, create_graph, inputs):
+    """``grad`` while a graph is captured: the gradients it returns are the capture's static
+    tensors, which the recorded step overwrites on each replay."""
+    if create_graph:
+        raise _capture.CaptureError("autograd.grad: create_graph=True is not supported inside "
+                                    "a graph capture")
+    res = plan.run(run_backward, outputs, seeds, retain_graph, False, inputs)
+    bufs = [None if r is None else r.array for r in res]
+    plan.made([r for r in res if r is not None])
+
+    def step():
+        new = run_backward(outputs, seeds, retain_graph, False, inputs)
+        for b, n in zip(bufs, new):
+            if b is not None:
+                if n is None:
+                    b[...] = 0
+                else:
+                    b[...] = n.array
+    plan.add(step)
+    return res
 
 
 def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=False,
@@ -349,7 +426,11 @@ def grad(outputs, inputs, grad_outputs=None, retain_graph=None, create_graph=Fal
     if retain_graph is None:
         retain_graph = create_graph
     seeds = _seed_grads(outputs, grad_outputs)
-    res = run_backward(outputs, seeds, retain_graph, create_graph, inputs=inputs_t)
+    plan = _capture.recording()
+    if plan is not None:
+        res = _grad_captured(plan, outputs, seeds, retain_graph, create_graph, inputs_t)
+    else:
+        res = run_backward(outputs, seeds, retain_graph, create_graph, inputs=inputs_t)
     out = []
     for i, (t, g) in enumerate(zip(inputs_t, res)):
         if g is None:

@@ -29,12 +29,15 @@ from time import perf_counter_ns
 import numpy as np
 
 from .. import runtime
-from ..autograd.function import FunctionCtx, record
+import weakref as _weakref_mod
+
+from ..autograd.function import FunctionCtx, record, resave
 from ..autograd.grad_mode import is_anomaly_enabled, is_grad_enabled
-from ..runtime import events
+from ..runtime import capture, events
 from ..tensor import Tensor
 
 REGISTRY: dict[str, type] = {}
+_weakref = _weakref_mod.ref
 
 
 class Op:
@@ -44,6 +47,7 @@ class Op:
     differentiable = True
     backward_arrays = None  # optional: backward on raw arrays (used when no graph is built)
     view = False  # outputs share memory (and the version counter) with input 0
+    writes = ()  # names of inputs the forward updates in place (batch norm's running stats)
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -92,6 +96,8 @@ def _device_of(op, tensors):
 
 
 def apply(op, tensors, params):
+    if capture.active is not None and capture.active.depth == 0:
+        return _apply_captured(capture.active, op, tensors, params)
     listener = events.listener  # a profiler: it gets this op's total and forward times
     if listener is not None:
         t0 = perf_counter_ns()
@@ -145,6 +151,44 @@ def apply(op, tensors, params):
         listener.op(op.name, dev, t0, f0, f1, perf_counter_ns(),
                     [None if t is None else t.shape for t in tensors])
     return tuple(results) if multi else results[0]
+
+
+def _apply_captured(plan, op, tensors, params):
+    """``apply`` while a graph is captured: run the op once as usual, and add to the plan a
+    step that reruns its forward on the same input arrays, writes the outputs into the
+    arrays the results hold (the capture's static memory) and refreshes what the recorded
+    node saved, so the captured backward sees this replay's values
+    (runtime/capture.py)."""
+    arrays = [None if t is None else t.array for t in tensors]
+    for name in op.writes:  # capture must leave the running statistics as they were
+        plan.will_write(arrays[op.arg_names.index(name)])
+    for t in tensors:
+        if t is not None:
+            plan.static(t, _weakref)
+    results = plan.run(apply, op, tensors, params)
+    if not plan.record:
+        return results
+    multi = isinstance(results, tuple)
+    outs = results if multi else (results,)
+    plan.made(outs)
+    bufs = [r.array for r in outs]
+    node = next((r.grad_fn for r in outs if r.grad_fn is not None), None)
+    needs_grad = tuple(t is not None and t._requires_grad for t in tensors)
+    dev, view, xp = outs[0].device, op.view, outs[0].device.xp
+
+    def step():
+        ctx = FunctionCtx(needs_grad, dev, op.name)
+        ctx.op = op
+        new = op.forward(ctx, *arrays, **params)
+        new = new if multi else (new,)
+        for b, n in zip(bufs, new):
+            if n is not b and not (view and xp.may_share_memory(b, n)):
+                b[...] = n
+        if node is not None:
+            resave(node, ctx, new, bufs, tensors, outs)
+        ctx._to_save = ()
+    plan.add(step)
+    return results
 
 
 def _as_ndarrays(ctx, outs):

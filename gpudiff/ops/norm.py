@@ -57,6 +57,7 @@ def batch_norm_backward_ref(xp, gy, x, weight, mean, invstd):
 
 
 class batch_norm(Op):
+    writes = ("running_mean", "running_var")  # updated in place when training
 
     def forward(ctx, x, weight, bias, running_mean, running_var, *, training, momentum, eps):
         ctx.training, ctx.eps = training, eps

@@ -10,11 +10,13 @@ for a (device, dtype) bucket when a device provides one.
 """
 import functools
 import warnings
+import weakref
 from collections import OrderedDict, defaultdict
 
 import numpy as np
 
 from .. import runtime
+from ..runtime import capture
 from ..autograd.grad_mode import enable_grad, no_grad
 from ..tensor import Tensor
 
@@ -42,6 +44,8 @@ def _wrap_step(step):
     that ``optimizer.step()`` comes before ``scheduler.step()``)."""
     @functools.wraps(step)
     def wrapper(self, *args, **kwargs):
+        if capture.active is not None and capture.active.depth == 0:
+            return _step_captured(capture.active, self, wrapper, args, kwargs)
         if self.__dict__.get("_in_step"):  # a subclass's step calling super().step()
             return step(self, *args, **kwargs)
         for hook in list(self._optimizer_step_pre_hooks.values()):
@@ -60,6 +64,44 @@ def _wrap_step(step):
         return out
     wrapper._wrapped_step = True
     return wrapper
+
+
+def _step_captured(plan, opt, step, args, kwargs):
+    """``opt.step()`` inside a graph capture: run it once (its changes are undone when the
+    capture ends: parameters, state arrays, the state dicts, the step count) and record a
+    step that reruns it, hooks included. A replay reads the param groups then, so an lr that
+    a scheduler changed between replays takes effect, and the step counters advance once per
+    replay (docs/GRAPHS.md)."""
+    if args or kwargs.get("closure") is not None:
+        raise capture.CaptureError(
+            f"{type(opt).__name__}.step(closure): a closure cannot be captured (it would run "
+            f"once, at capture); capture the forward and backward and call step() without one")
+    for group in opt.param_groups:
+        for p in group["params"]:
+            plan.static(p, weakref.ref)
+            plan.will_write(p.array)
+    for st in opt.state.values():
+        for v in st.values():
+            if isinstance(v, Tensor):
+                plan.will_write(v.array)
+    saved = {k: dict(v) for k, v in opt.state.items()}
+    counts = (opt.__dict__.get("_step_count"), opt.__dict__.get("_opt_called"))
+
+    def restore():
+        for k in [k for k in opt.state if k not in saved]:
+            del opt.state[k]
+        for k, v in saved.items():
+            opt.state[k].clear()
+            opt.state[k].update(v)
+        for name, v in zip(("_step_count", "_opt_called"), counts):
+            if v is None:
+                opt.__dict__.pop(name, None)
+            else:
+                setattr(opt, name, v)
+    plan.on_end(restore)
+    out = plan.run(step, opt)
+    plan.add(lambda: step(opt))
+    return out
 
 
 def _typename(obj):

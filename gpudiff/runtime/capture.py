@@ -1,0 +1,157 @@
+"""Whole-step capture: the plan that ``gpudiff.Graph`` (and ``gpudiff.cuda.CUDAGraph`` off a
+real GPU) records and replays. docs/GRAPHS.md has the user's side.
+
+While a capture is active (``active`` is a ``Plan``), every unit of work the engine runs is
+run once as usual and also appended to the plan as a *step*: a closure that redoes the same
+array work on the same arrays. The units, and who records them:
+
+    an op's forward           ops.apply           (outputs copied into the captured arrays)
+    a backward pass           autograd.graph      (leaf .grad written into captured arrays)
+    an optimizer step         optim.Optimizer     (parameters, state, lr read at replay)
+    an in-place Tensor write  tensor.py           (copy_, fill_, add_, ...)
+
+``replay()`` runs the steps in order: no Tensor objects, no dispatch, no tape building, and
+the arrays that tensors made during the capture hold are overwritten in place, as a CUDA
+graph overwrites its pool. Work nested inside a step (the ops a backward formula runs, the
+in-place writes an optimizer makes) is not recorded again: ``depth`` counts the steps being
+run at capture time.
+
+PyTorch's capture records and does not run the work; here the work runs (it is how the plan
+learns its arrays), so the plan keeps the values that existed before the capture: the first
+write to an array during capture saves a copy (``will_write``) and ``end`` puts every saved
+copy back, and ``on_end`` callbacks restore Python-side state (an optimizer's state dict).
+
+On a real GPU the capture is CuPy's stream capture instead (gpudiff/cuda/graphs.py) and this
+plan only watches for errors (``record`` is False): the GPU itself does not run captured work.
+"""
+import threading
+
+active = None  # the Plan being captured, or None (read on every op: keep it a plain global)
+_lock = threading.Lock()
+
+
+class CaptureError(RuntimeError):
+    """An operation that a captured graph cannot contain (docs/GRAPHS.md lists them)."""
+
+
+class Plan:
+    """A recorded step: ``steps`` (closures), the arrays it keeps, and its restore list."""
+
+    def __init__(self, record=True):
+        self.record = record     # False: a real-GPU capture (CuPy records the kernels)
+        self.steps = []
+        self.depth = 0
+        self.pre_replay = []     # closures run before each replay (host values -> buffers)
+        self.statics = []        # (weakref to Tensor, its array, shape): checked at replay
+        self._backups = {}       # id(array) -> (array, copy of its values before capture)
+        self._seen = set()       # ids of tensors registered as static or made by the capture
+        self._on_end = []
+
+    # ---- recording ------------------------------------------------------------------------
+    def will_write(self, *arrays):
+        """``arrays`` are about to be written in place at capture time: keep their values so
+        that ``end`` can undo the write (capture must not change what existed before it)."""
+        if not self.record:
+            return
+        for a in arrays:
+            if a is not None and id(a) not in self._backups:
+                self._backups[id(a)] = (a, a.copy())
+
+    def add(self, step):
+        if self.record:
+            self.steps.append(step)
+
+    def run(self, fn, *args):
+        """Run ``fn(*args)`` now with recording off (its inner work belongs to the step)."""
+        self.depth += 1
+        try:
+            return fn(*args)
+        finally:
+            self.depth -= 1
+
+    def on_end(self, fn):
+        self._on_end.append(fn)
+
+    def static(self, tensor, weakref_type):
+        """The plan reads or writes ``tensor``'s array: unless the capture made it, check at
+        each replay that the tensor still exists and still holds that array."""
+        if id(tensor) not in self._seen:
+            self._seen.add(id(tensor))
+            self.statics.append((weakref_type(tensor), tensor.array, tensor.shape))
+
+    def made(self, tensors):
+        """``tensors`` were made by the capture (the plan keeps them alive)."""
+        self._seen.update(id(t) for t in tensors)
+
+    def end(self):
+        """Put back what the capture-time run changed: array values, then Python state."""
+        for a, saved in self._backups.values():
+            a[...] = saved
+        self._backups.clear()
+        for fn in reversed(self._on_end):
+            fn()
+        self._on_end.clear()
+
+    # ---- replay ---------------------------------------------------------------------------
+    def replay(self):
+        for fn in self.pre_replay:
+            fn()
+        for step in self.steps:
+            step()
+
+
+def recording():
+    """The active plan if this point of the code should record a step, else None."""
+    p = active
+    if p is not None and p.depth == 0:
+        return p
+    return None
+
+
+def check_sync(what):
+    """``what`` needs the host to see device values (or to copy to/from the host): not
+    possible inside a capture, where the work does not run (on a GPU) or runs only once."""
+    if active is not None and active.depth == 0:
+        raise CaptureError(
+            f"{what}: not allowed while capturing a graph: it needs the host to read device "
+            f"values (a synchronization), and a captured graph replays device work only. "
+            f"Do it outside the `with graph(g):` block (e.g. read the static output after "
+            f"g.replay()).")
+
+
+def check_shape_known(what):
+    """``what`` has an output shape that depends on the values: a graph's shapes are fixed."""
+    if active is not None and active.depth == 0:
+        raise CaptureError(
+            f"{what}: its output shape depends on the data (a host synchronization), which a "
+            f"captured graph cannot contain: replays must keep every shape fixed. Use a "
+            f"fixed-shape form (e.g. torch.where(mask, x, 0) instead of x[mask]) or move it "
+            f"out of the capture.")
+
+
+def check_alloc(what):
+    """``what`` makes device memory from host data or moves it between devices."""
+    if active is not None and active.depth == 0:
+        raise CaptureError(
+            f"{what}: copies host data to the device (or between devices), which cannot be "
+            f"captured: a replay would reuse the values of the capture. Create the tensor "
+            f"before the capture and copy_() new values into it before each replay.")
+
+
+def begin(plan):
+    global active
+    with _lock:
+        if active is not None:
+            raise CaptureError(
+                "capture_begin: a graph is already being captured (nested captures are not "
+                "supported: end the first capture before beginning another)")
+        active = plan
+
+
+def finish(plan):
+    global active
+    with _lock:
+        if active is not plan:
+            raise CaptureError("capture_end: this graph is not the one being captured")
+        active = None
+    plan.end()
