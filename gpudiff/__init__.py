@@ -20,6 +20,7 @@ from . import backends  # noqa: E402
 from . import nn, optim, utils, datasets, transforms  # noqa: E402
 from .serialization import save, load  # noqa: E402
 from . import profiler  # noqa: E402
+from .graphs import Graph, graph, make_graphed_callables  # noqa: E402
 
 float32 = _np.dtype("float32")
 float64 = _np.dtype("float64")

@@ -104,3 +104,9 @@ def manual_seed(seed):
 
 def manual_seed_all(seed):
     runtime.manual_seed(seed)
+
+
+# ---- CUDA graphs and streams (gpudiff/cuda/graphs.py) -------------------------------------
+from .graphs import (CUDAGraph, Event, Stream, current_stream, default_stream,  # noqa: E402
+                     graph, graph_pool_handle, is_current_stream_capturing,
+                     make_graphed_callables, stream)

@@ -10,6 +10,7 @@ import numpy as np
 
 from .. import functions as _fn
 from .. import runtime as _runtime
+from ..runtime import capture as _capture
 from ..functions import log_softmax, softmax  # noqa: F401
 from ..geometry import conv_output_size as _conv_output_size
 from ..geometry import pair as _pair
@@ -717,7 +718,9 @@ def _dropout(name, input, p, training, inplace, group):
         return input
     if input.dtype.kind != "f":
         raise RuntimeError(f"{name}: expected a floating input, got {input.dtype}")
-    out = _drop.dropout.apply(input, p=float(p), seed=_draw_seed(), group=group)
+    plan = _capture.recording()  # in a graph capture: a seed each replay draws anew
+    seed = plan.device_seed(input.device, _draw_seed) if plan is not None else _draw_seed()
+    out = _drop.dropout.apply(input, p=float(p), seed=seed, group=group)
     return input._inplace(out) if inplace else out
 
 

@@ -26,6 +26,8 @@ plan only watches for errors (``record`` is False): the GPU itself does not run 
 """
 import threading
 
+import numpy as np
+
 active = None  # the Plan being captured, or None (read on every op: keep it a plain global)
 _lock = threading.Lock()
 
@@ -45,6 +47,7 @@ class Plan:
         self.statics = []        # (weakref to Tensor, its array, shape): checked at replay
         self._backups = {}       # id(array) -> (array, copy of its values before capture)
         self._seen = set()       # ids of tensors registered as static or made by the capture
+        self._seeds = {}         # device -> [base seed, replay counter, seeds handed out]
         self._on_end = []
 
     # ---- recording ------------------------------------------------------------------------
@@ -68,6 +71,25 @@ class Plan:
             return fn(*args)
         finally:
             self.depth -= 1
+
+    def device_seed(self, device, draw):
+        """A dropout seed for this capture: ``base + counter * golden + index`` in device
+        arrays, where ``base`` is drawn once (``draw()``) and ``counter`` is bumped by a
+        captured step once per replay: each replay draws new masks, as PyTorch's capture
+        does with its Philox seed and offset."""
+        state = self._seeds.get(device)
+        if state is None:
+            xp = device.xp
+            base = xp.asarray(np.uint64(draw()))
+            counter = xp.zeros((), dtype=np.uint64)
+
+            def bump():
+                counter[...] += np.uint64(1)
+            self.add(bump)
+            bump()
+            state = self._seeds[device] = [base, counter, 0]
+        state[2] += 1
+        return DeviceSeed(state[0], state[1], state[2])
 
     def on_end(self, fn):
         self._on_end.append(fn)
@@ -98,6 +120,24 @@ class Plan:
             fn()
         for step in self.steps:
             step()
+
+
+class DeviceSeed:
+    """A dropout seed held in device arrays (``Plan.device_seed``): ``value()`` is a 0-d
+    uint64 array computed on the device, so a replay never reads it on the host."""
+
+    __slots__ = ("base", "counter", "index")
+
+    def __init__(self, base, counter, index):
+        self.base, self.counter, self.index = base, counter, index
+
+    def value(self):
+        with np.errstate(over="ignore"):  # uint64 arithmetic wraps, as on the GPU
+            return self.base + self.counter * np.uint64(0x9E3779B97F4A7C15) + \
+                np.uint64(self.index)
+
+    def __repr__(self):
+        return f"DeviceSeed(#{self.index})"
 
 
 def recording():
@@ -155,3 +195,145 @@ def finish(plan):
             raise CaptureError("capture_end: this graph is not the one being captured")
         active = None
     plan.end()
+
+
+# ---- a real GPU: streams and CuPy's stream capture ---------------------------------------
+def _cp():
+    from . import _cupy
+    return _cupy
+
+
+class Stream:
+    """A CUDA stream on a GPU (CuPy's); on the emulated device and the CPU, where work runs
+    in order on the host, a stand-in with the same methods."""
+
+    def __init__(self, priority=0, _handle=None):
+        cp = _cp()
+        self.cupy = _handle if _handle is not None else (
+            cp.cuda.Stream(non_blocking=True) if cp is not None else None)
+
+    def wait_stream(self, other):
+        if self.cupy is not None and other.cupy is not None:
+            self.cupy.wait_event(other.cupy.record())
+
+    def wait_event(self, event):
+        if self.cupy is not None and getattr(event, "cupy", None) is not None:
+            self.cupy.wait_event(event.cupy)
+
+    def record_event(self, event=None):
+        event = event if event is not None else Event()
+        event.record(self)
+        return event
+
+    def synchronize(self):
+        if self.cupy is not None:
+            self.cupy.synchronize()
+
+    def query(self):
+        return True if self.cupy is None else bool(self.cupy.done)
+
+    def __enter__(self):
+        _stream_stack.append(self)
+        if self.cupy is not None:
+            self.cupy.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.cupy is not None:
+            self.cupy.__exit__(*exc)
+        _stream_stack.pop()
+        return False
+
+    def __eq__(self, other):
+        return isinstance(other, Stream) and (self is other or (
+            self.cupy is not None and self.cupy is other.cupy))
+
+    __hash__ = object.__hash__
+
+    def __repr__(self):
+        return f"<gpudiff.cuda.Stream {'cupy' if self.cupy is not None else 'host'}>"
+
+
+class Event:
+    def __init__(self, enable_timing=False, blocking=False, interprocess=False):
+        cp = _cp()
+        self.cupy = cp.cuda.Event(block=blocking, disable_timing=not enable_timing) \
+            if cp is not None else None
+
+    def record(self, stream=None):
+        if self.cupy is not None:
+            self.cupy.record((stream or current_stream()).cupy)
+
+    def synchronize(self):
+        if self.cupy is not None:
+            self.cupy.synchronize()
+
+    def query(self):
+        return True if self.cupy is None else bool(self.cupy.done)
+
+    def wait(self, stream=None):
+        (stream or current_stream()).wait_event(self)
+
+    def elapsed_time(self, end):
+        if self.cupy is None:
+            raise RuntimeError("Event.elapsed_time: no GPU (events time GPU work only)")
+        return _cp().cuda.get_elapsed_time(self.cupy, end.cupy)
+
+
+_default_stream = None
+_stream_stack = []
+
+
+def current_stream():
+    global _default_stream
+    if _stream_stack:
+        return _stream_stack[-1]
+    if _default_stream is None:
+        cp = _cp()
+        _default_stream = Stream(_handle=cp.cuda.get_current_stream() if cp else None)
+    return _default_stream
+
+
+def default_stream():
+    current_stream()
+    return _default_stream
+
+
+_gpu_pools = {}  # pool token -> CuPy MemoryPool private to the graphs sharing it
+
+
+class GpuCapture:
+    """CuPy stream capture for one CUDAGraph. Kernels are recorded, not run. Every array made
+    during the capture comes from a memory pool private to the graph (PyTorch's graph pool),
+    so memory the graph writes on replay is never handed to anyone else."""
+
+    def __init__(self, pool, stream):
+        cp = _cp()
+        self.cp = cp
+        self.pool = _gpu_pools.setdefault(pool, cp.cuda.MemoryPool())
+        self.stream = stream if stream is not None else Stream()
+        self.graph = None
+
+    def begin(self):
+        cp = self.cp
+        self._prev_alloc = cp.cuda.get_allocator()
+        cp.cuda.set_allocator(self.pool.malloc)
+        self.stream.__enter__()
+        mode = getattr(cp.cuda.runtime, "streamCaptureModeRelaxed", None)
+        try:  # relaxed: the private pool may call cudaMalloc while capturing
+            self.stream.cupy.begin_capture(mode=mode) if mode is not None else \
+                self.stream.cupy.begin_capture()
+        except BaseException:
+            self.stream.__exit__(None, None, None)
+            cp.cuda.set_allocator(self._prev_alloc)
+            raise
+
+    def end(self):
+        try:
+            self.graph = self.stream.cupy.end_capture()
+        finally:
+            self.stream.__exit__(None, None, None)
+            self.cp.cuda.set_allocator(self._prev_alloc)
+
+    def launch(self):
+        self.graph.launch(current_stream().cupy)
