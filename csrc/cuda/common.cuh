@@ -313,6 +313,73 @@ __device__ __forceinline__ void tile_store(const T* s, gptr<T> dst, long long ro
     }
 }
 
+// ---- tensor cores: mma.sync through one wrapper ---------------------------------------------
+// D = A * B + C for one warp, fp32 accumulation. Every lane passes its fragment registers in
+// the PTX ISA's per-lane layouts ("Matrix Fragments for mma.m16n8k8" (.tf32) and "... for
+// mma.m16n8k16 with floating point type"; groupID = lane >> 2, threadID_in_group = lane % 4):
+//   m16n8k8 .tf32:  a[4] = A(g, t), A(g+8, t), A(g, t+4), A(g+8, t+4);  b[2] = B(t, g), B(t+4, g)
+//   m16n8k16 .f16 / .bf16 (2 elements a register, lower column / row in the low 16 bits):
+//                   a[4] = A(g, 2t..2t+1), A(g+8, 2t..), A(g, 2t+8..), A(g+8, 2t+8..);
+//                   b[2] = B(2t..2t+1, g), B(2t+8..2t+9, g)
+//   c, d[4] = C(g, 2t), C(g, 2t+1), C(g+8, 2t), C(g+8, 2t+1)
+// GPU (sm_80+): inline PTX. Emulator: a warp meeting (csrc/cuda_host/emulator.cpp) that
+// gathers the 32 lanes' registers and computes the product from these layouts. All 32 lanes
+// of the warp must call it together (.aligned); d may alias c.
+#if defined(GPUDIFF_CUDA_HOST)
+namespace mma_detail {
+template <int OP>
+inline void run(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2],
+                const float (&c)[4]) {
+    gd_host::MmaFragments f;
+    for (int i = 0; i < 4; ++i) f.a[i] = a[i], f.c[i] = c[i];
+    f.b[0] = b[0], f.b[1] = b[1];
+    gd_host::warp_mma(static_cast<gd_host::WarpOp>(OP), &f);
+    for (int i = 0; i < 4; ++i) d[i] = f.d[i];
+}
+}  // namespace mma_detail
+#define GD_MMA(NAME, PTX, OP)                                                                  \
+    __device__ __forceinline__ void NAME(float (&d)[4], const unsigned (&a)[4],                \
+                                         const unsigned (&b)[2], const float (&c)[4]) {        \
+        mma_detail::run<static_cast<int>(gd_host::WarpOp::OP)>(d, a, b, c);                    \
+    }
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define GD_MMA(NAME, PTX, OP)                                                                  \
+    __device__ __forceinline__ void NAME(float (&d)[4], const unsigned (&a)[4],                \
+                                         const unsigned (&b)[2], const float (&c)[4]) {        \
+        asm volatile(PTX " {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "                     \
+                     "{%10, %11, %12, %13};\n"                                                 \
+                     : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])                          \
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),        \
+                       "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));                             \
+    }
+#else  // older GPUs have no mma.sync of these shapes: the wrappers never pick these kernels there
+#define GD_MMA(NAME, PTX, OP)                                                                  \
+    __device__ __forceinline__ void NAME(float (&d)[4], const unsigned (&)[4],                 \
+                                         const unsigned (&)[2], const float (&c)[4]) {         \
+        __trap();                                                                              \
+    }
+#endif
+GD_MMA(mma_m16n8k8_tf32, "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32", MmaTf32)
+GD_MMA(mma_m16n8k16_f16, "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32", MmaF16)
+GD_MMA(mma_m16n8k16_bf16, "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32", MmaBf16)
+#undef GD_MMA
+
+// cvt.rna.tf32.f32: x rounded to TF32 (sign, 8 exponent bits, 10 mantissa bits) to nearest,
+// ties away from zero, as a float bit pattern whose low 13 bits are zero. The emulator (and a
+// GPU without the instruction) computes the same bits: add half of the dropped part's range
+// to the magnitude and truncate (a carry into the exponent is the right rounding, up to inf).
+__device__ __forceinline__ unsigned tf32_round(float x) {
+#if !defined(GPUDIFF_CUDA_HOST) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+    unsigned r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+#else
+    const unsigned u = __float_as_uint(x);
+    if ((u & 0x7f800000u) == 0x7f800000u) return (u & 0x7fffffu) ? 0x7fffffffu : u;  // NaN, inf
+    return (u + 0x1000u) & 0xffffe000u;
+#endif
+}
+
 // A team of one thread: the row functions' loops run serially, allreduce is the identity.
 struct SoloTeam {
     static constexpr int lane = 0, size = 1;

@@ -91,6 +91,10 @@ PYBIND11_MODULE(_cuda_host, m) {
     m.def("kernel_names", &gd_host::kernel_names, "Name expressions of the compiled kernels.");
     m.def("shared_variables", &gd_host::san::shared_variables,
           "The static __shared__ variables the memory checker knows, 'name: bytes' lines.");
+    m.def("set_mma_fault", &gd_host::set_mma_fault, py::arg("fault"),
+          "Test hook: 0 the PTX ISA's mma fragment layouts; 1, 2, 3 a deliberately wrong one "
+          "(A rows of groupID 0 and 1 swapped; B's k index misread; D's column pairs swapped).");
+    m.def("mma_fault", &gd_host::mma_fault, "The mma fault set_mma_fault chose (0: none).");
     m.def("kernel_signature", &gd_host::kernel_signature,
           "Parameter types of a kernel, e.g. '(gptr<const f4>, gptr<f4>, i8)'.");
 }

@@ -431,6 +431,9 @@ const char* op_name(WarpOp op) {
         case WarpOp::Any: return "__any_sync";
         case WarpOp::All: return "__all_sync";
         case WarpOp::SyncWarp: return "__syncwarp";
+        case WarpOp::MmaTf32: return "mma.sync.m16n8k8.tf32";
+        case WarpOp::MmaF16: return "mma.sync.m16n8k16.f16";
+        case WarpOp::MmaBf16: return "mma.sync.m16n8k16.bf16";
     }
     return "?";
 }
@@ -450,9 +453,110 @@ int source_lane(WarpOp op, int lane, int param, int width) {
     }
 }
 
+// ---- mma.sync: the warp's matrix product from its lanes' fragments -----------------------
+// The PTX ISA's per-lane fragment layouts ("Matrix Fragments for mma.m16n8k8" (.tf32) and
+// "... for mma.m16n8k16 with floating point type" (.f16 / .bf16)), with
+//   groupID = laneid >> 2, threadID_in_group = laneid % 4:
+//   m16n8k8 .tf32   A (16 x 8, row) a0..a3: row = groupID + 8 * (i & 1)  (a0, a2: groupID)
+//                                           col = threadID_in_group + 4 * (i >> 1)
+//                   B (8 x 8, col)  b0, b1: row = threadID_in_group + 4 * i, col = groupID
+//   m16n8k16 .f16/.bf16 (two elements a register, the lower-numbered in the low half)
+//                   A (16 x 16) a0..a7: row = groupID + 8 * ((i >> 1) & 1)
+//                                       col = threadID_in_group * 2 + (i & 1) + 8 * (i >> 2)
+//                   B (16 x 8)  b0..b3: row = threadID_in_group * 2 + (i & 1) + 8 * (i >> 1)
+//                                       col = groupID
+//   C, D (16 x 8, f32) c0..c3: row = groupID + 8 * (i >> 1), col = threadID_in_group * 2 + (i & 1)
+// Inputs are read as the hardware reads them: a .tf32 operand is a 32-bit float of which only
+// the sign, exponent and top 10 mantissa bits count (the low 13 bits are ignored: kernels
+// round with cvt.rna.tf32.f32 first); .f16 / .bf16 are exact in float. The products are exact
+// in double and summed there, plus C, then rounded once to float: fp32 accumulation at least
+// as accurate as the tensor core's (which may truncate partial sums), so tests compare with
+// fp32-accumulation tolerances, not bits.
+int g_mma_fault = 0;
+
+float half_bits_to_float(uint32_t h) {
+    const uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+    uint32_t bits;
+    if (exp == 0x1f) {
+        bits = sign | 0x7f800000u | (man << 13);  // inf / NaN
+    } else if (exp != 0) {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    } else {
+        float v = std::ldexp(static_cast<float>(man), -24);  // subnormal (or zero): exact
+        std::memcpy(&bits, &v, 4);
+        bits |= sign;
+    }
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+float mma_operand(WarpOp op, uint32_t reg, int half) {
+    uint32_t bits;
+    if (op == WarpOp::MmaTf32) {
+        bits = reg & 0xffffe000u;
+    } else {
+        const uint32_t h = half ? reg >> 16 : reg & 0xffffu;
+        if (op == WarpOp::MmaF16) return half_bits_to_float(h);
+        bits = h << 16;  // bf16: the top half of a float
+    }
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+
+void mma_complete(WarpOp op, Thread* lanes) {
+    const bool tf32 = op == WarpOp::MmaTf32;
+    const int K = tf32 ? 8 : 16;
+    float A[16][16], B[16][8], C[16][8];
+    int seen_a[16][16] = {}, seen_b[16][8] = {};
+    for (int l = 0; l < 32; ++l) {
+        const MmaFragments* f = reinterpret_cast<const MmaFragments*>(lanes[l].xin);
+        int g = l >> 2;
+        const int t = l & 3;
+        const int ga = (g_mma_fault == 1 && g < 2) ? g ^ 1 : g;  // fault 1: rows of groups 0, 1
+        const int na = tf32 ? 4 : 8, nb = tf32 ? 2 : 4;
+        for (int i = 0; i < na; ++i) {
+            const int row = tf32 ? ga + 8 * (i & 1) : ga + 8 * ((i >> 1) & 1);
+            const int col = tf32 ? t + 4 * (i >> 1) : t * 2 + (i & 1) + 8 * (i >> 2);
+            A[row][col] = tf32 ? mma_operand(op, f->a[i], 0) : mma_operand(op, f->a[i >> 1], i & 1);
+            ++seen_a[row][col];
+        }
+        for (int i = 0; i < nb; ++i) {
+            int row = tf32 ? t + 4 * i : t * 2 + (i & 1) + 8 * (i >> 1);
+            if (g_mma_fault == 2) row = tf32 ? 2 * t + i : t + 4 * i;  // fault 2: B's k index
+            B[row][g] = tf32 ? mma_operand(op, f->b[i], 0) : mma_operand(op, f->b[i >> 1], i & 1);
+            ++seen_b[row][g];
+        }
+        for (int i = 0; i < 4; ++i) C[g + 8 * (i >> 1)][t * 2 + (i & 1)] = f->c[i];
+    }
+    for (int m = 0; m < 16; ++m)
+        for (int k = 0; k < K; ++k)
+            if (seen_a[m][k] != 1 || (m < K && k < 8 && seen_b[m][k] != 1))
+                throw KernelError(where() + "mma: the fragment layout does not cover the "
+                                            "matrices exactly once (emulator bug)");
+    for (int l = 0; l < 32; ++l) {
+        MmaFragments* f = reinterpret_cast<MmaFragments*>(lanes[l].xin);
+        const int g = l >> 2, t = l & 3;
+        for (int i = 0; i < 4; ++i) {
+            const int row = g + 8 * (i >> 1);
+            int col = t * 2 + (i & 1);
+            if (g_mma_fault == 3) col ^= 1;  // fault 3: D's column pair swapped
+            double s = C[row][col];
+            for (int k = 0; k < K; ++k) s += static_cast<double>(A[row][k]) * B[k][col];
+            f->d[i] = static_cast<float>(s);
+        }
+    }
+}
+
 // every lane of c.mask arrived: hand each one its result and make it runnable
 void complete(Run& r, int warp, const Collective& c) {
     Thread* lanes = &r.threads[warp * 32];
+    if (c.op == WarpOp::MmaTf32 || c.op == WarpOp::MmaF16 || c.op == WarpOp::MmaBf16) {
+        mma_complete(c.op, lanes);
+        for (int l = 0; l < 32; ++l) lanes[l].state = State::Ready;
+        return;
+    }
     unsigned ballot = 0;
     for (int l = 0; l < 32; ++l)
         if ((c.mask >> l & 1u) && lanes[l].xin) ballot |= 1u << l;
@@ -537,6 +641,15 @@ unsigned long long warp_collective(WarpOp op, unsigned mask, unsigned long long 
     yield();
     return me().xout;
 }
+
+void warp_mma(WarpOp op, MmaFragments* f) {
+    // .aligned: all 32 lanes execute the same mma.sync (warp_collective checks they exist,
+    // have not returned and meet at the same instruction)
+    warp_collective(op, 0xffffffffu, reinterpret_cast<unsigned long long>(f), 0, 32);
+}
+
+void set_mma_fault(int fault) { g_mma_fault = fault; }
+int mma_fault() { return g_mma_fault; }
 
 unsigned warp_active_mask() {
     // lanes that have not returned: all of them are "converged" at any call in the emulator

@@ -30,12 +30,34 @@ struct KernelError : std::runtime_error {
 std::string fmt(const char* f, ...) __attribute__((format(printf, 1, 2)));
 
 // ---- scheduler entry points, called from kernel code through cuda_host.h -------------------
-enum class WarpOp : int { ShflIdx, ShflUp, ShflDown, ShflXor, Ballot, Any, All, SyncWarp };
+enum class WarpOp : int {
+    ShflIdx, ShflUp, ShflDown, ShflXor, Ballot, Any, All, SyncWarp,
+    MmaTf32,  // mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32
+    MmaF16,   // mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32
+    MmaBf16,  // mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32
+};
 // Suspends the calling thread until every lane in `mask` made the same call; returns the
 // 64-bit payload this lane receives (its source lane's value, or the ballot).
 unsigned long long warp_collective(WarpOp op, unsigned mask, unsigned long long value, int param,
                                    int width);
 unsigned warp_active_mask();
+// One lane's registers of an mma.sync: A (4 x 32 bits: four .tf32, or eight .f16 / .bf16 packed
+// low half first), B (2 x 32 bits), C and D (4 floats each). The lane deposits a pointer to
+// it in a warp meeting (warp_mma); the last lane to arrive computes D for all 32 lanes from
+// the PTX ISA's fragment layouts (emulator.cpp) and every lane resumes with its d[] filled.
+struct MmaFragments {
+    uint32_t a[4];
+    uint32_t b[2];
+    float c[4];
+    float d[4];
+};
+void warp_mma(WarpOp op, MmaFragments* f);
+// A deliberately wrong fragment layout, for the tests that prove the layouts matter:
+// 0 none (the PTX ISA's layouts), 1 swap the rows of lanes 0 and 4's A fragments (groupID 0
+// and 1 exchange their A rows), 2 read B's k index with threadID_in_group and the register
+// number exchanged, 3 write D transposed within each lane's pair of columns.
+void set_mma_fault(int fault);
+int mma_fault();
 // Block barrier; op 0 plain, 1 count, 2 and, 3 or of the threads' predicates.
 int block_barrier(int op, int predicate);
 unsigned char* dynamic_shared_base();

@@ -14,6 +14,7 @@ import sys
 import types
 
 from ..runtime.cuda import conv as cuda_conv
+from ..runtime.cuda import tensor_core as cuda_tensor_core
 
 CONV_ALGORITHMS = cuda_conv.CONV_ALGORITHMS
 use_conv_algorithm = cuda_conv.use_conv_algorithm
@@ -22,13 +23,23 @@ reset_conv_log = cuda_conv.reset_conv_log
 
 
 class _MatmulSettings:
-    """``gpudiff.backends.cuda.matmul``: PyTorch's matmul switches (accepted and kept; our
-    matmuls go through cuBLAS / NumPy in FP32, so they change nothing yet)."""
+    """``gpudiff.backends.cuda.matmul``: PyTorch's matmul switches. ``allow_tf32`` (default
+    False, as PyTorch's): float32 2-D matmuls and linear layers on CUDA run the TF32
+    tensor-core GEMM (csrc/cuda/tensor_core.cu) instead of cuBLAS / NumPy FP32. float16 /
+    bfloat16 ones always use the tensor cores (fp32 accumulation). The reduced-precision
+    reduction switches are accepted and kept (our GEMMs always accumulate in fp32)."""
 
     def __init__(self):
-        self.allow_tf32 = False   # PyTorch's default
         self.allow_fp16_reduced_precision_reduction = True
         self.allow_bf16_reduced_precision_reduction = True
+
+    @property
+    def allow_tf32(self):
+        return cuda_tensor_core.matmul_allow_tf32
+
+    @allow_tf32.setter
+    def allow_tf32(self, flag):
+        cuda_tensor_core.matmul_allow_tf32 = bool(flag)
 
 
 matmul = _MatmulSettings()

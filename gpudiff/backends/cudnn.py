@@ -4,7 +4,7 @@ kernels (CuPy 14 has no cuDNN: gpudiff's CUDA kernels play its role)::
     gpudiff.backends.cudnn.benchmark = True      # time the algorithms once per shape (GPU)
     gpudiff.backends.cudnn.enabled = False       # convolutions take the im2col + GEMM path
     gpudiff.backends.cudnn.deterministic = True  # accepted: every kernel of ours already is
-    gpudiff.backends.cudnn.allow_tf32 = True     # accepted: no TF32 kernel exists yet
+    gpudiff.backends.cudnn.allow_tf32 = True     # float32 convolutions on the TF32 tensor cores
 
 - ``benchmark`` (default False): with ``gpudiff.backends.cuda.conv_algorithm = 'auto'`` on
   a real GPU, each convolution pass times implicit GEMM, im2col + cuBLAS and the direct
@@ -14,8 +14,11 @@ kernels (CuPy 14 has no cuDNN: gpudiff's CUDA kernels play its role)::
   kernels and run their reference (im2col kernel + xp.matmul + col2im).
 - ``deterministic`` (default False): our kernels are bitwise reproducible run to run (no
   atomics, fixed reduction orders) whatever this says.
-- ``allow_tf32`` (default True, as PyTorch's): accepted and kept; our convolutions compute in
-  FP32 on CUDA cores until tensor-core kernels exist, so it changes nothing yet.
+- ``allow_tf32`` (default True, as PyTorch's): float32 convolutions on CUDA run the TF32
+  tensor-core implicit GEMM (csrc/cuda/tensor_core.cu: operands rounded to TF32 with
+  cvt.rna.tf32.f32, 10 mantissa bits, fp32 accumulation), except depthwise ones (direct, FP32)
+  and forced 'im2col' / 'direct' algorithms; False keeps every float32 convolution in FP32.
+  float16 / bfloat16 convolutions always use the FP16 / BF16 tensor cores.
 """
 import sys
 import types
@@ -35,7 +38,14 @@ def version():
 
 class _CudnnSettings(types.ModuleType):
     deterministic = False
-    allow_tf32 = True
+
+    @property
+    def allow_tf32(self):
+        return _conv.allow_tf32
+
+    @allow_tf32.setter
+    def allow_tf32(self, flag):
+        _conv.allow_tf32 = bool(flag)
 
     @property
     def benchmark(self):

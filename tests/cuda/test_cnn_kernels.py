@@ -73,6 +73,15 @@ def order(request):
         yield Emulated()
 
 
+@pytest.fixture(autouse=True)
+def fp32_convolutions():
+    """These tests check the FP32 kernels (conv.cu) at float32 tolerances: TF32 off, as
+    ``gpudiff.backends.cudnn.allow_tf32 = False`` does (its default True would send float32
+    implicit-GEMM convolutions to the TF32 tensor cores, tested in test_tensor_core.py)."""
+    with rc.conv.use_tf32(False):
+        yield
+
+
 def tol(dtype):
     return dict(rtol=1e-4, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-10, atol=1e-11)
 
@@ -261,7 +270,9 @@ def test_auto_algorithm_choice_and_log():
 
 def test_conv_declines_what_it_does_not_handle():
     x, w = rand((1, 2, 5, 5)), rand((3, 2, 3, 3), seed=1)
-    assert rc.conv.conv2d(x.astype(np.float16), w.astype(np.float16), None, 1, 0, 1, 1) is None
+    # (float16 / bfloat16 run on the tensor cores: test_tensor_core.py)
+    assert rc.conv.conv2d(x.astype(np.int32), w.astype(np.int32), None, 1, 0, 1, 1) is None
+    assert rc.conv.conv2d(x.astype(np.float16), w.astype(np.float32), None, 1, 0, 1, 1) is None
     assert rc.conv.conv2d(x, w.astype(np.float32), None, 1, 0, 1, 1) is None  # mixed dtypes
     assert rc.conv.conv2d(x, w, None, 1, 0, 1, 2) is None  # C != Cg * groups
     assert rc.conv.conv2d(x, rand((3, 2, 7, 7)), None, 1, 0, 1, 1) is None  # output < 1
@@ -865,7 +876,8 @@ def test_backends_cudnn_benchmark_and_enabled():
     w = gpudiff.randn(4, 3, 3, 3, device="cuda", requires_grad=True)
     plain = _conv_step(gpudiff, gF, x, w)
     heuristic = dict(gpudiff.backends.cuda.last_conv_algorithm)
-    assert (cudnn.benchmark, cudnn.enabled, cudnn.allow_tf32) == (False, True, True)
+    # (allow_tf32's default, True, is checked in test_tensor_core.py: this file turns it off)
+    assert (cudnn.benchmark, cudnn.enabled, cudnn.allow_tf32) == (False, True, False)
     assert gpudiff.backends.cuda.matmul.allow_tf32 is False
     try:
         cudnn.benchmark = True

@@ -22,8 +22,17 @@ Convolution algorithms (``conv_algorithm``; docs/CUDA_KERNELS.md has the reasoni
                    for large GEMMs (where cuBLAS's FLOP rate pays for the column traffic),
                    implicit GEMM for the rest.
 
+Tensor cores (csrc/cuda/tensor_core.cu, wrappers in tensor_core.py): float16 and bfloat16
+convolutions always run the FP16 / BF16 implicit-GEMM kernels (mma.sync m16n8k16, fp32
+accumulation; the only CUDA kernels of ours for 16-bit floats). float32 convolutions run the
+TF32 implicit-GEMM kernels (mma.sync m16n8k8, operands rounded with cvt.rna.tf32.f32) when
+``allow_tf32`` (gpudiff.backends.cudnn.allow_tf32, default True as PyTorch's) and the
+algorithm is 'implicit_gemm' ('auto' picks it for every non-depthwise convolution then);
+'im2col' and 'direct' stay FP32, and so does everything with ``allow_tf32 = False``.
+
 ``last_conv_algorithm`` and ``conv_algorithm_counts`` say which path ran (the benchmark and
-profiler read them); ``use_conv_algorithm(name)`` forces one for a block of code.
+profiler read them), ``last_conv_math`` in which arithmetic ('fp32', 'fp64', 'tf32', 'f16',
+'bf16'); ``use_conv_algorithm(name)`` forces an algorithm for a block of code.
 """
 import collections
 import contextlib
@@ -34,6 +43,7 @@ import numpy as np
 
 from ...geometry import ConvGeom
 from ..kernels import register_kernel
+from . import tensor_core
 from .im2col import run_col2im, run_im2col
 from .launch import (
     THREADS,
@@ -56,12 +66,16 @@ conv_algorithm = "auto"
 #: 'auto' times the algorithms once per geometry on a real GPU (the heuristic on the emulator)
 enabled = True
 benchmark = False
+#: gpudiff.backends.cudnn.allow_tf32: float32 convolutions may run on the TF32 tensor cores
+allow_tf32 = True
 #: (pass, geometry, dtype) -> the algorithm benchmark chose
 benchmark_cache = {}
 #: pass ('forward', 'backward_input', 'backward_weight') -> algorithm of the latest call
 last_conv_algorithm = {}
 #: (pass, algorithm) -> number of calls since import (or reset_conv_log())
 conv_algorithm_counts = collections.Counter()
+#: pass -> the arithmetic of the latest call: 'fp32', 'fp64', 'tf32', 'f16' or 'bf16'
+last_conv_math = {}
 
 # Launch parameters (an H100 has 132 SMs, 2048 resident threads each).
 WGRAD_BLOCKS_PER_SM = 4        # split the wgrad reduction until ~4 blocks per SM
@@ -83,6 +97,18 @@ SMALL_TILE_MAX_ROWS = 16
 def reset_conv_log():
     last_conv_algorithm.clear()
     conv_algorithm_counts.clear()
+    last_conv_math.clear()
+
+
+@contextlib.contextmanager
+def use_tf32(flag):
+    """``with use_tf32(False): ...`` sets ``allow_tf32`` for a block of code."""
+    global allow_tf32
+    old, allow_tf32 = allow_tf32, bool(flag)
+    try:
+        yield
+    finally:
+        allow_tf32 = old
 
 
 @contextlib.contextmanager
@@ -99,11 +125,14 @@ def use_conv_algorithm(name):
 
 
 
-def choose_conv_algorithm(geom, pass_="forward"):
+def choose_conv_algorithm(geom, pass_="forward", tf32=False):
     """What 'auto' runs for ``geom`` (a ConvGeom), ``pass_`` one of forward,
-    backward_input, backward_weight. See the module docstring."""
+    backward_input, backward_weight; ``tf32``: the TF32 tensor cores are allowed (then
+    implicit GEMM, on them, for everything but depthwise). See the module docstring."""
     if geom.depthwise():
         return "direct"
+    if tf32:
+        return "implicit_gemm"
     if geom.pointwise():
         return "im2col"
     if geom.Kg >= IM2COL_MIN_ROWS and geom.Cg * geom.kh * geom.kw >= IM2COL_MIN_DEPTH:
@@ -111,7 +140,27 @@ def choose_conv_algorithm(geom, pass_="forward"):
     return "implicit_gemm"
 
 
-def _algorithm(geom, pass_, run, some_array):
+def _tf32(*arrays):
+    """Whether a float32 pass on these arrays may use the TF32 tensor cores."""
+    return allow_tf32 and tensor_core.precision_of(*arrays) == "tf32"
+
+
+def _half(pass_, *arrays):
+    """'f16' / 'bf16' when the arrays are 16-bit floats (logged as implicit GEMM), else None."""
+    prec = tensor_core.precision_of(*arrays, allow_tf32=False)
+    if prec is not None:
+        last_conv_algorithm[pass_] = "implicit_gemm"
+        conv_algorithm_counts[(pass_, "implicit_gemm")] += 1
+        last_conv_math[pass_] = prec
+    return prec
+
+
+def _math(pass_, algo, tf32, dtype):
+    last_conv_math[pass_] = "tf32" if tf32 and algo == "implicit_gemm" else \
+        ("fp64" if dtype == np.float64 else "fp32")
+
+
+def _algorithm(geom, pass_, run, some_array, tf32=False):
     """The algorithm of this pass: the forced one, else (``auto``) the benchmarked fastest
     (``benchmark`` on a real GPU) or the heuristic. ``run(algo)`` runs the pass."""
     algo = conv_algorithm
@@ -122,9 +171,10 @@ def _algorithm(geom, pass_, run, some_array):
         if benchmark and is_cupy(some_array):
             algo = _fastest(geom, pass_, run, some_array)
         else:  # (the emulator's times say nothing about a GPU's: the heuristic there)
-            algo = choose_conv_algorithm(geom, pass_)
+            algo = choose_conv_algorithm(geom, pass_, tf32)
     last_conv_algorithm[pass_] = algo
     conv_algorithm_counts[(pass_, algo)] += 1
+    _math(pass_, algo, tf32, some_array.dtype)
     return algo
 
 
@@ -178,7 +228,8 @@ def _batch_chunk(geom, itemsize, depth_per_image):
 def conv2d(x, w, b, stride, padding, dilation, groups):
     """y (N, K, OH, OW) = conv2d(x (N, C, H, W), w (K, C/groups, KH, KW)) + b (K,)."""
     t = ctype(x, w, b)
-    if t is None or not enabled or x.ndim not in (3, 4) or w.ndim != 4:
+    half = tensor_core.precision_of(x, w, b, allow_tf32=False)
+    if (t is None and half is None) or not enabled or x.ndim not in (3, 4) or w.ndim != 4:
         return None
     x, unbatched = unbatch(x)
     geom = ConvGeom(x.shape, w.shape, stride, padding, dilation, groups)
@@ -187,6 +238,10 @@ def conv2d(x, w, b, stride, padding, dilation, groups):
     xp = array_module(x)
     x = xp.ascontiguousarray(x)
     w = xp.ascontiguousarray(w)
+    if _half("forward", x, w, b):
+        y = tensor_core.conv2d_forward(x, w, b, geom, half)
+        return y[0] if unbatched else y
+    tf32 = _tf32(x, w, b)
     y = xp.empty((geom.N, geom.K, geom.OH, geom.OW), x.dtype)
 
     def run(algo):
@@ -198,6 +253,8 @@ def conv2d(x, w, b, stride, padding, dilation, groups):
         if algo == "direct":
             launch("conv.cu", f"conv2d_fwd_direct<{t}>", grid_1d(y.size, x), THREADS,
                    (x, w, bias, y) + i32(*geom.kernel_args()) + i32(has_bias))
+        elif tf32:
+            tensor_core.conv2d_forward(x, w, b, geom, "tf32", out=y)
         else:
             tile = _tile(geom.Kg)
             launch("conv.cu", _igemm_name("conv2d_fwd_igemm", t, tile),
@@ -205,7 +262,7 @@ def conv2d(x, w, b, stride, padding, dilation, groups):
                    _igemm_threads(tile),
                    (x, w, bias, y) + i32(*geom.kernel_args()) + i32(has_bias))
     if y.size:
-        run(_algorithm(geom, "forward", run, x))
+        run(_algorithm(geom, "forward", run, x, tf32))
     return y[0] if unbatched else y
 
 
@@ -229,7 +286,9 @@ def _conv2d_im2col(x, w, b, y, geom, t):
 def conv2d_backward_input(gy, w, x_shape, stride, padding, dilation, groups):
     """gx (N, C, H, W) of y = conv2d(x, w): also conv_transpose2d's forward."""
     t = ctype(gy, w)
-    if t is None or not enabled or gy.ndim not in (3, 4) or w.ndim != 4 or len(x_shape) != gy.ndim:
+    half = tensor_core.precision_of(gy, w, allow_tf32=False)
+    if (t is None and half is None) or not enabled or gy.ndim not in (3, 4) or w.ndim != 4 \
+            or len(x_shape) != gy.ndim:
         return None
     gy, unbatched = unbatch(gy)
     x_shape = (1,) + tuple(x_shape) if unbatched else tuple(x_shape)
@@ -239,6 +298,10 @@ def conv2d_backward_input(gy, w, x_shape, stride, padding, dilation, groups):
     xp = array_module(gy)
     gy = xp.ascontiguousarray(gy)
     w = xp.ascontiguousarray(w)
+    if _half("backward_input", gy, w):
+        gx = tensor_core.conv2d_backward_input(gy, w, geom, half)
+        return gx[0] if unbatched else gx
+    tf32 = _tf32(gy, w)
     gx = xp.empty((geom.N, geom.C, geom.H, geom.W), gy.dtype)
 
     def run(algo):
@@ -247,6 +310,8 @@ def conv2d_backward_input(gy, w, x_shape, stride, padding, dilation, groups):
         elif algo == "direct":
             launch("conv.cu", f"conv2d_dgrad_direct<{t}>", grid_1d(gx.size, gy), THREADS,
                    (gy, w, gx) + i32(*geom.kernel_args()))
+        elif tf32:
+            tensor_core.conv2d_backward_input(gy, w, geom, "tf32", out=gx)
         else:
             tile = _tile(geom.Cg)
             launch("conv.cu", _igemm_name("conv2d_dgrad_igemm", t, tile),
@@ -257,7 +322,7 @@ def conv2d_backward_input(gy, w, x_shape, stride, padding, dilation, groups):
         if gy.size == 0:
             gx[...] = 0
         else:
-            run(_algorithm(geom, "backward_input", run, gy))
+            run(_algorithm(geom, "backward_input", run, gy, tf32))
     return gx[0] if unbatched else gx
 
 
@@ -289,7 +354,9 @@ def _dgrad_im2col(gy, w, gx, geom, t):
 def conv2d_backward_weight(gy, x, w_shape, stride, padding, dilation, groups):
     """gw (K, C/groups, KH, KW) of y = conv2d(x, w)."""
     t = ctype(gy, x)
-    if t is None or not enabled or gy.ndim not in (3, 4) or x.ndim != gy.ndim or len(w_shape) != 4:
+    half = tensor_core.precision_of(gy, x, allow_tf32=False)
+    if (t is None and half is None) or not enabled or gy.ndim not in (3, 4) or x.ndim != gy.ndim \
+            or len(w_shape) != 4:
         return None
     gy, _ = unbatch(gy)
     x, _ = unbatch(x)
@@ -299,6 +366,9 @@ def conv2d_backward_weight(gy, x, w_shape, stride, padding, dilation, groups):
     xp = array_module(gy)
     gy = xp.ascontiguousarray(gy)
     x = xp.ascontiguousarray(x)
+    if _half("backward_weight", gy, x):
+        return tensor_core.conv2d_backward_weight(gy, x, w_shape, geom, half)
+    tf32 = _tf32(gy, x)
     gw = xp.empty(tuple(int(v) for v in w_shape), gy.dtype)
     if gw.size == 0:
         return gw
@@ -314,9 +384,11 @@ def conv2d_backward_weight(gy, x, w_shape, stride, padding, dilation, groups):
             launch("conv.cu", f"conv2d_wgrad_direct<{t}>",
                    max(1, min(gw.size, wave_blocks(gy, threads))), threads,
                    (gy, x, gw) + i32(*geom.kernel_args()))
+        elif tf32:
+            tensor_core.conv2d_backward_weight(gy, x, w_shape, geom, "tf32", out=gw)
         else:
             _wgrad_igemm(gy, x, gw, geom, t)
-    run(_algorithm(geom, "backward_weight", run, gy))
+    run(_algorithm(geom, "backward_weight", run, gy, tf32))
     return gw
 
 
