@@ -21,10 +21,13 @@ from . import nn, optim, utils, datasets, transforms  # noqa: E402
 from .serialization import save, load  # noqa: E402
 from . import profiler  # noqa: E402
 from .graphs import Graph, graph, make_graphed_callables  # noqa: E402
+from . import amp  # noqa: E402
+from .amp import autocast, get_autocast_dtype, is_autocast_enabled  # noqa: E402,F401
 
 float32 = _np.dtype("float32")
 float64 = _np.dtype("float64")
 float16 = _np.dtype("float16")
+bfloat16 = runtime.bfloat16  # ml_dtypes.bfloat16 (NumPy kind "V": ask is_floating_point())
 int64 = _np.dtype("int64")
 int32 = _np.dtype("int32")
 int16 = _np.dtype("int16")

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import runtime
 from .ops import activation as N
-from .runtime import capture
+from .runtime import autocast, capture
 from .ops import device as D
 from .ops import elementwise as E
 from .ops import index as I
@@ -31,7 +31,7 @@ def _scalar_dtype(t, value):
     if isinstance(value, (int, np.integer)):
         return t.dtype if t.dtype.kind != "b" else np.dtype("int64")
     if isinstance(value, (float, np.floating)):
-        return t.dtype if t.dtype.kind == "f" else get_default_dtype()
+        return t.dtype if _is_float(t.dtype) else get_default_dtype()
     raise TypeError(f"unsupported operand type {type(value).__name__}")
 
 
@@ -66,7 +66,8 @@ def _binary_args(name, a, b):
     return a, b
 
 
-_CATEGORY = {"b": 0, "u": 1, "i": 1, "f": 2, "c": 3}
+_CATEGORY = {"b": 0, "u": 1, "i": 1, "f": 2, "c": 3, "V": 2}  # "V": bfloat16 (ml_dtypes)
+_is_float = runtime.is_floating
 
 
 def _promote(a, b):
@@ -104,7 +105,7 @@ def _shape(args):
 def _float_and_number(a, b):
     """Whether ``a`` is a floating Tensor and ``b`` a Python number (which keeps a's dtype):
     then the *_scalar ops apply, with no 0-d tensor made for ``b``."""
-    return type(b) in (int, float) and isinstance(a, Tensor) and a.dtype.kind == "f"
+    return type(b) in (int, float) and isinstance(a, Tensor) and _is_float(a.dtype)
 
 
 def add(input, other, *, alpha=1):
@@ -143,7 +144,7 @@ def div(input, other, *, rounding_mode=None):
     if rounding_mode == "floor":
         return floor_divide(input, other)
     a, b = _binary_args("div", input, other)
-    if a.dtype.kind != "f":  # true division of integers gives floats (as torch)
+    if not _is_float(a.dtype):  # true division of integers gives floats (as torch)
         a, b = a.to(get_default_dtype()), b.to(get_default_dtype())
     out = E.div.apply(a, b)
     return out.trunc() if rounding_mode == "trunc" else out
@@ -180,7 +181,7 @@ def pow(input, exponent):
 
 
 def _float_if_int(t):
-    return t if t.dtype.kind == "f" else t.to(get_default_dtype())
+    return t if _is_float(t.dtype) else t.to(get_default_dtype())
 
 
 def neg(input):
@@ -263,6 +264,8 @@ def trunc(input):
 
 
 def reciprocal(input):
+    if autocast.state is not None:
+        input, = autocast.cast_inputs("reciprocal", (input,))
     return div(1.0, input)
 
 
@@ -341,7 +344,7 @@ def sum(input, dim=None, keepdim=False, *, dtype=None):
 def mean(input, dim=None, keepdim=False, *, dtype=None):
     if dtype is not None:
         input = input.to(dtype)
-    if input.dtype.kind != "f":
+    if not _is_float(input.dtype):
         raise RuntimeError(f"mean(): could not infer output dtype. Input dtype must be either "
                            f"a floating point or complex dtype. Got: {input.dtype}")
     return R.mean.apply(input, dim=_dims(dim), keepdim=keepdim)
@@ -437,6 +440,8 @@ def any(input, dim=None, keepdim=False):
 
 def logsumexp(input, dim, keepdim=False):
     """log(sum(exp(x), dim)), stable: the max is shifted out first."""
+    if autocast.state is not None:
+        input, = autocast.cast_inputs("logsumexp", (input,))
     m = amax(input, dim, keepdim=True).detach()
     m = where(isfinite(m), m, _zeros_like(m))
     out = (input - m).exp().sum(dim=dim, keepdim=True).log() + m

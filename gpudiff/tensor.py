@@ -86,7 +86,7 @@ class Tensor:
 
     @requires_grad.setter
     def requires_grad(self, flag):
-        if flag and self.array.dtype.kind not in "fc":
+        if flag and self.array.dtype.kind != "c" and not runtime.is_floating(self.array.dtype):
             raise RuntimeError(f"only Tensors of floating point dtype can require gradients "
                                f"(this one is {self.array.dtype})")
         if not flag and self.grad_fn is not None:
@@ -233,6 +233,9 @@ class Tensor:
     def half(self):
         return self.to(np.float16)
 
+    def bfloat16(self):
+        return self.to(runtime.bfloat16)
+
     def long(self):
         return self.to(np.int64)
 
@@ -243,7 +246,7 @@ class Tensor:
         return self.to(np.bool_)
 
     def is_floating_point(self):
-        return self.dtype.kind == "f"
+        return runtime.is_floating(self.dtype)
 
     def detach(self):
         """A tensor sharing memory (and the version counter) with no graph."""
@@ -490,7 +493,9 @@ class Tensor:
         a = runtime.to_numpy(self.array)
         # as torch: integral floats as "1.", others with 4 decimals ("1.5000")
         mode = "maxprec_equal"
-        if a.dtype.kind == "f" and a.size:
+        if runtime.is_floating(a.dtype) and a.size:
+            if a.dtype == runtime.bfloat16:  # (printed through float32: same values)
+                a = a.astype(np.float32)
             finite = a[np.isfinite(a)]
             if finite.size and bool((finite != np.round(finite)).any()):
                 mode = "fixed"
@@ -499,9 +504,10 @@ class Tensor:
         extras = []
         if self.device.type != "cpu":
             extras.append(f"device='{self.device}'")
-        if a.dtype not in (get_default_dtype(), np.dtype("int64"), np.dtype("bool")) \
-                or (a.size == 0 and a.dtype != get_default_dtype()):  # "[]" reads as float
-            extras.append(f"dtype=gpudiff.{a.dtype}")
+        dt = self.array.dtype
+        if dt not in (get_default_dtype(), np.dtype("int64"), np.dtype("bool")) \
+                or (a.size == 0 and dt != get_default_dtype()):  # "[]" reads as float
+            extras.append(f"dtype=gpudiff.{dt}")
         if self.grad_fn is not None:
             extras.append(f"grad_fn=<{self.grad_fn.name}Backward>")
         elif self.requires_grad:

@@ -119,7 +119,7 @@ def record(ctx, backward_fn, inputs, outputs, backward_arrays=None):
     node = Node(ctx.op_name, backward_fn, ctx, inputs, outputs, backward_arrays)
     non_diff = ctx._non_diff
     for i, r in enumerate(outputs):
-        if r is None or r.array.dtype.kind != "f":
+        if r is None or (r.array.dtype.kind != "f" and r.array.dtype != runtime.bfloat16):
             continue
         if non_diff and any(v is r or v is r.array for v in non_diff):
             continue

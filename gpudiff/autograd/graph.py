@@ -16,6 +16,7 @@ from time import perf_counter_ns
 
 from ..runtime import capture as _capture
 from ..runtime import events
+from ..runtime.dtypes import is_floating as _is_floating
 from .grad_mode import enable_grad, is_anomaly_enabled, no_grad, set_detect_anomaly
 
 _seq = itertools.count()
@@ -136,7 +137,7 @@ def _accumulate(a, b):
 
 def _check_finite(name, grads, what, xp):
     for i, g in enumerate(grads):
-        if g is not None and g.dtype.kind == "f" and not bool(xp.isfinite(g).all()):
+        if g is not None and _is_floating(g.dtype) and not bool(xp.isfinite(g).all()):
             raise RuntimeError(f"Function '{name}Backward' returned nan/inf values in its "
                                f"{i}th output ({what}); the forward of '{name}' or its "
                                f"inputs are where to look")

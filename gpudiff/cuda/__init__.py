@@ -110,3 +110,4 @@ def manual_seed_all(seed):
 from .graphs import (CUDAGraph, Event, Stream, current_stream, default_stream,  # noqa: E402
                      graph, graph_pool_handle, is_current_stream_capturing,
                      make_graphed_callables, stream)
+from . import amp  # noqa: E402,F401  (gpudiff.cuda.amp.autocast / GradScaler)

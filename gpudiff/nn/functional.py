@@ -10,6 +10,7 @@ import numpy as np
 
 from .. import functions as _fn
 from .. import runtime as _runtime
+from ..runtime import autocast as _autocast
 from ..runtime import capture as _capture
 from ..functions import log_softmax, softmax  # noqa: F401
 from ..geometry import conv_output_size as _conv_output_size
@@ -30,6 +31,12 @@ sigmoid = _fn.sigmoid
 tanh = _fn.tanh
 flatten = _fn.flatten
 
+
+
+def _autocast_inputs(name, *tensors):
+    """The tensors cast by autocast's policy for the function ``name`` (functions written in
+    several ops are cast once, at their entry, as PyTorch's lists name them)."""
+    return _autocast.cast_inputs(name, tensors) if _autocast.state is not None else tensors
 
 # ---- activations ----------------------------------------------------------------------
 # inplace=True passes a function to _Tensor._inplace: the op then runs on a stand-in copy, so
@@ -82,6 +89,7 @@ def logsigmoid(input):
 
 
 def softmin(input, dim=None):
+    input, = _autocast_inputs("softmin", input)
     return softmax(-input, dim)
 
 
@@ -157,6 +165,7 @@ def one_hot(tensor, num_classes=-1):
 
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
+    input, weight, bias = _autocast_inputs("layer_norm", input, weight, bias)
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
     normalized_shape = tuple(normalized_shape)
@@ -177,11 +186,13 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5):
 
 
 def normalize(input, p=2.0, dim=1, eps=1e-12):
+    input, = _autocast_inputs("normalize", input)
     n = (input.abs() ** p).sum(dim=dim, keepdim=True) ** (1.0 / p)
     return input / n.clamp(min=eps)
 
 
 def cosine_similarity(x1, x2, dim=1, eps=1e-8):
+    x1, x2 = _autocast_inputs("cosine_similarity", x1, x2)
     n = (x1 * x1).sum(dim).sqrt().clamp(min=eps) * (x2 * x2).sum(dim).sqrt().clamp(min=eps)
     return (x1 * x2).sum(dim) / n
 
@@ -229,10 +240,11 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
                   reduce=None, reduction="mean", label_smoothing=0.0):
     """Softmax cross-entropy of logits (N, C[, d1...]) with class indices (N[, d1...]) or class
     probabilities (same shape as input); fused kernel for the class-index case."""
+    input, target, weight = _autocast_inputs("cross_entropy", input, target, weight)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got "
                          f"{label_smoothing}")
-    if target.dtype.kind == "f":  # probabilities
+    if _runtime.is_floating(target.dtype):  # probabilities
         _same_shape("cross_entropy", input, target)
         c = input.shape[1] if input.ndim > 1 else input.shape[0]
         cdim = 1 if input.ndim > 1 else 0
@@ -286,6 +298,7 @@ def _weight_total(rows, t, weight, ignore_index):
 def nll_loss(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None,
              reduction="mean"):
     """Negative log-likelihood of log-probabilities (N, C[, d1...]) at class indices."""
+    input, target, weight = _autocast_inputs("nll_loss", input, target, weight)
     squeeze = input.ndim == 1
     if squeeze:
         input, target = input.unsqueeze(0), target.reshape(1)
@@ -307,17 +320,20 @@ def nll_loss(input, target, weight=None, size_average=None, ignore_index=-100, r
 
 
 def mse_loss(input, target, size_average=None, reduce=None, reduction="mean"):
+    input, target = _autocast_inputs("mse_loss", input, target)
     _same_shape("mse_loss", input, target)
     d = input - target
     return _reduce(d * d, reduction, "mse_loss")
 
 
 def l1_loss(input, target, size_average=None, reduce=None, reduction="mean"):
+    input, target = _autocast_inputs("l1_loss", input, target)
     _same_shape("l1_loss", input, target)
     return _reduce((input - target).abs(), reduction, "l1_loss")
 
 
 def smooth_l1_loss(input, target, size_average=None, reduce=None, reduction="mean", beta=1.0):
+    input, target = _autocast_inputs("smooth_l1_loss", input, target)
     _same_shape("smooth_l1_loss", input, target)
     d = (input - target).abs()
     if beta == 0:
@@ -327,6 +343,7 @@ def smooth_l1_loss(input, target, size_average=None, reduce=None, reduction="mea
 
 
 def huber_loss(input, target, reduction="mean", delta=1.0):
+    input, target = _autocast_inputs("huber_loss", input, target)
     _same_shape("huber_loss", input, target)
     d = (input - target).abs()
     loss = _fn.where(d < delta, 0.5 * d * d, delta * (d - 0.5 * delta))
@@ -335,6 +352,8 @@ def huber_loss(input, target, reduction="mean", delta=1.0):
 
 def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=None,
                          reduction="mean"):
+    input, target, weight = _autocast_inputs("binary_cross_entropy", input, target,
+                                             weight)
     _same_shape("binary_cross_entropy", input, target)
     a = input.array
     if a.size and bool(((a < 0) | (a > 1)).any()):
@@ -351,6 +370,8 @@ def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=N
 def binary_cross_entropy_with_logits(input, target, weight=None, size_average=None,
                                      reduce=None, reduction="mean", pos_weight=None):
     """Stable: (1 - y) x + (1 + (pw - 1) y) * (log(1 + exp(-|x|)) + max(-x, 0))."""
+    input, target, weight, pos_weight = _autocast_inputs(
+        "binary_cross_entropy_with_logits", input, target, weight, pos_weight)
     _same_shape("binary_cross_entropy_with_logits", input, target)
     log_sig_neg = (-input.abs()).exp().log1p() + (-input).clamp(min=0)   # -log sigmoid(x)
     if pos_weight is not None:
@@ -366,6 +387,7 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
 def multi_margin_loss(input, target, p=1, margin=1.0, weight=None, size_average=None,
                       reduce=None, reduction="mean"):
     """The multi-class SVM (hinge) loss: sum_{j != y} max(0, margin - x_y + x_j)^p / C."""
+    input, weight = _autocast_inputs("multi_margin_loss", input, weight)
     if p not in (1, 2):
         raise ValueError("multi_margin_loss: only p == 1 and p == 2 supported")
     squeeze = input.ndim == 1
@@ -389,6 +411,7 @@ def multi_margin_loss(input, target, p=1, margin=1.0, weight=None, size_average=
 
 def kl_div(input, target, size_average=None, reduce=None, reduction="mean", log_target=False):
     """KL(target || exp(input)) pointwise; ``input`` holds log-probabilities."""
+    input, target = _autocast_inputs("kl_div", input, target)
     if log_target:
         loss = target.exp() * (target - input)
     else:
@@ -412,7 +435,7 @@ def _check_conv_args(name, input, weight, bias, groups):
         raise RuntimeError(f"{name}: input type ({input.dtype}) and weight type "
                            f"({weight.dtype}) should be the same"
                            + ("" if bias is None else f" (bias: {bias.dtype})"))
-    if input.dtype.kind != "f":
+    if not _runtime.is_floating(input.dtype):
         raise RuntimeError(f"{name}: expected a floating input, got {input.dtype}")
 
 
@@ -495,6 +518,7 @@ def conv_transpose2d(input, weight, bias=None, stride=1, padding=0, output_paddi
     >>> F.conv_transpose2d(gpudiff.ones(1, 1, 2, 2), gpudiff.ones(1, 1, 3, 3), stride=2).shape
     (1, 1, 5, 5)
     """
+    input, weight, bias = _autocast_inputs("conv_transpose2d", input, weight, bias)
     name = "conv_transpose2d"
     _check_conv_args(name, input, weight, bias, groups)
     stride = _pair(stride, name, "stride")
@@ -554,7 +578,7 @@ def _check_input(name, input):
     if input.ndim not in (3, 4):
         raise RuntimeError(f"{name}: expected a 3-D (unbatched) or 4-D (batched) input, got "
                            f"shape {tuple(input.shape)}")
-    if input.dtype.kind != "f":
+    if not _runtime.is_floating(input.dtype):
         raise RuntimeError(f"{name}: expected a floating input, got {input.dtype}")
     if min(input.shape[-2:]) < 1 or (input.ndim == 4 and input.shape[1] < 1):
         raise RuntimeError(f"{name}: expected non-empty spatial and channel dimensions, got "
@@ -678,7 +702,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None, trainin
     name = "batch_norm"
     if input.ndim < 2:
         raise ValueError(f"{name}: expected an (N, C, *) input, got shape {tuple(input.shape)}")
-    if input.dtype.kind != "f":
+    if not _runtime.is_floating(input.dtype):
         raise RuntimeError(f"{name}: expected a floating input, got {input.dtype}")
     C = input.shape[1]
     if training:
@@ -716,7 +740,7 @@ def _dropout(name, input, p, training, inplace, group):
         raise ValueError(f"dropout probability has to be between 0 and 1, but got {p}")
     if not training or p == 0.0 or input.numel() == 0:
         return input
-    if input.dtype.kind != "f":
+    if not _runtime.is_floating(input.dtype):
         raise RuntimeError(f"{name}: expected a floating input, got {input.dtype}")
     plan = _capture.recording()  # in a graph capture: a seed each replay draws anew
     seed = plan.device_seed(input.device, _draw_seed) if plan is not None else _draw_seed()

@@ -33,7 +33,7 @@ import weakref as _weakref_mod
 
 from ..autograd.function import FunctionCtx, record, resave
 from ..autograd.grad_mode import is_anomaly_enabled, is_grad_enabled
-from ..runtime import capture, events
+from ..runtime import autocast, capture, events
 from ..tensor import Tensor
 
 REGISTRY: dict[str, type] = {}
@@ -98,6 +98,8 @@ def _device_of(op, tensors):
 def apply(op, tensors, params):
     if capture.active is not None and capture.active.depth == 0:
         return _apply_captured(capture.active, op, tensors, params)
+    if autocast.state is not None:  # an autocast region: cast the inputs by op's policy
+        tensors = autocast.cast(op, tensors)
     listener = events.listener  # a profiler: it gets this op's total and forward times
     if listener is not None:
         t0 = perf_counter_ns()

@@ -9,6 +9,7 @@ import math
 
 from .. import runtime
 from . import Op, forward_of
+from .lowp import compute_in_float32
 from . import run_kernel as _run
 
 
@@ -173,3 +174,6 @@ class erf(Op):
     def backward(ctx, gy):
         x, = ctx.saved_tensors
         return gy * (2 / math.sqrt(math.pi)) * (-(x * x)).exp()
+
+
+compute_in_float32(elu, softplus, erf)  # (float16 / bfloat16 in float32)

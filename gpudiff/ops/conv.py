@@ -21,6 +21,7 @@ Output size: (H + 2p - d(k-1) - 1) // s + 1, as PyTorch (an error below 1).
 """
 from ..geometry import ConvGeom, conv_output_size
 from . import Op, forward_of
+from .lowp import compute_in_float32
 
 
 # ---- xp reference im2col / col2im -----------------------------------------------------
@@ -172,3 +173,6 @@ class conv2d_backward_weight(Op):
         g_gy = conv2d.apply(x, ggw, None, **ctx.p) if ngy else None
         g_x = conv2d_backward_input.apply(gy, ggw, input_size=x.shape, **ctx.p) if nx else None
         return g_gy, g_x
+
+
+compute_in_float32(conv2d, conv2d_backward_input, conv2d_backward_weight)

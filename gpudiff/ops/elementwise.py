@@ -3,6 +3,8 @@
 Binary ops broadcast like NumPy; their backward sums the gradient back to each input's
 shape with ``sum_to`` (the one place broadcasting is undone).
 """
+from ..runtime import autocast
+from ..runtime.dtypes import is_floating
 from ..tensor import Tensor
 from . import Op
 
@@ -135,7 +137,7 @@ class pow_scalar(Op):
     def forward(ctx, a, *, exponent):
         ctx.exponent = exponent
         ctx.save_for_backward(a)
-        if a.dtype.kind == "f":
+        if is_floating(a.dtype):
             return ctx.xp.power(a, a.dtype.type(exponent))
         return (a ** exponent).astype(a.dtype, copy=False)  # NumPy: bool ** True is int8
 
@@ -404,10 +406,13 @@ class to_dtype(Op):
         return x.astype(dtype)
 
     def backward(ctx, gy):
-        return gy.to(ctx.src) if ctx.src.kind == "f" else None
+        return gy.to(ctx.src) if is_floating(ctx.src) else None
 
     def backward_arrays(ctx, gy):
-        return gy.astype(ctx.src) if ctx.src.kind == "f" else None
+        return gy.astype(ctx.src) if is_floating(ctx.src) else None
+
+
+autocast.set_cast(lambda t, dtype: to_dtype.apply(t, dtype=dtype))  # autocast's cast
 
 
 class clone(Op):

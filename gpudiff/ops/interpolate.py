@@ -5,6 +5,7 @@ nearest and nearest-exact; F.interpolate is in gpudiff/nn/functional.py).
 import numpy as np
 
 from . import Op
+from .lowp import compute_in_float32
 
 
 def nearest_indices(n_in, n_out, scale, exact):
@@ -72,3 +73,6 @@ class interpolate_backward(Op):
 
     def backward(ctx, ggx):
         return interpolate.apply(ggx, **ctx.p)
+
+
+compute_in_float32(interpolate, interpolate_backward)

@@ -2,6 +2,7 @@
 import numpy as np
 
 from . import Op
+from .lowp import compute_in_float32
 from .elementwise import sum_to
 
 
@@ -93,3 +94,6 @@ class linear(Op):
         gx = _mm(ctx, g2, w).reshape(x.shape) if nx else None
         gw = _mm(ctx, g2.T, x.reshape(-1, x.shape[-1])) if nw else None
         return gx, gw, g2.sum(axis=0) if nb else None
+
+
+compute_in_float32(matmul, linear)  # float32 accumulation for float16 / bfloat16

@@ -11,6 +11,7 @@ from .. import runtime
 from ..autograd.grad_mode import is_grad_enabled
 from ..tensor import Tensor
 from . import Op
+from .lowp import compute_in_float32
 
 
 # ---- batch norm -----------------------------------------------------------------------
@@ -126,3 +127,6 @@ def _batch_norm_backward_composite(gy, x, w, mean, invstd, training, eps):
     else:
         gx = gyw * inv
     return gx, (gy * xhat).sum(dims), gy.sum(dims)
+
+
+compute_in_float32(batch_norm)  # float32 statistics beside float16 / bfloat16 activations

@@ -17,6 +17,7 @@ import numpy as np
 
 from ..geometry import pool_output_size
 from . import Op, forward_of
+from .lowp import compute_in_float32
 
 
 def _as4d(xp_array):
@@ -299,3 +300,7 @@ class adaptive_avg_pool2d_backward(Op):
 
     def backward(ctx, ggx):
         return adaptive_avg_pool2d.apply(ggx, output_size=ctx.out)
+
+
+compute_in_float32(max_pool2d, max_pool2d_backward, adaptive_max_pool2d, avg_pool2d,
+                   avg_pool2d_backward, adaptive_avg_pool2d, adaptive_avg_pool2d_backward)

@@ -1,5 +1,7 @@
 """Reductions. ``dim`` is None (all), an int or a tuple; ``keepdim`` as PyTorch."""
+from ..runtime.dtypes import is_floating
 from . import Op
+from .lowp import compute_in_float32
 
 
 def norm_dims(dim, ndim):
@@ -50,7 +52,7 @@ class cumsum(Op):
 
     def forward(ctx, x, *, dim):
         ctx.dim = dim
-        return ctx.xp.cumsum(x, axis=dim, dtype=x.dtype if x.dtype.kind == "f" else "int64")
+        return ctx.xp.cumsum(x, axis=dim, dtype=x.dtype if is_floating(x.dtype) else "int64")
 
     def backward(ctx, gy):
         d = ctx.dim
@@ -186,3 +188,6 @@ class any(Op):
     def forward(ctx, x, *, dim=None, keepdim=False):
         return ctx.xp.any(x, axis=None if dim is None else norm_dims(dim, x.ndim),
                           keepdims=keepdim)
+
+
+compute_in_float32(sum, mean, prod, cumsum)  # float32 accumulation for float16 / bfloat16

@@ -5,6 +5,7 @@ otherwise.
 """
 from ..autograd.grad_mode import is_grad_enabled
 from . import Op, forward_of
+from .lowp import compute_in_float32
 from . import run_kernel as _run
 
 
@@ -157,3 +158,7 @@ def cross_entropy_reference(xp, logits, target, weight, ignore_index, label_smoo
         losses = losses + eps / c * (-(w * logp).sum(axis=1)) * valid
         d = d + (eps / c) * (w.sum() * p - w) * valid[:, None]
     return losses.astype(logits.dtype), d.astype(logits.dtype)
+
+
+compute_in_float32(softmax, softmax_backward, log_softmax, log_softmax_backward,
+                   cross_entropy)

@@ -16,6 +16,7 @@ import os
 import numpy as np
 
 from .kernels import KERNELS, active_kernels, kernel, register_kernel, use_kernels  # noqa: F401
+from .dtypes import LOW_FLOATS, bfloat16, is_floating, is_low  # noqa: F401
 
 # ---- the optional pieces --------------------------------------------------------------
 try:  # C++ CPU kernels

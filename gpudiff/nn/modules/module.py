@@ -436,7 +436,8 @@ class Module:
         as BatchNorm's num_batches_tracked keep theirs), as in PyTorch.
         """
         device, dtype = parse_to_args(*args, **kwargs)
-        if dtype is not None and np.dtype(dtype).kind not in "fc":
+        if dtype is not None and not runtime.is_floating(np.dtype(dtype)) \
+                and np.dtype(dtype).kind != "c":
             raise TypeError(f"nn.Module.to only accepts floating point or complex dtypes, but "
                             f"got desired dtype={np.dtype(dtype)}")
 
@@ -465,6 +466,9 @@ class Module:
 
     def half(self):
         return self._apply(lambda t: t.half() if t.is_floating_point() else t)
+
+    def bfloat16(self):
+        return self._apply(lambda t: t.bfloat16() if t.is_floating_point() else t)
 
     # ---- state dict ---------------------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
