@@ -131,21 +131,22 @@ def record(ctx, backward_fn, inputs, outputs, backward_arrays=None):
     return node
 
 
-_CTX_OWN = frozenset(("needs_input_grad", "device", "op_name", "_to_save", "_saved",
-                      "input_meta", "_non_diff", "_dirty"))
-
-
-def resave(node, ctx, new_outputs, out_arrays, inputs, outputs):
-    """A captured graph's replay reran ``node``'s forward into ``ctx``, whose outputs
-    ``new_outputs`` were copied into ``out_arrays`` (those of ``outputs``): give the node
-    what this forward saved and set, with fresh version checks (runtime/capture.py)."""
-    swap = {id(n): b for n, b in zip(new_outputs, out_arrays)}
-    for k, v in ctx.__dict__.items():
-        if k not in _CTX_OWN:
-            setattr(node.ctx, k, v)
-    to_save = ctx._to_save
-    node.ctx._saved = tuple(_save(swap.get(id(v), v), inputs, outputs, node, ())
-                            for v in to_save) if to_save else ()
+def refresh_saved(node, saved, new_outputs, out_arrays):
+    """A captured graph's replay reran ``node``'s forward into ``node.ctx``, and copied its
+    outputs ``new_outputs`` into ``out_arrays`` (the captured outputs' arrays): point the
+    capture's SavedTensors ``saved`` at what this forward saved, with the version counts of
+    now (runtime/capture.py)."""
+    ctx = node.ctx
+    for s, v in zip(saved, ctx._to_save):
+        if s is not None:
+            for n, b in zip(new_outputs, out_arrays):
+                if v is n:
+                    v = b
+                    break
+            s.array = v
+            if s.version is not None:
+                s.saved_version = s.version[0]
+    ctx._saved = saved
     node.freed = False
 
 

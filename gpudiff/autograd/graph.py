@@ -376,18 +376,116 @@ def backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False, 
 def _backward_captured(plan, roots, seeds, retain_graph):
     """``backward`` while a graph is captured: run it once, recording which leaf gradients
     it writes, and add a step that reruns it over the captured nodes (their saved arrays are
-    refreshed by the replayed forwards) into the same gradient arrays."""
+    refreshed by the replayed forwards) into the same gradient arrays: a precompiled
+    schedule (``_compile``), or ``run_backward`` itself where hooks are involved."""
     leaf_plan = {}
     for t in roots:
         plan.static(t, weakref.ref)
     plan.run(run_backward, roots, seeds, retain_graph, False, None, leaf_plan)
     entries = list(leaf_plan.values())
+    compiled = _compile(roots, leaf_plan)
 
     def step():
         for e in entries:
             e[3] = False
-        run_backward(roots, seeds, retain_graph, False, None, leaf_plan, True)
+        if compiled is not None and not is_anomaly_enabled() and events.listener is None:
+            _run_compiled(compiled, seeds, retain_graph, leaf_plan)
+        else:
+            run_backward(roots, seeds, retain_graph, False, None, leaf_plan, True)
     plan.add(step)
+
+
+def _compile(roots, leaf_plan):
+    """run_backward's visit of the graph under ``roots``, fixed once for a captured graph:
+    the nodes in descending sequence order, each with the slots of its output gradients and
+    where each input gradient goes (a slot, or a leaf). None where hooks are involved (a
+    hook may do anything: the generic run_backward replays those graphs)."""
+    nodes, stack = {}, [t.grad_fn for t in roots if t.grad_fn is not None]
+    while stack:
+        n = stack.pop()
+        if id(n) in nodes:
+            continue
+        nodes[id(n)] = n
+        stack.extend(d[0] for d in n.next if isinstance(d, tuple))
+    order = sorted(nodes.values(), key=lambda n: -n.seq)
+    slot = {}
+    for n in order:
+        if n.pre_hooks:
+            return None
+        for nr in range(n.n_outputs):
+            slot[(id(n), nr)] = len(slot)
+
+    def edge(dest, meta):
+        if dest is None:
+            return None
+        if isinstance(dest, tuple):
+            return (slot[(id(dest[0]), dest[1])], None, meta)
+        if dest._hooks or id(dest) not in leaf_plan:
+            raise LookupError
+        return (None, dest, meta)
+    try:
+        sched = [(n, [slot[(id(n), nr)] for nr in range(n.n_outputs)],
+                  [edge(d, m) for d, m in zip(n.next, n.ctx.input_meta)]) for n in order]
+        root_edges = [edge(t if t.grad_fn is None else (t.grad_fn, t._output_nr),
+                           (t.shape, t.dtype)) for t in roots]
+    except LookupError:
+        return None
+    return sched, len(slot), root_edges
+
+
+def _run_compiled(compiled, seeds, retain_graph, leaf_plan):
+    """Replay a captured backward from its schedule (see ``_compile``): the arithmetic of
+    run_backward without the heap, the buffers dict or the hooks."""
+    sched, n_slots, root_edges = compiled
+    slots = [None] * n_slots
+    with no_grad():
+        _deliver(slots, root_edges, [s.array for s in seeds], leaf_plan)
+        for node, out_slots, edges in sched:
+            gys = [slots[i] for i in out_slots]
+            if all(g is None for g in gys):
+                continue
+            for i in out_slots:
+                slots[i] = None
+            if node.freed:
+                raise RuntimeError(f"replay: the saved tensors of '{node.name}' were freed "
+                                   f"(replay the forward of this graph before its backward)")
+            if node.ctx.materialize_grads and any(g is None for g in gys):
+                gys = [g if g is not None else _zeros(*node.out_meta[i], True)
+                       for i, g in enumerate(gys)]
+            grads = _call(node, gys, True, _wrap_array, _unwrap_array)
+            if not retain_graph:
+                node.release()
+            for e, g in zip(edges, grads):
+                if e is not None and g is not None:
+                    meta = e[2]
+                    if g.shape != meta[0]:
+                        raise RuntimeError(
+                            f"{node.name}: backward returned a gradient of shape "
+                            f"{tuple(g.shape)} for an input of shape {tuple(meta[0])}")
+                    if g.dtype != meta[1]:
+                        g = g.astype(meta[1])
+                    if e[0] is None:
+                        _replay_leaf(e[1], leaf_plan[id(e[1])], g)
+                    else:
+                        s = e[0]
+                        slots[s] = g if slots[s] is None else slots[s] + g
+
+
+def _deliver(slots, edges, grads, leaf_plan):
+    for e, g in zip(edges, grads):
+        if e is not None and g is not None:
+            if e[0] is None:
+                _replay_leaf(e[1], leaf_plan[id(e[1])], g)
+            else:
+                slots[e[0]] = g if slots[e[0]] is None else slots[e[0]] + g
+
+
+def _wrap_array(g, device):
+    return None if g is None else Tensor._make(device.xp.asarray(g), device)
+
+
+def _unwrap_array(t):
+    return None if t is None else t.array
 
 
 def _grad_captured(plan, outputs, seeds, retain_graph, create_graph, inputs):

@@ -31,7 +31,7 @@ import numpy as np
 from .. import runtime
 import weakref as _weakref_mod
 
-from ..autograd.function import FunctionCtx, record, resave
+from ..autograd.function import FunctionCtx, record, refresh_saved
 from ..autograd.grad_mode import is_anomaly_enabled, is_grad_enabled
 from ..runtime import autocast, capture, events
 from ..tensor import Tensor
@@ -175,19 +175,22 @@ def _apply_captured(plan, op, tensors, params):
     plan.made(outs)
     bufs = [r.array for r in outs]
     node = next((r.grad_fn for r in outs if r.grad_fn is not None), None)
-    needs_grad = tuple(t is not None and t._requires_grad for t in tensors)
     dev, view, xp = outs[0].device, op.view, outs[0].device.xp
+    if node is not None:  # the replayed forward fills the node's own context again
+        ctx, saved = node.ctx, node.ctx._saved
+    else:
+        ctx = FunctionCtx(tuple(t is not None and t._requires_grad for t in tensors), dev,
+                          op.name)
+        ctx.op = op
 
     def step():
-        ctx = FunctionCtx(needs_grad, dev, op.name)
-        ctx.op = op
         new = op.forward(ctx, *arrays, **params)
         new = new if multi else (new,)
         for b, n in zip(bufs, new):
             if n is not b and not (view and xp.may_share_memory(b, n)):
                 b[...] = n
         if node is not None:
-            resave(node, ctx, new, bufs, tensors, outs)
+            refresh_saved(node, saved, new, bufs)
         ctx._to_save = ()
     plan.add(step)
     return results

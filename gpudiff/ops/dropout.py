@@ -39,15 +39,17 @@ def dropout_keep_ref(xp, count, p, seed):
     """keep[j] for j < count: True with probability 1 - p (to 2^-24), a hash of (seed, j).
     ``seed``: an int, or a 0-d uint64 device array (a graph capture's seed, which each replay
     changes on the device: runtime/capture.py); both give the same bits."""
-    if isinstance(seed, int):
-        k0 = _mix32_int((seed & 0xFFFFFFFF) ^ 0x9E3779B9)
-        k1 = _mix32_int((seed >> 32) ^ 0x85EBCA6B)
-    else:
-        k0 = _mix32(xp, (seed & np.uint64(0xFFFFFFFF)).astype(np.uint32) ^ xp.uint32(0x9E3779B9))
-        k1 = _mix32(xp, (seed >> np.uint64(32)).astype(np.uint32) ^ xp.uint32(0x85EBCA6B))
-    j = xp.arange(count, dtype=np.uint64)
-    lo, hi = (j & 0xFFFFFFFF).astype(np.uint32), (j >> 32).astype(np.uint32)
-    h = _mix32(xp, _mix32(xp, lo ^ xp.uint32(k0)) + xp.uint32(k1) + hi)
+    with np.errstate(over="ignore"):  # (0-d arrays: NumPy warns where uint32 products wrap)
+        if isinstance(seed, int):
+            k0 = xp.uint32(_mix32_int((seed & 0xFFFFFFFF) ^ 0x9E3779B9))
+            k1 = xp.uint32(_mix32_int((seed >> 32) ^ 0x85EBCA6B))
+        else:
+            k0 = _mix32(xp, (seed & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+                        ^ np.uint32(0x9E3779B9))
+            k1 = _mix32(xp, (seed >> np.uint64(32)).astype(np.uint32) ^ np.uint32(0x85EBCA6B))
+        j = xp.arange(count, dtype=np.uint64)
+        lo, hi = (j & 0xFFFFFFFF).astype(np.uint32), (j >> 32).astype(np.uint32)
+        h = _mix32(xp, _mix32(xp, lo ^ k0) + k1 + hi)
     return (h >> 8) >= math.ceil(p * 16777216.0)
 
 

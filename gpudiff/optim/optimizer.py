@@ -100,7 +100,21 @@ def _step_captured(plan, opt, step, args, kwargs):
                 setattr(opt, name, v)
     plan.on_end(restore)
     out = plan.run(step, opt)
-    plan.add(lambda: step(opt))
+    if opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks or \
+            getattr(type(opt).step, "__wrapped__", None) is not Optimizer.step.__wrapped__:
+        plan.add(lambda: step(opt))  # hooks or a step() of its own: rerun all of it
+        return out
+    # the base step: the groups' parameters with a .grad are fixed by the capture
+    groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in opt.param_groups]
+    groups = [(g, ps) for g, ps in groups if ps]
+
+    def fast():
+        with no_grad():
+            for group, params in groups:
+                opt._step_group(group, params)
+        opt._opt_called = True
+        opt._step_count = getattr(opt, "_step_count", 0) + 1
+    plan.add(fast)
     return out
 
 
