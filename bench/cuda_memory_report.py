@@ -14,8 +14,10 @@ per kernel:
   flops                 2 x multiply-adds for convolutions; an operation count per element
                         for the memory-bound kernels (FLOPS_PER_ELEMENT)
   roofline_us           max(flops / peak, compulsory bytes / bandwidth) on an H100 SXM
-                        (3.35 TB/s; 67 TFLOP/s FP32, 34 TFLOP/s FP64, no tensor cores): a
-                        lower bound on the kernel's time, not a measurement
+                        (3.35 TB/s; CUDA cores: 67 TFLOP/s FP32, 34 TFLOP/s FP64; tensor
+                        cores, dense: 495 TFLOP/s TF32, 990 TFLOP/s FP16 / BF16, the peak of
+                        the kernel's mma precision: tensor_core.cu's *_tc kernels): a lower
+                        bound on the kernel's time from a model, not a measurement
 
 plus the resources ptxas reports (bench/results/cuda_resources.json, from
 bench/cuda_resources.py) and the convolution algorithm the 'auto' heuristic chose for every
@@ -50,11 +52,31 @@ import gpudiff  # noqa: E402
 from gpudiff.runtime import cuda as rc  # noqa: E402
 from gpudiff.runtime.cuda import launch as cuda_launch, trace as cuda_trace  # noqa: E402
 
-H100 = {"name": "H100 SXM (model)", "bandwidth": 3.35e12, "fp32": 67e12, "fp64": 34e12}
+# An H100 SXM as a model (datasheet peaks, dense tensor-core rates; not measured here)
+H100 = {"name": "H100 SXM (model)", "bandwidth": 3.35e12, "fp32": 67e12, "fp64": 34e12,
+        "tf32_tensor": 495e12, "fp16_tensor": 990e12, "bf16_tensor": 990e12}
+# template argument of a tensor-core kernel -> its peak (key of H100)
+TENSOR_CORE_MATH = {"tc::Tf32": "tf32_tensor", "tc::F16": "fp16_tensor", "tc::Bf16": "bf16_tensor"}
+
+
+def math_of(name):
+    """The H100 peak a kernel's arithmetic runs at: its tensor-core precision, else FP64 /
+    FP32 CUDA cores."""
+    for arg, key in TENSOR_CORE_MATH.items():
+        if arg in name:
+            return key
+    return "fp64" if "<double" in name else "fp32"
+
+
+def tensor_core_roofline_us(flops, compulsory_bytes, math):
+    """The tensor-core roofline (a model): max(flops / the dense peak of ``math`` ('tf32',
+    'fp16', 'bf16'), bytes / bandwidth), in microseconds."""
+    return 1e6 * max(flops / H100[f"{math}_tensor"], compulsory_bytes / H100["bandwidth"])
 
 # kernel family (by name prefix) -> (kind, target sector efficiency, traffic-ratio target)
 KINDS = [
     ("conv2d_wgrad_reduce", "elementwise"),
+    ("gemm_tc", "conv"),
     ("conv2d_", "conv"),
     ("im2col_kernel", "conv"),
     ("col2im_kernel", "conv"),
@@ -101,6 +123,9 @@ def launch_flops(name, arrays, scalars):
         return conv_flops(scalars)
     if b.startswith(("im2col", "col2im")):
         return 0
+    if b == "gemm_tc":
+        m, n, k = scalars[:3]
+        return 2 * m * n * k
     elements = max(a.size for a in arrays)
     if b == "conv2d_wgrad_reduce":
         return int(scalars[0]) * (int(scalars[1]) - 1)
@@ -140,7 +165,7 @@ class Recorder:
         tr = cuda_trace.traced_launch(source_file, name, grid, block, args, shared_mem)
         arrays = [a for a in args if isinstance(a, np.ndarray)]
         scalars = [a.item() for a in args if isinstance(a, np.generic)]
-        dtype = "fp64" if "<double" in name else "fp32"
+        dtype = math_of(name)
         flops = launch_flops(name, arrays, scalars)
         comp = compulsory_bytes(name, tr, arrays, scalars)
         self.launches.append({

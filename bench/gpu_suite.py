@@ -14,7 +14,13 @@ On a machine with an NVIDIA GPU and CuPy (``pip install -e ".[cuda,test]"``):
   3. achieved GB/s of the memory-bound kernels (compulsory bytes / time) against the
      device's own copy bandwidth, measured first;
   4. training steps of LeNet-5, the MNIST net and the small ResNet at batch 64 and 256:
-     gpudiff on the GPU vs PyTorch eager on the GPU vs gpudiff on the CPU.
+     gpudiff on the GPU vs PyTorch eager on the GPU vs gpudiff on the CPU;
+  5. tensor-core convolutions (csrc/cuda/tensor_core.cu): the benchmark models' layers in
+     TF32 (gpudiff.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32 = True),
+     FP16 and BF16 (float16 / bfloat16 inputs on both sides), each pass timed against
+     PyTorch with the same flags, results checked against an FP32 convolution of the same
+     rounded inputs with each precision's tolerance.
+Sections 1-4 are FP32: gpudiff's TF32 switches are turned off for them as PyTorch's are.
 
 Without a GPU it runs the same code on the emulated device (GPUDIFF_CUDA=emulate: our .cu
 kernels on the CPU emulator, PyTorch on the CPU as the reference): with ``--tiny`` (tiny
@@ -61,6 +67,9 @@ from gpudiff.runtime import cuda as rc  # noqa: E402
 from gpudiff.runtime import kernels  # noqa: E402
 
 TOL = {"float32": dict(rtol=2e-3, atol=2e-3)}  # FP32 vs cuDNN/cuBLAS: other summation orders
+# tensor-core results vs an FP32 convolution of the same rounded inputs, relative to the
+# largest |result|: fp32 accumulation (TF32), plus one rounding of the output (FP16, BF16)
+TC_TOL = {"tf32": 1e-4, "float16": 2e-3, "bfloat16": 1.6e-2}
 
 
 # ---- devices and timing ---------------------------------------------------------------------
@@ -79,6 +88,9 @@ class Env:
             torch.backends.cuda.matmul.allow_tf32 = False
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cudnn.benchmark = True
+        # FP32 sections: our TF32 tensor-core path off as PyTorch's (section 5 turns it on)
+        gpudiff.backends.cudnn.allow_tf32 = False
+        gpudiff.backends.cuda.matmul.allow_tf32 = False
         self.device_name = gpudiff.cuda.get_device_name()
         self.settings = {
             "tf32": "off (torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn."
@@ -218,6 +230,100 @@ def _conv_layer_rows(env, layer, algos, tiny, repeat):
                          "ratio_vs_torch": t / t_ref[pass_], "gflops": geom.flops() / t / 1e9,
                          "max_err": err, "ok": ok})
     return rows
+
+
+def tensor_core_layers(batch, tiny):
+    if tiny:
+        return [("tiny 3x3", (batch, 3, 10, 9), (8, 3, 3, 3), 1, 1, 1)]
+    return [layer for layer in conv_layers(batch, tiny)
+            if layer[0] in ("lenet conv2", "mnist-cnn conv2", "resnet 16->16", "resnet 32->64 s2",
+                            "resnet 64->64", "bench conv 32->64")]
+
+
+def _low(a, precision):
+    """(host array handed to gpudiff, float32 values it holds) for a precision."""
+    from gpudiff.runtime.cuda import tensor_core
+    if precision == "tf32":
+        return a, tensor_core.round_tf32(a)
+    dt = np.float16 if precision == "float16" else gpudiff.bfloat16
+    low = a.astype(dt)
+    return low, low.astype(np.float32)
+
+
+def tensor_core_cases(env, batch, tiny, repeat):
+    """TF32 / FP16 / BF16 convolutions (the tensor cores) vs PyTorch with the same flags."""
+    rows = []
+    for layer in tensor_core_layers(batch, tiny):
+        for precision in ("tf32", "float16", "bfloat16"):
+            rows += _tensor_core_rows(env, layer, precision, repeat)
+    return rows
+
+
+def _tensor_core_rows(env, layer, precision, repeat):
+    """One layer's three passes in one precision: ours and PyTorch's times, ours checked."""
+    torch = env.torch
+    F = torch.nn.functional
+    name, xs, ws, s, p, g = layer
+    geom = geometry.ConvGeom(xs, ws, s, p, 1, g)
+    x0, w0 = rand(xs), rand(ws, 1)
+    gy0 = rand((geom.N, geom.K, geom.OH, geom.OW), 2)
+    (x, xv), (w, wv), (gy, gyv) = (_low(a, precision) for a in (x0, w0, gy0))
+    dx, dw, dgy = env.put(x), env.put(w), env.put(gy)
+    # the reference: FP32 (TF32 off) on the values the tensor cores multiply
+    tx, tw, tgy = (torch.tensor(a) for a in (xv, wv, gyv))
+    with _torch_tf32(torch, False):
+        ref = {"forward": F.conv2d(tx, tw, None, s, p, 1, g)}
+        ref["backward_input"], ref["backward_weight"], _ = torch.ops.aten.convolution_backward(
+            tgy, tx, tw, None, [s, s], [p, p], [1, 1], False, [0, 0], g, [True, True, False])
+    tdt = {"tf32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    px, pw_, pgy = (torch.tensor(a, device=env.tdev).to(tdt[precision]) for a in (xv, wv, gyv))
+
+    def t_backward(mask):
+        return torch.ops.aten.convolution_backward(pgy, px, pw_, None, [s, s], [p, p], [1, 1],
+                                                   False, [0, 0], g, mask)
+    t_calls = {"forward": lambda: F.conv2d(px, pw_, None, s, p, 1, g),
+               "backward_input": lambda: t_backward([True, False, False]),
+               "backward_weight": lambda: t_backward([False, True, False])}
+    calls = {
+        "forward": lambda: rc.conv.conv2d(dx, dw, None, s, p, 1, g),
+        "backward_input": lambda: rc.conv.conv2d_backward_input(dgy, dw, xs, s, p, 1, g),
+        "backward_weight": lambda: rc.conv.conv2d_backward_weight(dgy, dx, ws, s, p, 1, g),
+    }
+    rows = []
+    for pass_, fn in calls.items():
+        with rc.conv.use_tf32(precision == "tf32"):
+            out = fn()
+            t = env.time(fn, repeat)
+            math = rc.conv.last_conv_math[pass_]
+        o = env.get(out).astype(np.float64)
+        r = ref[pass_].detach().numpy().astype(np.float64)
+        err = float(np.abs(o - r).max()) if o.size else 0.0
+        scale = float(np.abs(r).max()) if r.size else 0.0
+        ok = o.shape == r.shape and err <= TC_TOL[precision] * scale + 1e-6
+        try:  # PyTorch on the CPU (emulated runs) may lack a float16 convolution
+            with _torch_tf32(torch, precision == "tf32"):
+                tt = env.time(t_calls[pass_], repeat)
+        except RuntimeError:
+            tt = float("nan")
+        rows.append({"op": f"conv2d {pass_}", "layer": name, "x": list(xs), "w": list(ws),
+                     "precision": precision, "ran": math, "ms": 1e3 * t, "torch_ms": 1e3 * tt,
+                     "ratio_vs_torch": t / tt, "tflops": geom.flops() / t / 1e12,
+                     "max_err": err, "ok": bool(ok)})
+    return rows
+
+
+class _torch_tf32:
+    """PyTorch's TF32 switches (cuDNN and cuBLAS) set for a block, then restored."""
+
+    def __init__(self, torch, flag):
+        self.b, self.flag = torch.backends, flag
+
+    def __enter__(self):
+        self.old = (self.b.cudnn.allow_tf32, self.b.cuda.matmul.allow_tf32)
+        self.b.cudnn.allow_tf32 = self.b.cuda.matmul.allow_tf32 = self.flag
+
+    def __exit__(self, *exc):
+        self.b.cudnn.allow_tf32, self.b.cuda.matmul.allow_tf32 = self.old
 
 
 def memory_cases(env, batch, tiny):
@@ -498,10 +604,26 @@ def report_text(res):
         ("torch", lambda r: f"{r['torch_ms']:.1f}", 9),
         ("gpudiff cpu", lambda r: f"{r['gpudiff_cpu_ms']:.1f}", 12),
         ("x torch", lambda r: f"{r['ratio_vs_torch']:.2f}", 8)]))
+    lines += ["", "tensor-core convolutions (same flags on both sides; TFLOP/s = 2 x MACs / time):"]
+    lines.append(fmt_table(res["tensor_core"], [
+        ("layer / pass", lambda r: f"{r['layer']} {r['op'][7:]}"[:38], 38),
+        ("precision", lambda r: r["precision"], 9), ("ran", lambda r: r["ran"], 5),
+        ("ms", lambda r: f"{r['ms']:.3f}", 9), ("torch ms", lambda r: f"{r['torch_ms']:.3f}", 9),
+        ("x torch", lambda r: f"{r['ratio_vs_torch']:.2f}", 8),
+        ("TFLOP/s", lambda r: f"{r['tflops']:.2f}", 8),
+        ("ok", lambda r: "ok" if r["ok"] else "FAIL", 4)]))
     return "\n".join(lines)
 
 
 def run(out, tiny=False, repeat=None):
+    flags = (gpudiff.backends.cudnn.allow_tf32, gpudiff.backends.cuda.matmul.allow_tf32)
+    try:
+        return _run(out, tiny, repeat)
+    finally:  # (Env turned them off; a caller in the same process gets them back)
+        gpudiff.backends.cudnn.allow_tf32, gpudiff.backends.cuda.matmul.allow_tf32 = flags
+
+
+def _run(out, tiny=False, repeat=None):
     env = Env()
     repeat = repeat or (1 if tiny else 10)
     batch = 2 if tiny else 64
@@ -519,9 +641,10 @@ def run(out, tiny=False, repeat=None):
         "conv": conv_cases(env, batch, tiny, repeat),
         "memory": memory_rows(env, batch, tiny, repeat, bw),
         "train": train_rows(env, tiny, max(1, repeat // 2)),
+        "tensor_core": tensor_core_cases(env, batch, tiny, repeat),
     }
     res["seconds"] = round(time.time() - t0, 1)
-    res["all_ok"] = (all(r["ok"] for r in res["conv"] + res["memory"])
+    res["all_ok"] = (all(r["ok"] for r in res["conv"] + res["memory"] + res["tensor_core"])
                      and res["gpu_tests"]["status"] != "FAILED")
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "gpu_suite.json"), "w") as f:

@@ -23,6 +23,20 @@ torch.set_num_threads(1)  # tiny tensors: threads only add noise on the shared c
 
 DEVICES = device_params()
 BY_NAME = {e.name: e for e in OPS}
+
+
+@pytest.fixture(autouse=True)
+def fp32_convolutions():
+    """The op database compares float32 results at float32 tolerances: TF32 off.
+    (gpudiff.backends.cudnn.allow_tf32, True by default as PyTorch's, runs float32 CUDA
+    convolutions on the TF32 tensor cores; tests/cuda/test_tensor_core.py tests those against
+    a TF32-rounded reference.)"""
+    cudnn = gpudiff.backends.cudnn
+    old, cudnn.allow_tf32 = cudnn.allow_tf32, False
+    yield
+    cudnn.allow_tf32 = old
+
+
 # tolerance of kernel vs reference and CPU vs CUDA: the same maths, another summation order
 SAME_MATH_TOL = {np.dtype("float64"): (1e-10, 1e-12), np.dtype("float32"): (2e-5, 2e-6),
                  np.dtype("float16"): (5e-3, 5e-3)}

@@ -189,12 +189,13 @@ struct WgradImage {
 // is the source's contiguous axis (weights, gy's p, a row-major GEMM operand). Otherwise the
 // threads run along the rows (thread t: row t % 64, words t / 64 + 2 s), coalesced where the
 // rows are (the image gathers: consecutive output or input pixels).
+// Along rows, the thread's one row is decoded once; along k, its 8 rows are decoded at each
+// fetch (kept in registers they made the wgrad kernels spill).
 template <class P, class Src, bool ALONG_K>
 struct Loader {
     using E = typename P::E;
-    static constexpr int NROWS = ALONG_K ? WORDS : 1;
     Src src;
-    typename Src::Row rows[NROWS];
+    typename Src::Row row0;  // along rows: the thread's row
     unsigned reg[WORDS];
     __device__ __forceinline__ int row_of(int s) const {
         return ALONG_K ? (int)threadIdx.x / BKW + s * (NT / BKW) : (int)threadIdx.x % BM;
@@ -203,8 +204,7 @@ struct Loader {
         return ALONG_K ? (int)threadIdx.x % BKW : (int)threadIdx.x / BM + s * (NT / BM);
     }
     __device__ __forceinline__ explicit Loader(const Src& s_) : src(s_) {
-GD_UNROLL
-        for (int s = 0; s < NROWS; ++s) rows[s] = src.row(row_of(s));
+        if (!ALONG_K) row0 = src.row(row_of(0));
     }
     __device__ __forceinline__ E element(const typename Src::Row& r, int k, int k_end) const {
         return (r.valid && k < k_end) ? src.at(r, k) : E(0);
@@ -213,7 +213,7 @@ GD_UNROLL
     __device__ __forceinline__ void fetch(int k0, int k_end) {
 GD_UNROLL
         for (int s = 0; s < WORDS; ++s) {
-            const typename Src::Row& r = rows[ALONG_K ? s : 0];
+            const typename Src::Row r = ALONG_K ? src.row(row_of(s)) : row0;
             const int k = k0 + word_of(s) * P::KPW;
             const E lo = element(r, k, k_end);
             const E hi = P::KPW == 2 ? element(r, k + 1, k_end) : E(0);
@@ -322,7 +322,7 @@ GD_UNROLL
 
 // y (N, K, OH, OW) fp32 = conv2d(x (N, C, H, W), w (K, C/G, KH, KW)) + b (K,) fp32 if has_bias
 template <class P>
-__global__ void __launch_bounds__(tc::NT)
+__global__ void __launch_bounds__(tc::NT, 2)
     conv2d_fwd_tc(gptr<const typename P::E> x, gptr<const typename P::E> w, gptr<const float> b,
                   gptr<float> y, int N, int C, int H, int W, int K, int OH, int OW, int KH, int KW,
                   int SH, int SW, int PH, int PW, int DH, int DW, int G, int has_bias) {
@@ -347,7 +347,7 @@ __global__ void __launch_bounds__(tc::NT)
 // gx (N, C, H, W) fp32 of y = conv2d(x, w). gy (N, K, OH, OW); wt (G, C/G, K/G, KH, KW): w
 // with each group's (k, c) axes swapped (as conv.cu's dgrad).
 template <class P>
-__global__ void __launch_bounds__(tc::NT)
+__global__ void __launch_bounds__(tc::NT, 2)
     conv2d_dgrad_tc(gptr<const typename P::E> gy, gptr<const typename P::E> wt, gptr<float> gx,
                     int N, int C, int H, int W, int K, int OH, int OW, int KH, int KW, int SH,
                     int SW, int PH, int PW, int DH, int DW, int G) {
@@ -373,7 +373,7 @@ __global__ void __launch_bounds__(tc::NT)
 // min(P, (z+1)*chunk)) into ws[z] (K, C/G, KH, KW); with one split ws is gw itself.
 // (conv.cu's conv2d_wgrad_reduce<float> sums the splits.)
 template <class P>
-__global__ void __launch_bounds__(tc::NT)
+__global__ void __launch_bounds__(tc::NT, 2)
     conv2d_wgrad_tc(gptr<const typename P::E> gy, gptr<const typename P::E> x, gptr<float> ws,
                     int N, int C, int H, int W, int K, int OH, int OW, int KH, int KW, int SH,
                     int SW, int PH, int PW, int DH, int DW, int G, int chunk) {
@@ -399,7 +399,7 @@ __global__ void __launch_bounds__(tc::NT)
 // n * sbn] (element strides: transposed operands need no copy). A_K / B_K: which way the
 // loads run (along k where the operand's k stride is 1, else along its rows).
 template <class P, bool A_K, bool B_K>
-__global__ void __launch_bounds__(tc::NT)
+__global__ void __launch_bounds__(tc::NT, 2)
     gemm_tc(gptr<const typename P::E> a, gptr<const typename P::E> b, gptr<float> c, int M, int N,
             int K, long long sam, long long sak, long long sbk, long long sbn) {
     using E = typename P::E;

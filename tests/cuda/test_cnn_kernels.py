@@ -795,6 +795,10 @@ def test_gpu_suite_runs_on_the_emulated_device(tmp_path):
                                                   "cross_entropy fwd+bwd (10 classes)"}
     assert [r["model"] for r in saved["train"]] == ["lenet", "resnet-small"]
     assert saved["settings"]["tf32"].startswith("off")
+    # the tensor-core section: each precision's three passes ran on the tensor cores
+    assert {(r["precision"], r["ran"]) for r in saved["tensor_core"]} == {
+        ("tf32", "tf32"), ("float16", "f16"), ("bfloat16", "bf16")}
+    assert len(saved["tensor_core"]) == 9 and all(r["ok"] for r in saved["tensor_core"])
     assert (tmp_path / "gpu_suite.txt").read_text().startswith("gpudiff GPU suite")
 
 

@@ -13,8 +13,17 @@ device), picks the launch configuration and launches through launch.launch, so t
 path runs on a GPU and in CI. Importing this package registers them (runtime/__init__.py does
 when a cuda device exists).
 """
-from . import (activations, batch_norm, conv, cross_entropy, im2col, optim, pool, softmax,
-               tensor_core)
+from . import (
+    activations,
+    batch_norm,
+    conv,
+    cross_entropy,
+    im2col,
+    optim,
+    pool,
+    softmax,
+    tensor_core,
+)
 
 #: the modules whose ``launch`` a tool may wrap (tests record, the memory report traces)
 WRAPPERS = (activations, batch_norm, conv, cross_entropy, im2col, optim, pool, softmax,
