@@ -642,6 +642,110 @@ def test_convkxk_grid_path(case, dtype, rng):
     assert np.array_equal(gw, K.conv2d_backward_weight(gy, x, w.shape, *args))
 
 
+# Winograd F(2x2, 3x3) (conv.cpp): 3x3, stride 1, one group, padding <= 2; the forward, the
+# input gradient (the flipped-kernel convolution, padding 2 - p) and the weight gradient
+# (the adjoint chain). Mode 'always' forces it wherever it fits, 'off' gives the exact paths;
+# the kernel's call counters prove which one ran. Odd sizes (half-outside tiles), batch 1,
+# channel and filter counts off the vector width, padding 0 / 1 / 2.
+WINO = [  # (N, C, H, W, K, padding)
+    (3, 5, 17, 15, 17, 1),   # odd sizes: the last tile row and column half outside
+    (1, 3, 8, 8, 2, 1),      # one sample, fewer channels and filters than a vector
+    (2, 33, 9, 7, 19, 0),    # padding 0, counts off the vector width
+    (2, 16, 9, 10, 33, 2),   # padding 2 (the flipped convolution of padding 0)
+    (5, 64, 8, 8, 64, 1),    # ResNet stage 3 (smaller batch): samples in chunks
+    (9, 32, 16, 16, 32, 1),  # ResNet stage 2: chunks over both threads
+    (2, 7, 3, 3, 5, 1),      # 3x3 images: 2x2 tiles, half of them outside
+    (1, 4, 4, 5, 3, 0),      # a 2x3 output: one row of tiles, the last one half outside
+]
+
+
+def _wino_run(x, w, b, gy, pad):
+    args = ((1, 1), (pad, pad), (1, 1), 1)
+    return (K.conv2d(x, w, b, *args), K.conv2d_backward_input(gy, w, x.shape, *args),
+            K.conv2d_backward_weight(gy, x, w.shape, *args))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", WINO)
+def test_conv3x3_winograd(case, dtype, rng):
+    N, C, H, W, Kf, pad = case
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = rng.standard_normal((Kf, C, 3, 3)).astype(dtype)
+    b = rng.standard_normal(Kf).astype(dtype)
+    OH, OW = H + 2 * pad - 2, W + 2 * pad - 2
+    gy = rng.standard_normal((N, Kf, OH, OW)).astype(dtype)
+    c0 = K.winograd_calls()
+    with K.conv_winograd("always"):
+        y, gx, gw = _wino_run(x, w, b, gy, pad)
+    c1 = K.winograd_calls()
+    assert tuple(b - a for a, b in zip(c0, c1)) == (1, 1, 1)  # all three took Winograd
+    with K.conv_winograd("off"):
+        y0, gx0, gw0 = _wino_run(x, w, b, gy, pad)
+    assert K.winograd_calls() == c1                           # and none of these
+    t = {"rtol": 1e-4, "atol": 1e-4} if dtype == np.float32 else {"rtol": 1e-11, "atol": 1e-11}
+    assert y.dtype == gx.dtype == gw.dtype == dtype
+    assert y.shape == (N, Kf, OH, OW) and gx.shape == x.shape and gw.shape == w.shape
+    np.testing.assert_allclose(y, conv_ref(x, w, b, (1, 1), (pad, pad), (1, 1), 1), **t)
+    np.testing.assert_allclose(y, y0, **t)
+    np.testing.assert_allclose(gx, gx0, **t)
+    np.testing.assert_allclose(gw, gw0, **t)
+    # PyTorch in float64
+    xt = torch.from_numpy(x.astype(np.float64)).requires_grad_()
+    wt = torch.from_numpy(w.astype(np.float64)).requires_grad_()
+    yt = F.conv2d(xt, wt, torch.from_numpy(b.astype(np.float64)), 1, pad)
+    yt.backward(torch.from_numpy(gy.astype(np.float64)))
+    np.testing.assert_allclose(y, yt.detach().numpy(), **t)
+    np.testing.assert_allclose(gx, xt.grad.numpy(), **t)
+    np.testing.assert_allclose(gw, wt.grad.numpy(), **t)
+    # deterministic: a second run gives the same bits
+    with K.conv_winograd("always"):
+        y2, gx2, gw2 = _wino_run(x, w, b, gy, pad)
+    assert np.array_equal(y, y2) and np.array_equal(gx, gx2) and np.array_equal(gw, gw2)
+
+
+def test_conv3x3_winograd_float32_error_is_small(rng):
+    # float32 Winograd stays as close to the float64 result as the exact float32 path does
+    # (within 4x) at ResNet's stage-3 depth (64 channels)
+    x = rng.standard_normal((8, 64, 8, 8)).astype(np.float32)
+    w = (rng.standard_normal((64, 64, 3, 3)) / 24).astype(np.float32)
+    gy = rng.standard_normal((8, 64, 8, 8)).astype(np.float32)
+    ref = [a.astype(np.float64) for a in (x, w, gy)]
+    exact64 = _wino_run(ref[0], ref[1], None, ref[2], 1)
+    with K.conv_winograd("always"):
+        wino = _wino_run(x, w, None, gy, 1)
+    with K.conv_winograd("off"):
+        exact = _wino_run(x, w, None, gy, 1)
+    for a, e, r in zip(wino, exact, exact64):
+        err_w = np.abs(a - r).max() / np.abs(r).max()
+        err_e = np.abs(e - r).max() / np.abs(r).max()
+        assert err_w < 1e-6 and err_w < 4 * err_e + 1e-7
+
+
+def test_conv_winograd_dispatch_rule(rng):
+    # auto: where it measured faster (32+ channels each side, or 16+ on 8x8 images, 128+
+    # tiles); never for other geometries, even when forced
+    def calls(xs, ws, stride=(1, 1), pad=(1, 1), groups=1, mode="auto"):
+        x = rng.standard_normal(xs).astype(np.float32)
+        w = rng.standard_normal(ws).astype(np.float32)
+        c0 = K.winograd_calls()
+        with K.conv_winograd(mode):
+            y = K.conv2d(x, w, None, stride, pad, (1, 1), groups)
+            K.conv2d_backward_input(y, w, xs, stride, pad, (1, 1), groups)
+            K.conv2d_backward_weight(y, x, ws, stride, pad, (1, 1), groups)
+        return tuple(b - a for a, b in zip(c0, K.winograd_calls()))
+    assert calls((8, 64, 8, 8), (64, 64, 3, 3)) == (1, 1, 1)      # ResNet stage 3
+    assert calls((2, 32, 16, 16), (32, 32, 3, 3)) == (1, 1, 1)    # ResNet stage 2
+    assert calls((8, 16, 8, 8), (16, 16, 3, 3)) == (1, 1, 1)      # 16 channels on 8x8
+    assert calls((2, 16, 32, 32), (16, 16, 3, 3)) == (0, 0, 0)    # ResNet stage 1
+    assert calls((1, 64, 8, 8), (64, 64, 3, 3)) == (0, 0, 0)      # 16 tiles: too few
+    assert calls((2, 8, 16, 16), (8, 8, 3, 3)) == (0, 0, 0)       # 8 channels
+    assert calls((2, 32, 16, 16), (32, 32, 3, 3), mode="off") == (0, 0, 0)
+    for kw in ({"stride": (2, 2)}, {"groups": 2}, {"pad": (3, 3)}):
+        ws = (32, 16 if "groups" in kw else 32, 3, 3)
+        assert calls((2, 32, 16, 16), ws, mode="always", **kw) == (0, 0, 0)
+    assert calls((2, 32, 16, 16), (32, 32, 5, 5), pad=(2, 2), mode="always") == (0, 0, 0)
+
+
 def test_conv_kernel_declines_what_it_cannot_do():
     x = np.zeros((1, 2, 5, 5), np.float32)
     assert K.conv2d(x, np.zeros((2, 2, 3, 3), np.float64), None, (1, 1), (0, 0), (1, 1), 1) \

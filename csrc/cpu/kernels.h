@@ -25,6 +25,11 @@ py::array conv2d_backward_input(py::array gy, py::array w, py::object x_shape, p
 py::array conv2d_backward_weight(py::array gy, py::array x, py::object w_shape,
                                  py::object stride, py::object padding, py::object dilation,
                                  int groups);
+// Winograd F(2x2, 3x3) for 3x3 stride-1 convolutions: calls so far (forward, input
+// gradient, weight gradient), and the mode (0 never, 1 where it pays, 2 wherever it fits);
+// set_conv_winograd returns the previous mode
+py::tuple conv_winograd_calls();
+int set_conv_winograd(int mode);
 
 // pool.cpp
 py::tuple max_pool2d(py::array x, int kh, int kw, int sh, int sw, int ph, int pw, int dh, int dw,

@@ -8,6 +8,7 @@ splits its loops over the cores with OpenMP.
 
 Without a built gpudiff._C this module registers nothing and every op uses its reference.
 """
+import contextlib
 import ctypes
 import os
 import sys
@@ -382,3 +383,42 @@ def conv2d_backward_weight(gy, x, w_shape, stride, padding, dilation, groups):
         return None
     return _C.conv2d_backward_weight(_c(gy), _c(x), tuple(w_shape), tuple(stride),
                                      tuple(padding), tuple(dilation), int(groups))
+
+
+# ---- Winograd F(2x2, 3x3) for 3x3 stride-1 convolutions (csrc/cpu/conv.cpp) ---------------
+# conv2d, its input gradient (the flipped-kernel convolution) and its weight gradient take it
+# where it measured faster than the exact paths (conv.cpp's wino_pays: 32+ channels on both
+# sides, or 16+ on 8x8 images; ResNet-20's stages 2 and 3, not stage 1). Modes: 0 never
+# (the exact paths, bit for bit as before), 1 where it pays (the default), 2 wherever it
+# fits (3x3, stride 1, dilation 1, one group, padding <= 2; the tests).
+# GPUDIFF_CONV_WINOGRAD=0/1/2 sets the mode at import (benchmarks: before / after).
+WINOGRAD_MODES = {"off": 0, "auto": 1, "always": 2}
+
+
+def set_conv_winograd(mode):
+    """Sets the Winograd mode (0 / 1 / 2 or 'off' / 'auto' / 'always'); returns the previous
+    one (an int), or None without the extension."""
+    if _C is None:
+        return None
+    return _C.set_conv_winograd(int(WINOGRAD_MODES.get(mode, mode)))
+
+
+@contextlib.contextmanager
+def conv_winograd(mode):
+    """``with conv_winograd('always'):`` ... the previous mode again after the block."""
+    prev = set_conv_winograd(mode)
+    try:
+        yield
+    finally:
+        if prev is not None:
+            set_conv_winograd(prev)
+
+
+def winograd_calls():
+    """(forward, input gradient, weight gradient): the kernel calls that took Winograd so
+    far in this process (process-wide counters, never reset)."""
+    return tuple(_C.conv_winograd_calls()) if _C is not None else (0, 0, 0)
+
+
+if _C is not None and os.environ.get("GPUDIFF_CONV_WINOGRAD", "") != "":
+    set_conv_winograd(os.environ["GPUDIFF_CONV_WINOGRAD"])
