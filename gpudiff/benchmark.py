@@ -222,14 +222,55 @@ def _step_case(model, batch):
     return Case(f"{model} train step", "train step", f"{batch}x{c}x{s}x{s}", setup)
 
 
+def _graph_step_case(model, batch, warmup=2):
+    """The same step captured once and replayed (docs/GRAPHS.md): gpudiff.Graph on the CPU,
+    a CUDA graph on cuda. PyTorch has no CPU graphs: its CPU row is its eager step, so the
+    ratio is gpudiff's replay against what a PyTorch user runs (on cuda: torch.cuda.graph)."""
+    eager = _step_case(model, batch)
+
+    def setup(b, shared):
+        step = eager.setup(b, shared)
+        net = step.model
+        if b.framework != "gpudiff" and b.device != "cuda":
+            return step                          # PyTorch's eager CPU step
+        opt = b.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+        xs = b.tensor(shared["x"])
+        ys = b.lib.tensor(shared["y"], device=b.device)
+        if b.device == "cuda":                   # warm up on a side stream, as PyTorch asks
+            s = b.lib.cuda.Stream()
+            s.wait_stream(b.lib.cuda.current_stream())
+        for _ in range(warmup):
+            opt.zero_grad(set_to_none=True)
+            b.F.cross_entropy(net(xs), ys).backward()
+            opt.step()
+        if b.device == "cuda":
+            b.lib.cuda.current_stream().wait_stream(s)
+            g, ctx = b.lib.cuda.CUDAGraph(), b.lib.cuda.graph
+        else:
+            g, ctx = b.lib.Graph(), b.lib.graph
+        opt.zero_grad(set_to_none=True)
+        with ctx(g):
+            b.F.cross_entropy(net(xs), ys).backward()
+            opt.step()
+        def replay():
+            g.replay()
+        replay.model, replay.static = net, (xs, ys)  # the graph reads them: keep them
+        return replay
+
+    return Case(f"{model} train step captured", "train step (graph)",
+                f"{eager.shape} (torch cpu: eager)", setup)
+
+
 def cases(quick=False):
     """The benchmark cases: small shapes when ``quick``, the zoo models' shapes otherwise."""
     if quick:
         return ([_step_case(m, 16) for m in ("lenet", "mnist-cnn", "resnet-small", "tiny-mlp")]
+                + [_graph_step_case(m, 16) for m in ("lenet", "tiny-mlp")]
                 + _conv("3x3", 8, 16, 16, 16, 3, padding=1) + _pool("2x2", 8, 16, 16)
                 + _other_ops(8, 16, 16, 128, (64, 10)))
     n = 64
     return ([_step_case(m, n) for m in STEP_MODELS]
+            + [_graph_step_case(m, n) for m in STEP_MODELS]
             # the convolutions and pools of the models above, at batch 64
             + _conv("mnist conv1", n, 1, 28, 32, 3) + _conv("mnist conv2", n, 32, 26, 64, 3)
             + _conv("lenet conv1", n, 1, 28, 6, 5, padding=2)

@@ -273,7 +273,8 @@ def test_bench_quick(tmp_path, capsys):
     m = doc["machine"]
     assert m["cpu"] and m["date"] and m["cpu_count"] >= 1 and "gpu" in m
     cases = {r["case"] for r in doc["results"]}
-    assert cases == {"lenet train step", "conv2d 3x3 fwd", "conv2d 3x3 fwd+bwd",
+    assert cases == {"lenet train step", "lenet train step captured",
+                     "conv2d 3x3 fwd", "conv2d 3x3 fwd+bwd",
                      "max_pool2d 2x2 fwd", "max_pool2d 2x2 fwd+bwd", "relu fwd+bwd",
                      "cross_entropy fwd+bwd"}
     for r in doc["results"]:
@@ -295,6 +296,11 @@ def test_bench_quick(tmp_path, capsys):
         # same initial weights and data: both frameworks see the same eval loss
         steps = [r for r in doc["results"] if r["case"] == "lenet train step"]
         assert steps[0]["eval_loss"] == pytest.approx(steps[1]["eval_loss"], rel=1e-4)
+        # the captured step (gpudiff.Graph) is timed next to PyTorch's eager CPU step
+        graph = {r["backend"]: r for r in doc["results"]
+                 if r["case"] == "lenet train step captured"}
+        assert set(graph) == {"gpudiff cpu", "torch cpu"}
+        assert "lenet train step captured" in stdout
 
 
 def test_bench_emulated_is_labelled(tmp_path, capsys):
@@ -342,5 +348,6 @@ def test_bench_cpu_script_shares_the_implementation(tmp_path):
     doc = json.loads(out.read_text())
     assert doc["benchmark"] == "gpudiff.benchmark"
     assert doc["settings"]["source"] == "bench/bench_cpu.py"
-    assert {r["case"] for r in doc["results"]} == {"lenet train step"}
+    assert {r["case"] for r in doc["results"]} == {"lenet train step",
+                                                   "lenet train step captured"}
     assert (tmp_path / "cpu.png").is_file()
