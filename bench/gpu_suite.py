@@ -31,6 +31,7 @@ Writes DIR/gpu_suite.json and DIR/gpu_suite.txt (the tables). Exit status 1 when
 fails (a gpu test, or a kernel result that disagrees with PyTorch).
 """
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -498,7 +499,10 @@ def memory_rows(env, batch, tiny, repeat, bandwidth):
 MODELS = {"lenet": (1, 28), "mnist-cnn": (1, 28), "resnet-small": (3, 32)}
 
 
-def train_step_time(framework, device, model, batch, repeat, env, image=None):
+def train_step_time(framework, device, model, batch, repeat, env, image=None, graph=False):
+    """Median seconds of one SGD training step; ``graph``: the step captured once after 3
+    warm-up steps on a side stream (PyTorch's recipe) and replayed (gpudiff.cuda.CUDAGraph
+    or torch.cuda.CUDAGraph; on the CPU, gpudiff.Graph, and PyTorch's eager step)."""
     import importlib
     from gpudiff.models import create_model
     lib = importlib.import_module(framework)
@@ -522,6 +526,21 @@ def train_step_time(framework, device, model, batch, repeat, env, image=None):
     def sync():
         if device == "cuda":
             (gpudiff.cuda.synchronize if framework == "gpudiff" else lib.cuda.synchronize)()
+    if graph and (device == "cuda" or framework == "gpudiff"):
+        side = lib.cuda.Stream() if device == "cuda" else None
+        if side is not None:
+            side.wait_stream(lib.cuda.current_stream())
+        with (lib.cuda.stream(side) if side is not None else contextlib.nullcontext()):
+            for _ in range(3):
+                step()
+        if side is not None:
+            lib.cuda.current_stream().wait_stream(side)
+        g = lib.cuda.CUDAGraph() if device == "cuda" else lib.Graph()
+        opt.zero_grad(set_to_none=True)
+        with (lib.cuda.graph(g) if device == "cuda" else lib.graph(g)):
+            F.cross_entropy(net(x), y).backward()
+            opt.step()
+        step = g.replay
     step()
     sync()
     ts = []
@@ -543,9 +562,15 @@ def train_rows(env, tiny, repeat):
             g = train_step_time("gpudiff", "cuda", model, b, repeat, env, image)
             t = train_step_time("torch", env.tdev, model, b, repeat, env, image)
             cpu = train_step_time("gpudiff", "cpu", model, b, repeat, env, image)
+            # captured steps: ours, and PyTorch's CUDA graph (its eager step off a GPU)
+            gg = train_step_time("gpudiff", "cuda", model, b, repeat, env, image, graph=True)
+            tg = train_step_time("torch", env.tdev, model, b, repeat, env, image, graph=True)
             rows.append({"model": model, "batch": b, "gpudiff_cuda_ms": 1e3 * g,
                          "torch_ms": 1e3 * t, "gpudiff_cpu_ms": 1e3 * cpu,
-                         "ratio_vs_torch": g / t, "speedup_vs_gpudiff_cpu": cpu / g})
+                         "ratio_vs_torch": g / t, "speedup_vs_gpudiff_cpu": cpu / g,
+                         "gpudiff_graph_ms": 1e3 * gg, "torch_graph_ms": 1e3 * tg,
+                         "graph_ratio_vs_torch_graph": gg / tg,
+                         "graph_speedup_vs_eager": g / gg})
     return rows
 
 
@@ -603,7 +628,10 @@ def report_text(res):
         ("gpudiff cuda", lambda r: f"{r['gpudiff_cuda_ms']:.1f}", 13),
         ("torch", lambda r: f"{r['torch_ms']:.1f}", 9),
         ("gpudiff cpu", lambda r: f"{r['gpudiff_cpu_ms']:.1f}", 12),
-        ("x torch", lambda r: f"{r['ratio_vs_torch']:.2f}", 8)]))
+        ("x torch", lambda r: f"{r['ratio_vs_torch']:.2f}", 8),
+        ("graph", lambda r: f"{r['gpudiff_graph_ms']:.1f}", 8),
+        ("torch graph", lambda r: f"{r['torch_graph_ms']:.1f}", 12),
+        ("x torch graph", lambda r: f"{r['graph_ratio_vs_torch_graph']:.2f}", 14)]))
     lines += ["", "tensor-core convolutions (same flags on both sides; TFLOP/s = 2 x MACs / time):"]
     lines.append(fmt_table(res["tensor_core"], [
         ("layer / pass", lambda r: f"{r['layer']} {r['op'][7:]}"[:38], 38),

@@ -794,6 +794,9 @@ def test_gpu_suite_runs_on_the_emulated_device(tmp_path):
                                                   "sgd step (fused, 29 tensors)",
                                                   "cross_entropy fwd+bwd (10 classes)"}
     assert [r["model"] for r in saved["train"]] == ["lenet", "resnet-small"]
+    # captured steps timed too (a CUDAGraph on the emulated device; PyTorch eager on the CPU)
+    assert all(r["gpudiff_graph_ms"] > 0 and r["torch_graph_ms"] > 0 for r in saved["train"])
+    assert "torch graph" in text
     assert saved["settings"]["tf32"].startswith("off")
     # the tensor-core section: each precision's three passes ran on the tensor cores
     assert {(r["precision"], r["ran"]) for r in saved["tensor_core"]} == {
