@@ -761,6 +761,8 @@ def nonzero(input, as_tuple=False):
 
 # ---- products -------------------------------------------------------------------------
 def matmul(input, other):
+    if autocast.state is not None:  # (before the dtype check below)
+        input, other = autocast.cast_inputs("matmul", (input, other))
     L.check_matmul(input.shape, other.shape, input.dtype, other.dtype)
     return L.matmul.apply(input, other)
 

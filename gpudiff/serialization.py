@@ -33,6 +33,7 @@ import numpy as np
 import safetensors
 import safetensors.numpy
 
+from .runtime.dtypes import bfloat16
 from .utils._tensor import from_numpy, is_tensor, to_numpy
 
 __all__ = ["load", "save"]
@@ -42,10 +43,28 @@ VERSION = 1
 _META_KEY = "gpudiff"
 _MAX_DEPTH = 200         # nesting a hostile file may ask for before we refuse it
 
-# the dtypes a checkpoint may hold (safetensors' own list, less bfloat16 which numpy lacks)
+# the dtypes a checkpoint may hold (safetensors' own list; bfloat16 is ml_dtypes')
 _DTYPES = {np.dtype(n).name: np.dtype(n) for n in (
     "bool", "uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
     "float16", "float32", "float64")}
+_DTYPES["bfloat16"] = bfloat16
+# safetensors' dtype names -> NumPy dtypes (safetensors.numpy.load lacks BF16)
+_ST_DTYPES = {"BOOL": np.dtype(bool), "U8": np.dtype("uint8"), "I8": np.dtype("int8"),
+              "I16": np.dtype("int16"), "U16": np.dtype("uint16"), "I32": np.dtype("int32"),
+              "U32": np.dtype("uint32"), "I64": np.dtype("int64"), "U64": np.dtype("uint64"),
+              "F16": np.dtype("float16"), "BF16": bfloat16, "F32": np.dtype("float32"),
+              "F64": np.dtype("float64")}
+
+
+def _load_arrays(data):
+    """{name: ndarray} of a safetensors file's bytes (BF16 as ml_dtypes' bfloat16)."""
+    out = {}
+    for k, v in safetensors.deserialize(bytes(data)):
+        dt = _ST_DTYPES.get(v["dtype"])
+        if dt is None:
+            raise ValueError(f"unsupported safetensors dtype {v['dtype']!r:.20}")
+        out[k] = np.frombuffer(v["data"], dtype=dt).reshape(v["shape"])
+    return out
 
 
 # ---- save -------------------------------------------------------------------------------
@@ -361,7 +380,7 @@ def load(f, map_location=None, *, weights_only=True, mmap=None):
     data, name = _read(f)
     header = _parse_header(data, name)
     try:
-        arrays = safetensors.numpy.load(bytes(data))
+        arrays = _load_arrays(data)
     except Exception as e:  # noqa: BLE001 (SafetensorError: offsets, sizes, dtypes)
         raise ValueError(f"{name}: corrupt or truncated checkpoint: {e}") from None
     meta = header.get("__metadata__") or {}

@@ -39,7 +39,19 @@ def fp32_convolutions():
 
 # tolerance of kernel vs reference and CPU vs CUDA: the same maths, another summation order
 SAME_MATH_TOL = {np.dtype("float64"): (1e-10, 1e-12), np.dtype("float32"): (2e-5, 2e-6),
-                 np.dtype("float16"): (5e-3, 5e-3)}
+                 np.dtype("float16"): (5e-3, 5e-3), gpudiff.bfloat16: (2e-2, 2e-2)}
+BF16 = gpudiff.bfloat16
+
+
+def _is_float(dt):
+    return dt.kind == "f" or dt == BF16
+
+
+def _torch_from(a):
+    """A NumPy array as a torch tensor (bfloat16, which torch.from_numpy lacks, via float32)."""
+    if a.dtype == BF16:
+        return torch.from_numpy(a.astype(np.float32)).to(torch.bfloat16)
+    return torch.from_numpy(a)
 
 
 def _cases(check=None, dtypes=None):
@@ -99,7 +111,7 @@ def gpudiff_inputs(sample, device, requires_grad=True):
         if not isinstance(a, np.ndarray):
             return a
         t = gpudiff.Tensor._make(runtime.to_device(_copy(a), dev), dev)
-        if requires_grad and not const and a.dtype.kind == "f":
+        if requires_grad and not const and _is_float(a.dtype):
             t.requires_grad_()
             leaves.append(t)
         return t
@@ -116,8 +128,8 @@ def torch_inputs(sample, requires_grad=True):
             a = a.array
         if not isinstance(a, np.ndarray):
             return a
-        t = torch.from_numpy(np.array(a))
-        if requires_grad and not const and a.dtype.kind == "f":
+        t = _torch_from(np.array(a))
+        if requires_grad and not const and _is_float(a.dtype):
             t.requires_grad_()
             leaves.append(t)
         return t
@@ -135,13 +147,15 @@ def host(t):
     """A gpudiff or torch tensor (or None) as a NumPy array."""
     if isinstance(t, gpudiff.Tensor):
         return np.asarray(runtime.to_numpy(t.array))
+    if t.dtype == torch.bfloat16:
+        return t.detach().float().numpy().astype(BF16)
     return t.detach().numpy()
 
 
 def assert_close(actual, expected, rtol, atol, what):
     a, e = host(actual), host(expected)
     assert a.shape == e.shape, f"{what}: shape {a.shape} != torch's {e.shape}"
-    if a.dtype.kind == "f" or e.dtype.kind == "f":
+    if _is_float(a.dtype) or _is_float(e.dtype):
         a, e = a.astype(np.float64), e.astype(np.float64)
     np.testing.assert_allclose(a, e, rtol=rtol, atol=atol, equal_nan=True, err_msg=what)
 
@@ -203,7 +217,7 @@ def test_forward_backward_vs_torch(name, dtype, i, device):
     seeds = upstream([to for _, to in pairs], zlib.crc32(sample.name.encode()))
     gpudiff.autograd.backward([o for o, _ in pairs],
                               [gpudiff.tensor(g, device=device) for g in seeds])
-    torch.autograd.backward([to for _, to in pairs], [torch.from_numpy(g) for g in seeds])
+    torch.autograd.backward([to for _, to in pairs], [_torch_from(g) for g in seeds])
     for k, (lf, tl) in enumerate(zip(leaves, tleaves)):
         expected = tl.grad if tl.grad is not None else torch.zeros_like(tl)
         if lf.grad is None:
@@ -222,7 +236,7 @@ def _rebuilt(entry, args, kwargs, leaves):
         def put(a):
             return new[where[id(a)]] if id(a) in where else a
         outs = flat(entry.op(gpudiff, *_map(put, args), **_map(put, kwargs)))
-        return tuple(o for o in outs if o.dtype.kind == "f")
+        return tuple(o for o in outs if _is_float(o.dtype))
     return f
 
 
@@ -293,11 +307,15 @@ def _compare_runs(r1, r2, dtype, what):
     assert len(o1) == len(o2) and len(g1) == len(g2)
     for k, (a, b) in enumerate(zip(o1, o2)):
         assert a.dtype == b.dtype and a.shape == b.shape
+        if a.dtype == BF16:
+            a, b = a.astype(np.float32), b.astype(np.float32)
         np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, equal_nan=True,
                                    err_msg=f"{what}: output {k}")
     for k, (a, b) in enumerate(zip(g1, g2)):
         assert (a is None) == (b is None), f"{what}: gradient {k} missing on one side"
         if a is not None:
+            if a.dtype == BF16:
+                a, b = a.astype(np.float32), b.astype(np.float32)
             np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, equal_nan=True,
                                        err_msg=f"{what}: gradient of input {k}")
 

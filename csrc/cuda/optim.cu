@@ -1,5 +1,6 @@
 // Fused multi-tensor optimizer steps: ONE launch updates every parameter of one dtype on one
-// device (SGD with momentum / Nesterov / weight decay, Adam / AdamW with amsgrad), with the
+// device (SGD with momentum / Nesterov / weight decay, Adam / AdamW with amsgrad; and AMP's
+// unscale + inf/NaN check of the gradients), with the
 // CPU optimizers' arithmetic (gpudiff/optim/sgd.py, adam.py _update), operation by operation.
 //
 // The tensors are described by a table in device memory (one int64 array, built by
@@ -140,7 +141,40 @@ __global__ void adam_step_multi(gptr<const long long> tab, gptr<const double> hy
     }
 }
 
+// AMP (GradScaler.unscale_): every gradient of one dtype unscaled and checked for inf/NaN in
+// ONE launch. List: grads. Per element: bad |= g is inf or NaN (the value before scaling, as
+// PyTorch's _amp_foreach_non_finite_check_and_unscale_); g = g * inv_scale (inv_scale != 1).
+// Block b writes flags[b] = 1 if its chunk held an inf or NaN, else 0: a shared-memory OR
+// over the block, no atomics, every flag written by one thread. blockDim.x == AMP_THREADS.
+constexpr int AMP_THREADS = 256;  // gpudiff/runtime/cuda/optim.py OPTIM_THREADS must agree
+
+template <typename T>
+__global__ void amp_unscale_multi(gptr<const long long> tab, int nt, int nb, T inv_scale,
+                                  gptr<int> flags) {
+    __shared__ int bad[AMP_THREADS];
+    for (int b = blockIdx.x; b < nb; b += gridDim.x) {
+        const opt::Chunk ch(tab, 1, nt, nb, b);
+        auto g = opt::table_ptr<T>(tab[ch.tensor], ch.numel);
+        int mine = 0;
+        for (long long e = ch.begin + threadIdx.x; e < ch.end; e += blockDim.x) {
+            const T v = g[e];
+            if (!(v - v == T(0))) mine = 1;  // inf - inf and NaN - NaN are NaN: not finite
+            if (inv_scale != T(1)) g[e] = v * inv_scale;
+        }
+        bad[threadIdx.x] = mine;
+        __syncthreads();
+        for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+            if ((int)threadIdx.x < s) bad[threadIdx.x] |= bad[threadIdx.x + s];
+            __syncthreads();
+        }
+        if (threadIdx.x == 0) flags[b] = bad[0];
+        __syncthreads();  // the next chunk reuses bad[]
+    }
+}
+
 GPUDIFF_KERNEL(sgd_step_multi<float>)
 GPUDIFF_KERNEL(sgd_step_multi<double>)
 GPUDIFF_KERNEL(adam_step_multi<float>)
 GPUDIFF_KERNEL(adam_step_multi<double>)
+GPUDIFF_KERNEL(amp_unscale_multi<float>)
+GPUDIFF_KERNEL(amp_unscale_multi<double>)

@@ -96,6 +96,7 @@ def softmin(input, dim=None):
 # ---- linear, padding, encoding ---------------------------------------------------------
 def linear(input, weight, bias=None):
     """y = x W^T + b. input (..., in), weight (out, in), bias (out,)."""
+    input, weight, bias = _autocast_inputs("linear", input, weight, bias)
     if input.shape[-1] != weight.shape[-1]:
         raise RuntimeError(f"linear: input shape {tuple(input.shape)} and weight shape "
                            f"{tuple(weight.shape)} do not align ({input.shape[-1]} != "
@@ -460,6 +461,7 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     >>> F.conv2d(gpudiff.ones(1, 1, 4, 4), gpudiff.ones(1, 1, 3, 3)).shape
     (1, 1, 2, 2)
     """
+    input, weight, bias = _autocast_inputs("conv2d", input, weight, bias)
     name = "conv2d"
     _check_conv_args(name, input, weight, bias, groups)
     stride = _pair(stride, name, "stride")

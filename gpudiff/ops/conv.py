@@ -21,7 +21,7 @@ Output size: (H + 2p - d(k-1) - 1) // s + 1, as PyTorch (an error below 1).
 """
 from ..geometry import ConvGeom, conv_output_size
 from . import Op, forward_of
-from .lowp import compute_in_float32
+from .lowp import compute_in_float32, sum32, upcast_ref
 
 
 # ---- xp reference im2col / col2im -----------------------------------------------------
@@ -125,7 +125,7 @@ class conv2d(Op):
             if nx else None
         gw = forward_of(conv2d_backward_weight, ctx, gy, x, weight_size=w.shape, **ctx.p) \
             if nw else None
-        return gx, gw, gy.sum(axis=(0, 2, 3)) if nb else None
+        return gx, gw, sum32(gy, (0, 2, 3)) if nb else None
 
 
 class conv2d_backward_input(Op):
@@ -175,4 +175,8 @@ class conv2d_backward_weight(Op):
         return g_gy, g_x
 
 
-compute_in_float32(conv2d, conv2d_backward_input, conv2d_backward_weight)
+# float16 / bfloat16: in float32 on the CPU; on CUDA the kernels take them (tensor cores)
+compute_in_float32(conv2d, conv2d_backward_input, conv2d_backward_weight, native_cuda=True)
+conv2d_ref = upcast_ref(conv2d_ref)
+conv2d_backward_input_ref = upcast_ref(conv2d_backward_input_ref)
+conv2d_backward_weight_ref = upcast_ref(conv2d_backward_weight_ref)

@@ -2,7 +2,8 @@
 import numpy as np
 
 from . import Op
-from .lowp import compute_in_float32
+from ..runtime.dtypes import LOW_FLOATS
+from .lowp import compute_in_float32, sum32
 from .elementwise import sum_to
 
 
@@ -10,7 +11,12 @@ def _mm(ctx, a, b):
     """a @ b on raw arrays: the device's GEMM for 2-D operands, xp.matmul otherwise."""
     k = ctx.kernel("matmul")
     y = k(a, b) if k else None
-    return ctx.xp.matmul(a, b) if y is None else y
+    if y is None:
+        if a.dtype in LOW_FLOATS or b.dtype in LOW_FLOATS:  # (a kernel declined): float32
+            low = a.dtype if a.dtype in LOW_FLOATS else b.dtype
+            return ctx.xp.matmul(a.astype(np.float32), b.astype(np.float32)).astype(low)
+        return ctx.xp.matmul(a, b)
+    return y
 
 
 def check_matmul(a_shape, b_shape, a_dtype, b_dtype, name="matmul"):
@@ -93,7 +99,8 @@ class linear(Op):
         g2 = gy.reshape(-1, gy.shape[-1])
         gx = _mm(ctx, g2, w).reshape(x.shape) if nx else None
         gw = _mm(ctx, g2.T, x.reshape(-1, x.shape[-1])) if nw else None
-        return gx, gw, g2.sum(axis=0) if nb else None
+        return gx, gw, sum32(g2, 0) if nb else None
 
 
-compute_in_float32(matmul, linear)  # float32 accumulation for float16 / bfloat16
+# float16 / bfloat16: in float32 on the CPU; on CUDA the GEMM takes them (tensor cores)
+compute_in_float32(matmul, linear, native_cuda=True)

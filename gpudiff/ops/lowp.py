@@ -44,7 +44,7 @@ def _down(o, low):
     return o
 
 
-def _wrap(fn, writes=()):
+def _wrap(fn, writes=(), native_cuda=False):
     def run(ctx, *arrays, **params):
         for a in arrays:
             if a is not None and a.dtype in LOW_FLOATS:
@@ -52,6 +52,13 @@ def _wrap(fn, writes=()):
         else:
             return fn(ctx, *arrays, **params)
         low = _low_dtype(arrays)
+        if native_cuda and ctx.device.type == "cuda":
+            # the CUDA kernels take float16 / bfloat16 themselves (tensor cores, float32
+            # accumulation); the reference they fall back to computes in float32
+            out = fn(ctx, *arrays, **params)
+            if isinstance(out, tuple):
+                return tuple(_to(o, low) for o in out)
+            return _to(out, low)
         ups = [_up(a) for a in arrays]
         out = fn(ctx, *ups, **params)
         for i in writes:  # in-place updates of a low-precision input: write them back
@@ -73,7 +80,31 @@ def _wrap(fn, writes=()):
     return run
 
 
-def _wrap_backward(fn):
+def _to(o, low):
+    if o is not None and hasattr(o, "dtype") and o.dtype != low and is_floating(o.dtype):
+        return o.astype(low)
+    return o
+
+
+def sum32(a, axis):
+    """``a.sum(axis)``, accumulated in float32 for float16 / bfloat16 (a float32 result: the
+    engine rounds a gradient to its input's dtype)."""
+    return a.sum(axis=axis, dtype=_F32) if a.dtype in LOW_FLOATS else a.sum(axis=axis)
+
+
+def upcast_ref(ref):
+    """A reference function ``ref(ctx, *arrays, g)`` that computes float16 / bfloat16 arrays in
+    float32 and rounds its result back (what a CUDA kernel that declined falls back to)."""
+    def run(ctx, *args):
+        low = _low_dtype([a for a in args if hasattr(a, "dtype")])
+        if low is None:
+            return ref(ctx, *args)
+        return _to(ref(ctx, *[_up(a) for a in args]), low)
+    run.__name__ = ref.__name__
+    return run
+
+
+def _wrap_backward(fn, native_cuda=False):
     """backward_arrays: float32 in (gy and saved arrays alike), float32 out (the engine
     rounds each gradient to its input's dtype)."""
     def run(ctx, *gys):
@@ -82,18 +113,22 @@ def _wrap_backward(fn):
                 break
         else:
             return fn(ctx, *gys)
+        if native_cuda and ctx.device.type == "cuda":
+            return fn(ctx, *gys)
         return fn(ctx, *[_up(g) for g in gys])
     run.__name__ = getattr(fn, "__name__", "backward_arrays")
     run.__wrapped__ = fn
     return run
 
 
-def compute_in_float32(*ops):
-    """Make ``ops`` (Op classes) run float16 / bfloat16 inputs in float32 (module doc)."""
+def compute_in_float32(*ops, native_cuda=False):
+    """Make ``ops`` (Op classes) run float16 / bfloat16 inputs in float32 (module doc).
+    ``native_cuda``: on a cuda device the op gets its float16 / bfloat16 arrays as they are
+    (its kernels take them; its reference must then upcast, see ``upcast_ref``)."""
     for op in ops:
         writes = tuple(op.arg_names.index(n) for n in op.writes)
-        op.forward = staticmethod(_wrap(op.forward, writes))
+        op.forward = staticmethod(_wrap(op.forward, writes, native_cuda))
         if op.backward_arrays is not None:
-            op.backward_arrays = staticmethod(_wrap_backward(op.backward_arrays))
+            op.backward_arrays = staticmethod(_wrap_backward(op.backward_arrays, native_cuda))
     return ops
 

@@ -56,6 +56,10 @@ padding, dilation are (h, w) pairs:
   adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs | None, steps, lr, beta1,
             beta2, eps, weight_decay, amsgrad, decoupled_weight_decay, maximize) -> None
 
+  amp_unscale(grads, inv_scale) -> bool (any inf/NaN) | NotImplemented
+      GradScaler.unscale_: every gradient array (one dtype, in place) times inv_scale, and
+      whether any value was inf or NaN before scaling (multi-tensor: one launch on CUDA)
+
   dropout(x, p, seed, group) -> y
       y[i] = x[i] * keep(i // group) / (1 - p)  (group 1: F.dropout; H*W: F.dropout2d), with
       the counter-based keep(j) = (h(j) >> 8) >= ceil(p * 2^24) (uint32 arithmetic):

@@ -20,7 +20,8 @@ def canonical(arr):
     if not dt.isnative:
         dt = dt.newbyteorder("=")
         arr = arr.astype(dt)
-    builtin = np.dtype(dt.char) if dt.fields is None and dt.subdtype is None else dt
+    builtin = np.dtype(dt.char) if dt.fields is None and dt.subdtype is None \
+        and dt.kind != "V" else dt  # ("V": bfloat16, whose char NumPy does not know)
     if builtin is not dt and builtin == dt:
         arr = arr.view(builtin)
     return arr

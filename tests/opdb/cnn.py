@@ -7,6 +7,7 @@ multiplies by the mask that our counter-based hash gives for that seed.
 """
 import numpy as np
 
+from . import LOW as _LOW
 from . import Const, OpInfo, S, float32
 
 CONV_KERNELS = ("conv2d", "conv2d_backward_input", "conv2d_backward_weight", "im2col",
@@ -136,25 +137,27 @@ def dropout_samples(make):
             S(make(4, 5, 3, 2), 0.25, 3, True), S(make(2, 6, 5), 0.5, 4, True)]
 
 
+FL = (np.dtype('float64'), np.dtype('float32')) + _LOW   # float16 / bfloat16 too
+
 OPS = [
-    OpInfo("F.conv2d", op=lambda m, x, w, *b, **kw: F(m).conv2d(x, w, *b, **kw),
+    OpInfo("F.conv2d", dtypes=FL, op=lambda m, x, w, *b, **kw: F(m).conv2d(x, w, *b, **kw),
            covers=CONV_OPS, kernels=CONV_KERNELS, gradgradcheck=True,
            tol={float32: (1e-4, 1e-4)}, samples=conv_samples),
     OpInfo("F.conv_transpose2d",
            op=lambda m, x, w, *b, **kw: F(m).conv_transpose2d(x, w, *b, **kw),
            covers=CONV_OPS, kernels=CONV_KERNELS, gradgradcheck=True,
            tol={float32: (1e-4, 1e-4)}, samples=conv_transpose_samples),
-    OpInfo("F.max_pool2d", op=lambda m, x, k, **kw: F(m).max_pool2d(x, k, **kw,
+    OpInfo("F.max_pool2d", dtypes=FL, op=lambda m, x, k, **kw: F(m).max_pool2d(x, k, **kw,
                                                                      return_indices=True),
            covers=("max_pool2d", "max_pool2d_backward"), gradgradcheck=True,
            kernels=("max_pool2d", "max_pool2d_backward"), samples=max_pool_samples),
     OpInfo("F.max_pool2d_values", op=lambda m, x, k, **kw: F(m).max_pool2d(x, k, **kw),
            covers=("max_pool2d",), kernels=("max_pool2d", "max_pool2d_backward"),
            samples=lambda make: [S(make(2, 2, 4, 4, distinct=True), 2, stride=1)]),
-    OpInfo("F.avg_pool2d", op=lambda m, x, k, **kw: F(m).avg_pool2d(x, k, **kw),
+    OpInfo("F.avg_pool2d", dtypes=FL, op=lambda m, x, k, **kw: F(m).avg_pool2d(x, k, **kw),
            covers=("avg_pool2d", "avg_pool2d_backward"), gradgradcheck=True,
            kernels=("avg_pool2d", "avg_pool2d_backward"), samples=avg_pool_samples),
-    OpInfo("F.adaptive_avg_pool2d", op=lambda m, x, s: F(m).adaptive_avg_pool2d(x, s),
+    OpInfo("F.adaptive_avg_pool2d", dtypes=FL, op=lambda m, x, s: F(m).adaptive_avg_pool2d(x, s),
            covers=("adaptive_avg_pool2d", "adaptive_avg_pool2d_backward"), gradgradcheck=True,
            kernels=("adaptive_avg_pool2d", "adaptive_avg_pool2d_backward"),
            samples=adaptive_samples),
@@ -163,7 +166,7 @@ OPS = [
            covers=("adaptive_max_pool2d", "max_pool2d_backward"), gradgradcheck=True,
            kernels=("adaptive_max_pool2d", "max_pool2d_backward"),
            samples=lambda make: adaptive_samples(make, distinct=True)),
-    OpInfo("F.batch_norm", op=lambda m, x, rm, rv, *wb, **kw: F(m).batch_norm(x, rm, rv, *wb,
+    OpInfo("F.batch_norm", dtypes=FL, op=lambda m, x, rm, rv, *wb, **kw: F(m).batch_norm(x, rm, rv, *wb,
                                                                                **kw),
            covers=("batch_norm",), gradgradcheck=True,
            kernels=("batch_norm", "batch_norm_backward"),
@@ -175,7 +178,7 @@ OPS = [
     OpInfo("F.dropout_off", op=lambda m, x, **kw: F(m).dropout(x, **kw) * 2,
            covers=(), samples=lambda make: [S(make(3, 4), p=0.0), S(make(3, 4), training=False),
                                             S(make(3, 4), p=0.7, training=False)]),
-    OpInfo("F.interpolate", op=lambda m, x, **kw: F(m).interpolate(x, **kw),
+    OpInfo("F.interpolate", dtypes=FL, op=lambda m, x, **kw: F(m).interpolate(x, **kw),
            covers=("interpolate", "interpolate_backward"), gradgradcheck=True,
            samples=interpolate_samples),
 ]

@@ -2,9 +2,10 @@
 matrix products, softmax, devices. Format: tests/opdb/__init__.py."""
 import numpy as np
 
-from . import Const, OpInfo, S, bool_, float16, float32, float64, int32, int64
+from . import LOW, Const, OpInfo, S, bool_, float16, float32, float64, int32, int64
 
 FLOATS = (float64, float32)
+FL = FLOATS + LOW   # float16 / bfloat16 too (vs PyTorch's own low-precision CPU ops)
 INTS = (int64, int32)
 
 
@@ -60,11 +61,11 @@ def _avoid(*points, **extra):
 
 # ---- elementwise ----------------------------------------------------------------------
 ELEMENTWISE = [
-    _binary("add", lambda m, a, b: a + b, ("add",), dtypes=(float64, float32, float16)),
+    _binary("add", lambda m, a, b: a + b, ("add",), dtypes=FL),
     _binary("add_alpha", lambda m, a, b: m.add(a, b, alpha=2) if not isinstance(a, float)
             else b.add(a, alpha=2), ("add", "mul_scalar")),
-    _binary("sub", lambda m, a, b: a - b, ("sub",)),
-    _binary("mul", lambda m, a, b: a * b, ("mul",), dtypes=(float64, float32, float16)),
+    _binary("sub", lambda m, a, b: a - b, ("sub",), dtypes=FL),
+    _binary("mul", lambda m, a, b: a * b, ("mul",), dtypes=FL),
     OpInfo("div", op=lambda m, a, b: a / b, covers=("div",), gradgradcheck=True,
            samples=lambda make: [S(make(3, 4), make(3, 4, low=0.5, high=2)),
                                  S(make(3, 1), make(4, low=-2, high=-0.5)),
@@ -185,8 +186,8 @@ ELEMENTWISE += [
     OpInfo("bool_operators", op=lambda m, a, b: (~a, a & b, a | b), grad=False,
            covers=("logical_not", "logical_and", "logical_or"), dtypes=(bool_,),
            samples=lambda make: [S(make(3, 4), make(3, 4))]),
-    _unary("neg", call=lambda m, x: -x, dtypes=(float64, float32, float16)),
-    _unary("exp", dtypes=(float64, float32, float16)),
+    _unary("neg", call=lambda m, x: -x, dtypes=FL),
+    _unary("exp", dtypes=FL),
     _unary("log", domain=(0.2, 3.0)),
     _unary("log1p", domain=(-0.8, 2.0)),
     _unary("sqrt", domain=(0.2, 3.0)),
@@ -231,8 +232,13 @@ ELEMENTWISE += [
     OpInfo("clip", op=lambda m, x: x.clip(-0.5, 0.5), covers=("clamp",),
            samples=lambda make: [S(make(3, 4, avoid=(-0.5, 0.5)))]),
     OpInfo("to_dtype", op=lambda m, x: x.to(m.float64 if x.dtype == m.float32 else m.float32),
+           dtypes=FL,
            covers=("to_dtype",), gradcheck=False,  # float64 -> float32 rounds: no finite diff.
            samples=lambda make: [S(make(3, 4)), S(make())]),
+    OpInfo("to_half", op=lambda m, x: x.half() * 2, covers=("to_dtype",), gradcheck=False,
+           samples=lambda make: [S(make(3, 4)), S(make())]),
+    OpInfo("to_bfloat16", op=lambda m, x: x.bfloat16() * 2, covers=("to_dtype",),
+           gradcheck=False, samples=lambda make: [S(make(3, 4)), S(make())]),
     OpInfo("to_long", op=lambda m, x: (x * 3).long(), covers=("to_dtype",), grad=False,
            samples=lambda make: [S(make(3, 4))]),
     OpInfo("clone", op=lambda m, x: x.clone(), covers=("clone",), gradgradcheck=True,
@@ -281,8 +287,8 @@ def _ties(make, *shape):
 
 
 REDUCTIONS = [
-    _reduction("sum", dtypes=(float64, float32, float16)),
-    _reduction("mean"),
+    _reduction("sum", dtypes=FL),
+    _reduction("mean", dtypes=FL),
     _reduction("prod", samples=lambda make: reduce_samples(make, low=0.5, high=1.5),
                ref=lambda m, x, **kw: _torch_prod(x, **kw)),
     OpInfo("prod_zeros", op=lambda m, x, **kw: m.prod(x, **kw), covers=("prod",),
@@ -495,7 +501,7 @@ INDEXING = [
 # ---- matrix products ------------------------------------------------------------------
 LINALG = [
     OpInfo("matmul", op=lambda m, a, b: a @ b, covers=("matmul",), gradgradcheck=True,
-           dtypes=(float64, float32, float16), tol={float16: (2e-2, 2e-2)},
+           dtypes=FL, tol={float16: (2e-2, 2e-2)},
            samples=lambda make: [S(make(3, 4), make(4, 5)), S(make(4), make(4)),
                                  S(make(4), make(4, 2)), S(make(3, 4), make(4)),
                                  S(make(2, 3, 4), make(4, 5)), S(make(3, 4), make(2, 4, 5)),

@@ -1,7 +1,9 @@
 """Op database entries for gpudiff.nn.functional: activations, losses, linear, layer_norm,
 one_hot, pad modes. Format: tests/opdb/__init__.py."""
 
-from . import Const, OpInfo, S, float32, int64
+from . import LOW, Const, OpInfo, S, float32, float64, int64
+
+FL = (float64, float32) + LOW   # float16 / bfloat16 too
 
 
 def F(m):
@@ -19,7 +21,7 @@ def _act(name, call, covers, kinks=(), gg=True, **kw):
 
 ACTIVATIONS = [
     _act("F.relu", lambda m, x: F(m).relu(x), ("relu", "relu_backward"), kinks=(0.0,),
-         kernels=("relu", "relu_backward")),
+         kernels=("relu", "relu_backward"), dtypes=FL),
     _act("F.relu6", lambda m, x: F(m).relu6(x * 4), ("clamp", "mul"), kinks=(0.0, 1.5)),
     _act("F.leaky_relu", lambda m, x: F(m).leaky_relu(x, 0.1),
          ("leaky_relu", "leaky_relu_backward"), kinks=(0.0,),
@@ -47,10 +49,10 @@ ACTIVATIONS = [
     _act("F.inplace", lambda m, x: [getattr(F(m), f)(x * 1.0, inplace=True) for f in
                                     ("relu", "leaky_relu", "elu", "hardtanh", "relu6", "silu")],
          ("relu", "leaky_relu", "elu", "clamp", "sigmoid"), kinks=(0.0, 1.0, -1.0)),
-    OpInfo("F.softmax", op=lambda m, x, d: F(m).softmax(x, d), covers=("softmax",),
+    OpInfo("F.softmax", dtypes=FL, op=lambda m, x, d: F(m).softmax(x, d), covers=("softmax",),
            kernels=("softmax", "softmax_backward"),
            samples=lambda make: [S(make(3, 4), 1), S(make(2, 3, 4), -1)]),
-    OpInfo("F.log_softmax", op=lambda m, x, d: F(m).log_softmax(x, dim=d),
+    OpInfo("F.log_softmax", dtypes=FL, op=lambda m, x, d: F(m).log_softmax(x, dim=d),
            covers=("log_softmax",), kernels=("log_softmax", "log_softmax_backward"),
            samples=lambda make: [S(make(3, 4), 1), S(make(2, 3, 4), 0)]),
     OpInfo("F.softmin", op=lambda m, x: F(m).softmin(x, 1), covers=("softmax", "neg"),
@@ -60,7 +62,7 @@ ACTIVATIONS = [
 
 # ---- linear, layer_norm, pad, one_hot -------------------------------------------------
 LAYERS = [
-    OpInfo("F.linear", op=lambda m, x, w, *b: F(m).linear(x, w, *b),
+    OpInfo("F.linear", dtypes=FL, op=lambda m, x, w, *b: F(m).linear(x, w, *b),
            covers=("linear",), gradgradcheck=True,
            samples=lambda make: [S(make(3, 4), make(5, 4), make(5)), S(make(3, 4), make(2, 4)),
                                  S(make(2, 3, 4), make(5, 4), make(5)), S(make(4), make(2, 4))]),
@@ -174,14 +176,14 @@ def _kl_samples(make):
 
 
 LOSSES = [
-    OpInfo("F.cross_entropy", op=lambda m, x, t, **kw: F(m).cross_entropy(x, t, **kw),
+    OpInfo("F.cross_entropy", dtypes=FL, op=lambda m, x, t, **kw: F(m).cross_entropy(x, t, **kw),
            covers=("cross_entropy",), kernels=("cross_entropy",), gradgradcheck=True,
            samples=_ce_samples),
     OpInfo("F.cross_entropy_probs", op=lambda m, x, t, **kw: F(m).cross_entropy(x, t, **kw),
            covers=("log_softmax",), gradgradcheck=True, samples=_ce_prob_samples),
     OpInfo("F.nll_loss", op=lambda m, x, t, **kw: F(m).nll_loss(x, t, **kw),
            covers=("gather", "getitem"), gradgradcheck=True, samples=_nll_samples),
-    OpInfo("F.mse_loss", op=lambda m, a, b, **kw: F(m).mse_loss(a, b, **kw),
+    OpInfo("F.mse_loss", dtypes=FL, op=lambda m, a, b, **kw: F(m).mse_loss(a, b, **kw),
            covers=("sub", "mul", "mean"), gradgradcheck=True, samples=_regression),
     OpInfo("F.l1_loss", op=lambda m, a, b, **kw: F(m).l1_loss(a, b, **kw), covers=("abs",),
            samples=_regression),

@@ -1,5 +1,6 @@
 """The fused multi-tensor optimizer steps of csrc/cuda/optim.cu (SGD with momentum / Nesterov /
-weight decay, Adam / AdamW): one launch per dtype group, the tensors' addresses in a table.
+weight decay, Adam / AdamW, AMP's unscale + inf/NaN check): one launch per dtype group, the
+tensors' addresses in a table.
 """
 
 import numpy as np
@@ -108,3 +109,26 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, lr, 
             np.int32(bool(amsgrad)), np.int32(bool(decoupled_weight_decay)),
             np.int32(bool(maximize))))
     return None
+
+
+@register_kernel("cuda", "amp_unscale")
+def amp_unscale(grads, inv_scale):
+    """Multiply every array of ``grads`` (one dtype, one device, C-contiguous) by
+    ``inv_scale`` in place, in one launch; returns whether any held an inf or NaN, or
+    NotImplemented when the list does not qualify (the caller then uses NumPy / CuPy)."""
+    if not grads:
+        return False
+    xp = array_module(grads[0])
+    if any(not a.flags.c_contiguous for a in grads):
+        return NotImplemented
+    got = _multi_tensor_table([grads], xp)
+    if got is None:
+        return NotImplemented
+    tab, nt, nb, _keep = got
+    if nb == 0:
+        return False
+    flags = xp.zeros(nb, np.int32)
+    t = CTYPES[grads[0].dtype]
+    launch("optim.cu", f"amp_unscale_multi<{t}>", _optim_grid(nb, grads[0]), OPTIM_THREADS,
+           (tab, np.int32(nt), np.int32(nb), grads[0].dtype.type(inv_scale), flags))
+    return bool(flags.any())
