@@ -261,16 +261,47 @@ def _graph_step_case(model, batch, warmup=2):
                 f"{eager.shape} (torch cpu: eager)", setup)
 
 
+def _amp_step_case(model, batch):
+    """The training step under automatic mixed precision, as a PyTorch user writes it:
+    autocast (bfloat16 on the CPU, float16 on cuda) around forward and loss, and on cuda a
+    GradScaler around backward and step; the same weights and data as the float32 step
+    (its row is "<model> train step"), PyTorch running its own autocast step beside it."""
+    eager = _step_case(model, batch)
+
+    def setup(b, shared):
+        net = eager.setup(b, shared).model
+        low = getattr(b.lib, "bfloat16" if b.device == "cpu" else "float16")
+        opt = b.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+        scaler = b.lib.amp.GradScaler(b.device, enabled=b.device != "cpu")
+        x = b.tensor(shared["x"])
+        y = b.lib.tensor(shared["y"], device=b.device)
+
+        def step():
+            opt.zero_grad()
+            with b.lib.autocast(b.device, dtype=low):
+                loss = b.F.cross_entropy(net(x), y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        step.model = net
+        return step
+
+    return Case(f"amp {model} train step", "train step (amp)",
+                f"{eager.shape} bf16 cpu / fp16 cuda", setup)
+
+
 def cases(quick=False):
     """The benchmark cases: small shapes when ``quick``, the zoo models' shapes otherwise."""
     if quick:
         return ([_step_case(m, 16) for m in ("lenet", "mnist-cnn", "resnet-small", "tiny-mlp")]
                 + [_graph_step_case(m, 16) for m in ("lenet", "tiny-mlp")]
+                + [_amp_step_case("lenet", 16)]
                 + _conv("3x3", 8, 16, 16, 16, 3, padding=1) + _pool("2x2", 8, 16, 16)
                 + _other_ops(8, 16, 16, 128, (64, 10)))
     n = 64
     return ([_step_case(m, n) for m in STEP_MODELS]
             + [_graph_step_case(m, n) for m in STEP_MODELS]
+            + [_amp_step_case(m, n) for m in ("lenet", "mnist-cnn", "resnet-small")]
             # the convolutions and pools of the models above, at batch 64
             + _conv("mnist conv1", n, 1, 28, 32, 3) + _conv("mnist conv2", n, 32, 26, 64, 3)
             + _conv("lenet conv1", n, 1, 28, 6, 5, padding=2)
@@ -498,7 +529,7 @@ def run(quick=False, devices=("cpu",), torch=True, repeat=None, warmup=None, onl
             shared = {}
             for r in runners:    # the first one draws the data and weights, the rest copy them
                 shared = r.ask("setup", case.name, shared)
-            n = repeat if case.kind == "train step" else op_repeat
+            n = repeat if case.kind.startswith("train step") else op_repeat
             for r in runners:
                 r.ask("time", warmup)
             times = [[] for _ in runners]
