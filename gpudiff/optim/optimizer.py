@@ -104,14 +104,21 @@ def _step_captured(plan, opt, step, args, kwargs):
             getattr(type(opt).step, "__wrapped__", None) is not Optimizer.step.__wrapped__:
         plan.add(lambda: step(opt))  # hooks or a step() of its own: rerun all of it
         return out
-    # the base step: the groups' parameters with a .grad are fixed by the capture
-    groups = [(g, [p for p in g["params"] if p.grad is not None]) for g in opt.param_groups]
-    groups = [(g, ps) for g, ps in groups if ps]
+    # the base step: the buckets of parameters with a .grad are fixed by the capture (and
+    # were checked by its step: shapes cannot change, the replay checks its static tensors)
+    buckets = []
+    for g in opt.param_groups:
+        by = {}
+        for p in g["params"]:
+            if p.grad is not None:
+                by.setdefault((p.device, p.dtype), []).append(p)
+        buckets += [(dev, g, ps) for (dev, _), ps in by.items()]
 
     def fast():
         with no_grad():
-            for group, params in groups:
-                opt._step_group(group, params)
+            for dev, group, params in buckets:
+                with runtime.on_device(dev):
+                    opt._apply_bucket(dev, group, params)
         opt._opt_called = True
         opt._step_count = getattr(opt, "_step_count", 0) + 1
     plan.add(fast)
@@ -276,6 +283,10 @@ class Optimizer:
             if p.grad.device != p.device:
                 raise RuntimeError(f"{type(self).__name__}: the gradient is on {p.grad.device} "
                                    f"but the parameter on {p.device}")
+        self._apply_bucket(dev, group, ps)
+
+    def _apply_bucket(self, dev, group, ps):
+        """The update of one checked (device, dtype) bucket (a captured step replays this)."""
         states = [self._state_for(p, group) for p in ps]
         if self._fused_step(dev, group, ps, states) is NotImplemented:
             for p, st in zip(ps, states):
