@@ -23,6 +23,7 @@ NAMESPACES = [
     "gpudiff.optim", "gpudiff.optim.lr_scheduler", "gpudiff.utils.data", "gpudiff.autograd",
     "gpudiff.cuda", "gpudiff.backends.cuda", "gpudiff.datasets", "gpudiff.transforms",
     "gpudiff.profiler", "gpudiff.backends.cudnn", "gpudiff.backends.mps",
+    "gpudiff.amp", "gpudiff.cuda.amp",
 ]
 # documented too when they exist (work in progress may add or remove them)
 OPTIONAL_NAMESPACES = ["gpudiff.distributed", "gpudiff.nn.parallel"]
