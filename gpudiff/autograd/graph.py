@@ -441,34 +441,44 @@ def _run_compiled(compiled, seeds, retain_graph, leaf_plan):
     with no_grad():
         _deliver(slots, root_edges, [s.array for s in seeds], leaf_plan)
         for node, out_slots, edges in sched:
-            gys = [slots[i] for i in out_slots]
-            if all(g is None for g in gys):
-                continue
-            for i in out_slots:
+            if len(out_slots) == 1:  # (most nodes: one output)
+                i = out_slots[0]
+                g = slots[i]
+                if g is None:
+                    continue
                 slots[i] = None
+                gys = (g,)
+            else:
+                gys = [slots[i] for i in out_slots]
+                if all(g is None for g in gys):
+                    continue
+                for i in out_slots:
+                    slots[i] = None
+                if node.ctx.materialize_grads and any(g is None for g in gys):
+                    gys = [g if g is not None else _zeros(*node.out_meta[i], True)
+                           for i, g in enumerate(gys)]
             if node.freed:
                 raise RuntimeError(f"replay: the saved tensors of '{node.name}' were freed "
                                    f"(replay the forward of this graph before its backward)")
-            if node.ctx.materialize_grads and any(g is None for g in gys):
-                gys = [g if g is not None else _zeros(*node.out_meta[i], True)
-                       for i, g in enumerate(gys)]
             grads = _call(node, gys, True, _wrap_array, _unwrap_array)
             if not retain_graph:
                 node.release()
             for e, g in zip(edges, grads):
-                if e is not None and g is not None:
-                    meta = e[2]
-                    if g.shape != meta[0]:
-                        raise RuntimeError(
-                            f"{node.name}: backward returned a gradient of shape "
-                            f"{tuple(g.shape)} for an input of shape {tuple(meta[0])}")
-                    if g.dtype != meta[1]:
-                        g = g.astype(meta[1])
-                    if e[0] is None:
-                        _replay_leaf(e[1], leaf_plan[id(e[1])], g)
-                    else:
-                        s = e[0]
-                        slots[s] = g if slots[s] is None else slots[s] + g
+                if e is None or g is None:
+                    continue
+                meta = e[2]
+                if g.shape != meta[0]:
+                    raise RuntimeError(
+                        f"{node.name}: backward returned a gradient of shape "
+                        f"{tuple(g.shape)} for an input of shape {tuple(meta[0])}")
+                if g.dtype != meta[1]:
+                    g = g.astype(meta[1])
+                s = e[0]
+                if s is None:
+                    _replay_leaf(e[1], leaf_plan[id(e[1])], g)
+                else:
+                    old = slots[s]
+                    slots[s] = g if old is None else old + g
 
 
 def _deliver(slots, edges, grads, leaf_plan):

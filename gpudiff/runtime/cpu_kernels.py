@@ -56,9 +56,13 @@ def _cpu_kernel(name):
 
 def _floats(*arrays):
     """True when every array is a numpy float32/float64 array of one dtype."""
-    a0 = arrays[0]
-    return all(type(a) is np.ndarray and a.dtype in _FLOATS and a.dtype == a0.dtype
-               for a in arrays)
+    d = getattr(arrays[0], "dtype", None)
+    if d not in _FLOATS:
+        return False
+    for a in arrays:  # (a loop, not all(genexpr): this runs on every kernel call)
+        if type(a) is not np.ndarray or a.dtype != d:
+            return False
+    return True
 
 
 def _c(a, dtype=None):
