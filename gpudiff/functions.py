@@ -854,7 +854,7 @@ def _tensor_setitem(self, key, value):
     v = value.array if isinstance(value, Tensor) else value
     k = _index_key(self, key)
     try:
-        self.array[k] = v
+        self._write(self.array.__setitem__, k, v)
     except ValueError:
         raise RuntimeError(f"setitem: shape mismatch: value of shape {tuple(np.shape(v))} "
                            f"cannot be broadcast to the indexed shape "

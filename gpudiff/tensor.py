@@ -352,8 +352,11 @@ class Tensor:
 
     def _alias(self):
         """A copy of self's values that stands for self in the graph (same grad_fn)."""
-        t = Tensor._make(self.device.xp.copy(self.array, order="C"), self.device, self.grad_fn,
-                         self._output_nr)
+        copy = self.device.xp.copy(self.array, order="C")
+        plan = capture.recording()
+        if plan is not None:  # a replay copies this replay's values
+            plan.add(lambda src=self.array: copy.__setitem__(Ellipsis, src))
+        t = Tensor._make(copy, self.device, self.grad_fn, self._output_nr)
         t._requires_grad = self._requires_grad
         return t
 

@@ -463,3 +463,76 @@ def test_pytorch_whole_network_example_runs_by_import_swap():
     assert not np.array_equal(w0, model[0].weight.detach().cpu().numpy())  # it trains
     assert model[0].weight.grad is not None and np.isfinite(losses).all()
     assert losses[-1] < losses[0]  # uniform targets in [0, 1): the fit improves
+
+
+# ---- every op of the op database, captured ---------------------------------------------------
+def _opdb_cases():
+    """The first float64 sample of every op-database entry (all samples: ~2 min; CI time)."""
+    from tests.test_ops import _cases
+    seen, out = set(), []
+    for p in _cases(dtypes=(np.dtype("float64"),)):
+        if p.values[0] not in seen:
+            seen.add(p.values[0])
+            out.append(p)
+    return out
+
+
+@pytest.mark.parametrize("name,dtype,i", _opdb_cases())
+def test_every_op_replays_like_eager(name, dtype, i):
+    """Each op-database sample captured (forward + backward with a fixed upstream gradient)
+    with its inputs' values reversed, then replayed after copy_() of the real values: the
+    outputs and input gradients equal an eager run on the real values, bitwise. An op that
+    cannot be captured must say so with a CaptureError (host syncs, data-dependent shapes)."""
+    import zlib
+
+    from tests.test_ops import _sample, flat, gpudiff_inputs, host, run_gpudiff, upstream
+    entry, sample = _sample(name, dtype, i)
+    if entry.needs_cuda:
+        pytest.skip("a transfer between devices (not capturable by design)")
+    if "dropout" in entry.covers:
+        pytest.skip("a capture draws new dropout masks per replay (device seeds: see "
+                    "test_dropout_draws_new_numbers_each_replay, test_mnist_net_with_dropout...)")
+    want_outs, want_grads = run_gpudiff(entry, sample, "cpu")
+    args, kwargs, leaves = gpudiff_inputs(sample, "cpu", requires_grad=entry.grad)
+    inputs = [t for t in flat((args, kwargs)) if isinstance(t, gpudiff.Tensor)]
+    real = [t.detach().numpy().copy() for t in inputs]
+    with gpudiff.no_grad():
+        for t in inputs:
+            if t.dtype.kind == "f" and t.ndim:  # the same values in another order
+                t.copy_(gpudiff.tensor(np.ascontiguousarray(t.detach().numpy()[::-1])))
+    g = gpudiff.Graph()
+    try:
+        with gpudiff.graph(g):
+            outs = flat(entry.op(gpudiff, *args, **kwargs))
+            diff = [o for o in outs if o.requires_grad] if entry.grad else []
+            if diff and "backward" not in sample.skip:
+                seeds = upstream(diff, zlib.crc32(sample.name.encode()))
+                gpudiff.autograd.backward(diff, [gpudiff.zeros(s.shape, dtype=s.dtype) for s in
+                                                 seeds])
+    except CaptureError as e:
+        assert "captur" in str(e)
+        pytest.skip(f"not capturable: {str(e).split(':')[0]}")
+    with gpudiff.no_grad():
+        for t, r in zip(inputs, real):
+            t.copy_(gpudiff.tensor(r))
+    # the upstream gradients: the captured backward's seeds are its static tensors
+    if diff and "backward" not in sample.skip:
+        for s_arr, want in zip(_seed_arrays(g), seeds):
+            s_arr[...] = want
+    g.replay()
+    for k, (o, w) in enumerate(zip(outs, want_outs)):
+        np.testing.assert_array_equal(host(o), w, err_msg=f"{name}: output {k}")
+    if diff and "backward" not in sample.skip:
+        for k, (t, w) in enumerate(zip(leaves, want_grads)):
+            if w is None:
+                continue
+            np.testing.assert_array_equal(host(t.grad), w, err_msg=f"{name}: gradient {k}")
+
+
+def _seed_arrays(g):
+    """The upstream-gradient arrays a captured backward() reads (in root order)."""
+    for step in g._plan.steps:
+        cells = dict(zip(step.__code__.co_freevars, step.__closure__ or ()))
+        if "seeds" in cells and "leaf_plan" in cells:
+            return [s.array for s in cells["seeds"].cell_contents]
+    raise AssertionError("no captured backward")
