@@ -467,18 +467,22 @@ def test_pytorch_whole_network_example_runs_by_import_swap():
 
 # ---- every op of the op database, captured ---------------------------------------------------
 def _opdb_cases():
-    """The first float64 sample of every op-database entry (all samples: ~2 min; CI time)."""
-    from tests.test_ops import _cases
+    """The first float64 sample of every op-database entry (all samples: ~2 min; CI time) on
+    the CPU, and on the emulated device for the entries whose ops have CUDA kernels."""
+    from tests.test_ops import BY_NAME, _cases
     seen, out = set(), []
     for p in _cases(dtypes=(np.dtype("float64"),)):
-        if p.values[0] not in seen:
-            seen.add(p.values[0])
-            out.append(p)
+        name = p.values[0]
+        if name not in seen:
+            seen.add(name)
+            out.append(pytest.param(*p.values, "cpu", id=p.id + "-cpu"))
+            if BY_NAME[name].kernels:
+                out.append(pytest.param(*p.values, "cuda", id=p.id + "-cuda"))
     return out
 
 
-@pytest.mark.parametrize("name,dtype,i", _opdb_cases())
-def test_every_op_replays_like_eager(name, dtype, i):
+@pytest.mark.parametrize("name,dtype,i,dev", _opdb_cases())
+def test_every_op_replays_like_eager(name, dtype, i, dev):
     """Each op-database sample captured (forward + backward with a fixed upstream gradient)
     with its inputs' values reversed, then replayed after copy_() of the real values: the
     outputs and input gradients equal an eager run on the real values, bitwise. An op that
@@ -492,33 +496,34 @@ def test_every_op_replays_like_eager(name, dtype, i):
     if "dropout" in entry.covers:
         pytest.skip("a capture draws new dropout masks per replay (device seeds: see "
                     "test_dropout_draws_new_numbers_each_replay, test_mnist_net_with_dropout...)")
-    want_outs, want_grads = run_gpudiff(entry, sample, "cpu")
-    args, kwargs, leaves = gpudiff_inputs(sample, "cpu", requires_grad=entry.grad)
+    want_outs, want_grads = run_gpudiff(entry, sample, dev)
+    args, kwargs, leaves = gpudiff_inputs(sample, dev, requires_grad=entry.grad)
     inputs = [t for t in flat((args, kwargs)) if isinstance(t, gpudiff.Tensor)]
-    real = [t.detach().numpy().copy() for t in inputs]
+    real = [t.detach().cpu().numpy().copy() for t in inputs]
     with gpudiff.no_grad():
         for t in inputs:
             if t.dtype.kind == "f" and t.ndim:  # the same values in another order
-                t.copy_(gpudiff.tensor(np.ascontiguousarray(t.detach().numpy()[::-1])))
-    g = gpudiff.Graph()
+                t.copy_(gpudiff.tensor(np.ascontiguousarray(t.detach().cpu().numpy()[::-1]),
+                                       device=dev))
+    g = _graph(dev)
     try:
         with gpudiff.graph(g):
             outs = flat(entry.op(gpudiff, *args, **kwargs))
             diff = [o for o in outs if o.requires_grad] if entry.grad else []
             if diff and "backward" not in sample.skip:
                 seeds = upstream(diff, zlib.crc32(sample.name.encode()))
-                gpudiff.autograd.backward(diff, [gpudiff.zeros(s.shape, dtype=s.dtype) for s in
-                                                 seeds])
+                gpudiff.autograd.backward(diff, [gpudiff.zeros(s.shape, dtype=s.dtype,
+                                                               device=dev) for s in seeds])
     except CaptureError as e:
         assert "captur" in str(e)
         pytest.skip(f"not capturable: {str(e).split(':')[0]}")
     with gpudiff.no_grad():
         for t, r in zip(inputs, real):
-            t.copy_(gpudiff.tensor(r))
+            t.copy_(gpudiff.tensor(r, device=dev))
     # the upstream gradients: the captured backward's seeds are its static tensors
     if diff and "backward" not in sample.skip:
         for s_arr, want in zip(_seed_arrays(g), seeds):
-            s_arr[...] = want
+            s_arr[...] = gpudiff.runtime.to_device(want, gpudiff.device(dev))
     g.replay()
     for k, (o, w) in enumerate(zip(outs, want_outs)):
         np.testing.assert_array_equal(host(o), w, err_msg=f"{name}: output {k}")
