@@ -259,3 +259,18 @@ def test_unsupported_device_dtype_raises_naming_both(device_type, dtype, words):
         assert w in str(e.value)
     with pytest.raises(TypeError, match="device_type"):
         gpudiff.autocast(gpudiff.device("cpu"))
+
+
+def test_backward_inside_the_region_and_gradient_accumulation_equal_torch():
+    """Two micro-batches, each backward inside one autocast region (the cached cast of the
+    weight is reused, then remade once a backward released it), as PyTorch allows."""
+    w = A["w2"]
+    gw = gpudiff.tensor(w, requires_grad=True)
+    tw = torch.tensor(w, requires_grad=True)
+    with gpudiff.autocast("cpu"), torch.autocast("cpu", dtype=torch.bfloat16):
+        for k in ("x2", "y2"):
+            out = GF.cross_entropy(GF.linear(gpudiff.tensor(A[k]), gw), gpudiff.tensor(TARGET))
+            out.backward()
+            TF.cross_entropy(TF.linear(torch.tensor(A[k]), tw), torch.tensor(TARGET)).backward()
+    assert gw.grad.dtype == gpudiff.float32
+    np.testing.assert_allclose(gw.grad.numpy(), tw.grad.numpy(), rtol=0.05, atol=0.02)

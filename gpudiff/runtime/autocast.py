@@ -176,7 +176,9 @@ def _cast(t, dtype, region, lower=False):
         key = (id(t), dtype, grad)
         hit = cache.get(key)
         if hit is not None and hit[0] is t and hit[1] == t._version[0]:
-            return hit[2]
+            fn = hit[2].grad_fn   # (a backward since may have released its node: cast anew,
+            if fn is None or not fn.freed:  # as PyTorch's cast node, which saves nothing)
+                return hit[2]
         r = _cast_op(t, dtype)
         cache[key] = (t, t._version[0], r)
         return r
