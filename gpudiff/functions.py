@@ -310,10 +310,12 @@ greater, less, greater_equal, less_equal, not_equal = gt, lt, ge, le, ne
 
 
 def equal(input, other):
+    capture.check_sync("equal (a Python bool of device values)")
     return input.shape == other.shape and bool(eq(input, other).all())
 
 
 def allclose(input, other, rtol=1e-5, atol=1e-8, equal_nan=False):
+    capture.check_sync("allclose (a Python bool of device values)")
     return bool(np.allclose(np.asarray(input), np.asarray(other), rtol, atol, equal_nan))
 
 

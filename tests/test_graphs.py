@@ -541,3 +541,18 @@ def _seed_arrays(g):
         if "seeds" in cells and "leaf_plan" in cells:
             return [s.array for s in cells["seeds"].cell_contents]
     raise AssertionError("no captured backward")
+
+
+def test_target_checks_run_at_every_replay():
+    """The input checks that read values (cross-entropy's target range) run at each replay
+    of a plan, so a bad target fed after the capture still raises instead of a wrong loss."""
+    logits = gpudiff.zeros(4, 3, requires_grad=True)
+    target = gpudiff.tensor([0, 1, 2, 0])
+    g = gpudiff.Graph()
+    with gpudiff.graph(g):
+        loss = F.cross_entropy(logits, target)
+    g.replay()
+    assert loss.item() == pytest.approx(np.log(3))
+    target.copy_(gpudiff.tensor([0, 1, 3, 0]))
+    with pytest.raises(IndexError, match="target 3 is out of bounds for 3 classes"):
+        g.replay()

@@ -152,12 +152,19 @@ def pad(input, pad, mode="constant", value=None):
     return out
 
 
+def _ids_in_range(a, v):
+    if a.size and (int(a.min()) < 0 or int(a.max()) >= v):
+        raise IndexError(f"embedding: index out of range in self (ids must be in [0, {v}), "
+                         f"got min {int(a.min())}, max {int(a.max())})")
+
+
 def one_hot(tensor, num_classes=-1):
     if tensor.dtype.kind not in "iu":
         raise RuntimeError("one_hot is only applicable to index tensor")
     xp = tensor.device.xp
     a = tensor.array
     if num_classes < 0:
+        _capture.check_shape_known("one_hot without num_classes")
         num_classes = int(a.max()) + 1 if a.size else 0
     if a.size and (int(a.min()) < 0 or int(a.max()) >= num_classes):
         raise RuntimeError(f"one_hot: class values must be in [0, {num_classes})")
@@ -277,7 +284,10 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index=-1
 
 
 def _check_target_range(name, t, c, ignore_index):
-    a = t.array
+    _capture.host_check(_target_range, name, t.array, c, ignore_index)
+
+
+def _target_range(name, a, c, ignore_index):
     if a.size:
         bad = (a != ignore_index) & ((a < 0) | (a >= c))
         if bool(bad.any()):
@@ -351,15 +361,18 @@ def huber_loss(input, target, reduction="mean", delta=1.0):
     return _reduce(loss, reduction, "huber_loss")
 
 
+def _probabilities(a):
+    if a.size and bool(((a < 0) | (a > 1)).any()):
+        raise RuntimeError("binary_cross_entropy: all elements of input should be between "
+                           "0 and 1")
+
+
 def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=None,
                          reduction="mean"):
     input, target, weight = _autocast_inputs("binary_cross_entropy", input, target,
                                              weight)
     _same_shape("binary_cross_entropy", input, target)
-    a = input.array
-    if a.size and bool(((a < 0) | (a > 1)).any()):
-        raise RuntimeError("binary_cross_entropy: all elements of input should be between "
-                           "0 and 1")
+    _capture.host_check(_probabilities, input.array)
     # torch clamps the logs at -100 so that 0 * log(0) stays finite
     loss = -(target * input.log().clamp(min=-100) + (1 - target) *
              (1 - input).log().clamp(min=-100))
@@ -870,9 +883,7 @@ def embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0,
             raise AssertionError("Padding_idx must be within num_embeddings")
         padding_idx = padding_idx % v
     a = input.array
-    if a.size and (int(a.min()) < 0 or int(a.max()) >= v):
-        raise IndexError(f"embedding: index out of range in self (ids must be in [0, {v}), "
-                         f"got min {int(a.min())}, max {int(a.max())})")
+    _capture.host_check(_ids_in_range, a, v)
     xp = weight.device.xp
     if max_norm is not None:
         rows = xp.unique(a)

@@ -80,7 +80,7 @@ class Plan:
         state = self._seeds.get(device)
         if state is None:
             xp = device.xp
-            base = xp.asarray(np.uint64(draw()))
+            base = xp.full((), draw(), dtype=np.uint64)  # (a fill kernel: no copy)
             counter = xp.zeros((), dtype=np.uint64)
 
             def bump():
@@ -146,6 +146,18 @@ def recording():
     if p is not None and p.depth == 0:
         return p
     return None
+
+
+def host_check(fn, *args):
+    """Run ``fn(*args)``, an input check that reads device values on the host (target
+    ranges, index bounds). Inside a capture on the CPU or the emulated device the plan runs it
+    again at every replay (the values change); a real GPU's captured graph cannot read
+    device values, so there it checks the capture's values only (PyTorch asserts in the
+    kernel instead)."""
+    p = active
+    if p is not None and p.depth == 0 and p.record:
+        p.add(lambda: fn(*args))
+    fn(*args)
 
 
 def check_sync(what):
