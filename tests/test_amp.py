@@ -274,3 +274,13 @@ def test_backward_inside_the_region_and_gradient_accumulation_equal_torch():
             TF.cross_entropy(TF.linear(torch.tensor(A[k]), tw), torch.tensor(TARGET)).backward()
     assert gw.grad.dtype == gpudiff.float32
     np.testing.assert_allclose(gw.grad.numpy(), tw.grad.numpy(), rtol=0.05, atol=0.02)
+
+
+def test_autocast_inside_a_graph_capture_raises():
+    w, x = gpudiff.randn(3, 5, requires_grad=True), gpudiff.randn(2, 5)
+    g = gpudiff.Graph()
+    with pytest.raises(RuntimeError, match="autocast.*graph capture"):
+        with gpudiff.autocast("cpu"), gpudiff.graph(g):
+            GF.linear(x, w)
+    with gpudiff.autocast("cpu"):   # autocast and the engine are fine after the error
+        assert GF.linear(x, w).dtype == gpudiff.bfloat16
