@@ -325,22 +325,50 @@ __device__ __forceinline__ void tile_store(const T* s, gptr<T> dst, long long ro
 // GPU (sm_80+): inline PTX. Emulator: a warp meeting (csrc/cuda_host/emulator.cpp) that
 // gathers the 32 lanes' registers and computes the product from these layouts. All 32 lanes
 // of the warp must call it together (.aligned); d may alias c.
+#define GD_MMA_TILE(NAME)                                                                      \
+    template <int MT, int NT>                                                                  \
+    __device__ __forceinline__ void NAME##_tile(float (&acc)[MT][NT][4],                       \
+                                                const unsigned (&a)[MT][4],                    \
+                                                const unsigned (&b)[NT][2]) {                  \
+        GD_UNROLL                                                                              \
+        for (int i = 0; i < MT; ++i)                                                           \
+            GD_UNROLL                                                                          \
+            for (int j = 0; j < NT; ++j) NAME(acc[i][j], a[i], b[j], acc[i][j]);               \
+    }
+// NAME##_tile(acc, a, b): acc[i][j] = a[i] * b[j] + acc[i][j] for an MT x NT grid of tiles of
+// one warp: MT * NT of the mma.sync above (on the GPU exactly that loop; in the emulator one
+// warp meeting for all of them, the same products with fewer fiber switches).
 #if defined(GPUDIFF_CUDA_HOST)
 namespace mma_detail {
-template <int OP>
-inline void run(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2],
-                const float (&c)[4]) {
-    gd_host::MmaFragments f;
-    for (int i = 0; i < 4; ++i) f.a[i] = a[i], f.c[i] = c[i];
-    f.b[0] = b[0], f.b[1] = b[1];
-    gd_host::warp_mma(static_cast<gd_host::WarpOp>(OP), &f);
-    for (int i = 0; i < 4; ++i) d[i] = f.d[i];
+template <int OP, int MT, int NT>
+inline void tile(float (&acc)[MT][NT][4], const unsigned (&a)[MT][4], const unsigned (&b)[NT][2]) {
+    gd_host::MmaFragments f[MT * NT];
+    for (int i = 0; i < MT; ++i)
+        for (int j = 0; j < NT; ++j) {
+            gd_host::MmaFragments& x = f[i * NT + j];
+            for (int r = 0; r < 4; ++r) x.a[r] = a[i][r], x.c[r] = acc[i][j][r];
+            x.b[0] = b[j][0], x.b[1] = b[j][1];
+        }
+    gd_host::warp_mma(static_cast<gd_host::WarpOp>(OP), f, MT * NT);
+    for (int i = 0; i < MT; ++i)
+        for (int j = 0; j < NT; ++j)
+            for (int r = 0; r < 4; ++r) acc[i][j][r] = f[i * NT + j].d[r];
 }
 }  // namespace mma_detail
 #define GD_MMA(NAME, PTX, OP)                                                                  \
     __device__ __forceinline__ void NAME(float (&d)[4], const unsigned (&a)[4],                \
                                          const unsigned (&b)[2], const float (&c)[4]) {        \
-        mma_detail::run<static_cast<int>(gd_host::WarpOp::OP)>(d, a, b, c);                    \
+        float acc[1][1][4] = {{{c[0], c[1], c[2], c[3]}}};                                     \
+        const unsigned aa[1][4] = {{a[0], a[1], a[2], a[3]}};                                  \
+        const unsigned bb[1][2] = {{b[0], b[1]}};                                              \
+        mma_detail::tile<static_cast<int>(gd_host::WarpOp::OP)>(acc, aa, bb);                  \
+        for (int r = 0; r < 4; ++r) d[r] = acc[0][0][r];                                       \
+    }                                                                                          \
+    template <int MT, int NT>                                                                  \
+    __device__ __forceinline__ void NAME##_tile(float (&acc)[MT][NT][4],                       \
+                                                const unsigned (&a)[MT][4],                    \
+                                                const unsigned (&b)[NT][2]) {                  \
+        mma_detail::tile<static_cast<int>(gd_host::WarpOp::OP)>(acc, a, b);                    \
     }
 #elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
 #define GD_MMA(NAME, PTX, OP)                                                                  \
@@ -351,18 +379,21 @@ inline void run(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2],
                      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])                          \
                      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]),        \
                        "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]));                             \
-    }
+    }                                                                                          \
+    GD_MMA_TILE(NAME)
 #else  // older GPUs have no mma.sync of these shapes: the wrappers never pick these kernels there
 #define GD_MMA(NAME, PTX, OP)                                                                  \
     __device__ __forceinline__ void NAME(float (&d)[4], const unsigned (&)[4],                 \
                                          const unsigned (&)[2], const float (&c)[4]) {         \
         __trap();                                                                              \
-    }
+    }                                                                                          \
+    GD_MMA_TILE(NAME)
 #endif
 GD_MMA(mma_m16n8k8_tf32, "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32", MmaTf32)
 GD_MMA(mma_m16n8k16_f16, "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32", MmaF16)
 GD_MMA(mma_m16n8k16_bf16, "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32", MmaBf16)
 #undef GD_MMA
+#undef GD_MMA_TILE
 
 // cvt.rna.tf32.f32: x rounded to TF32 (sign, 8 exponent bits, 10 mantissa bits) to nearest,
 // ties away from zero, as a float bit pattern whose low 13 bits are zero. The emulator (and a

@@ -47,6 +47,12 @@ struct Tf32 {
                                                const unsigned (&b)[2], const float (&c)[4]) {
         gd::mma_m16n8k8_tf32(d, a, b, c);
     }
+    template <int MT, int NT>
+    __device__ __forceinline__ static void mma_tile(float (&acc)[MT][NT][4],
+                                                    const unsigned (&a)[MT][4],
+                                                    const unsigned (&b)[NT][2]) {
+        gd::mma_m16n8k8_tf32_tile(acc, a, b);
+    }
 };
 struct F16 {
     using E = unsigned short;
@@ -58,11 +64,23 @@ struct F16 {
                                                const unsigned (&b)[2], const float (&c)[4]) {
         gd::mma_m16n8k16_f16(d, a, b, c);
     }
+    template <int MT, int NT>
+    __device__ __forceinline__ static void mma_tile(float (&acc)[MT][NT][4],
+                                                    const unsigned (&a)[MT][4],
+                                                    const unsigned (&b)[NT][2]) {
+        gd::mma_m16n8k16_f16_tile(acc, a, b);
+    }
 };
 struct Bf16 : F16 {
     __device__ __forceinline__ static void mma(float (&d)[4], const unsigned (&a)[4],
                                                const unsigned (&b)[2], const float (&c)[4]) {
         gd::mma_m16n8k16_bf16(d, a, b, c);
+    }
+    template <int MT, int NT>
+    __device__ __forceinline__ static void mma_tile(float (&acc)[MT][NT][4],
+                                                    const unsigned (&a)[MT][4],
+                                                    const unsigned (&b)[NT][2]) {
+        gd::mma_m16n8k16_bf16_tile(acc, a, b);
     }
 };
 
@@ -274,10 +292,7 @@ GD_UNROLL
                 b[nt][0] = c0[0];
                 b[nt][1] = c0[4];
             }
-GD_UNROLL
-            for (int mt = 0; mt < 2; ++mt)
-GD_UNROLL
-                for (int nt = 0; nt < 4; ++nt) P::mma(acc[mt][nt], a[mt], b[nt], acc[mt][nt]);
+            P::mma_tile(acc, a, b);  // the warp's 2 x 4 mma.sync
         }
         // the other buffer was last read in the previous step, before its closing barrier
         if (more) {

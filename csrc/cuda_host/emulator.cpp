@@ -505,13 +505,26 @@ float mma_operand(WarpOp op, uint32_t reg, int half) {
     return f;
 }
 
+void mma_product(WarpOp op, Thread* lanes, int q);
+
 void mma_complete(WarpOp op, Thread* lanes) {
+    const int count = lanes[0].param;
+    for (int l = 1; l < 32; ++l)
+        if (lanes[l].param != count)
+            throw KernelError(where() + fmt("%s: lanes 0 and %d issue %d and %d products (the "
+                                            "warp must run the same mma.sync instructions)",
+                                            op_name(op), l, count, lanes[l].param));
+    for (int q = 0; q < count; ++q) mma_product(op, lanes, q);
+}
+
+// product q of the meeting: D = A * B + C from each lane's fragments f[q]
+void mma_product(WarpOp op, Thread* lanes, int q) {
     const bool tf32 = op == WarpOp::MmaTf32;
     const int K = tf32 ? 8 : 16;
     float A[16][16], B[16][8], C[16][8];
     int seen_a[16][16] = {}, seen_b[16][8] = {};
     for (int l = 0; l < 32; ++l) {
-        const MmaFragments* f = reinterpret_cast<const MmaFragments*>(lanes[l].xin);
+        const MmaFragments* f = reinterpret_cast<const MmaFragments*>(lanes[l].xin) + q;
         int g = l >> 2;
         const int t = l & 3;
         const int ga = (g_mma_fault == 1 && g < 2) ? g ^ 1 : g;  // fault 1: rows of groups 0, 1
@@ -536,7 +549,7 @@ void mma_complete(WarpOp op, Thread* lanes) {
                 throw KernelError(where() + "mma: the fragment layout does not cover the "
                                             "matrices exactly once (emulator bug)");
     for (int l = 0; l < 32; ++l) {
-        MmaFragments* f = reinterpret_cast<MmaFragments*>(lanes[l].xin);
+        MmaFragments* f = reinterpret_cast<MmaFragments*>(lanes[l].xin) + q;
         const int g = l >> 2, t = l & 3;
         for (int i = 0; i < 4; ++i) {
             const int row = g + 8 * (i >> 1);
@@ -642,10 +655,10 @@ unsigned long long warp_collective(WarpOp op, unsigned mask, unsigned long long 
     return me().xout;
 }
 
-void warp_mma(WarpOp op, MmaFragments* f) {
+void warp_mma(WarpOp op, MmaFragments* f, int count) {
     // .aligned: all 32 lanes execute the same mma.sync (warp_collective checks they exist,
     // have not returned and meet at the same instruction)
-    warp_collective(op, 0xffffffffu, reinterpret_cast<unsigned long long>(f), 0, 32);
+    warp_collective(op, 0xffffffffu, reinterpret_cast<unsigned long long>(f), count, 32);
 }
 
 void set_mma_fault(int fault) { g_mma_fault = fault; }

@@ -51,7 +51,9 @@ struct MmaFragments {
     float c[4];
     float d[4];
 };
-void warp_mma(WarpOp op, MmaFragments* f);
+// `count` independent products in one meeting (f[0..count), the same count in every lane):
+// common.cuh's mma_*_tile wrappers, MT x NT mma.sync of one warp with fewer fiber switches.
+void warp_mma(WarpOp op, MmaFragments* f, int count = 1);
 // A deliberately wrong fragment layout, for the tests that prove the layouts matter:
 // 0 none (the PTX ISA's layouts), 1 swap the rows of lanes 0 and 4's A fragments (groupID 0
 // and 1 exchange their A rows), 2 read B's k index with threadID_in_group and the register
