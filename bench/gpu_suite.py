@@ -19,7 +19,8 @@ On a machine with an NVIDIA GPU and CuPy (``pip install -e ".[cuda,test]"``):
      TF32 (gpudiff.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32 = True),
      FP16 and BF16 (float16 / bfloat16 inputs on both sides), each pass timed against
      PyTorch with the same flags, results checked against an FP32 convolution of the same
-     rounded inputs with each precision's tolerance.
+     rounded inputs with each precision's tolerance; training steps in TF32 and under
+     float16 / bfloat16 autocast against PyTorch with the same settings.
 Sections 1-4 are FP32: gpudiff's TF32 switches are turned off for them as PyTorch's are.
 
 Without a GPU it runs the same code on the emulated device (GPUDIFF_CUDA=emulate: our .cu
@@ -499,10 +500,13 @@ def memory_rows(env, batch, tiny, repeat, bandwidth):
 MODELS = {"lenet": (1, 28), "mnist-cnn": (1, 28), "resnet-small": (3, 32)}
 
 
-def train_step_time(framework, device, model, batch, repeat, env, image=None, graph=False):
+def train_step_time(framework, device, model, batch, repeat, env, image=None, graph=False,
+                    precision=None):
     """Median seconds of one SGD training step; ``graph``: the step captured once after 3
     warm-up steps on a side stream (PyTorch's recipe) and replayed (gpudiff.cuda.CUDAGraph
-    or torch.cuda.CUDAGraph; on the CPU, gpudiff.Graph, and PyTorch's eager step)."""
+    or torch.cuda.CUDAGraph; on the CPU, gpudiff.Graph, and PyTorch's eager step).
+    ``precision`` (eager steps): 'tf32' (both frameworks' TF32 switches on), 'float16' /
+    'bfloat16' (the forward under autocast, a GradScaler-free step: the times are the point)."""
     import importlib
     from gpudiff.models import create_model
     lib = importlib.import_module(framework)
@@ -520,7 +524,9 @@ def train_step_time(framework, device, model, batch, repeat, env, image=None, gr
 
     def step():
         opt.zero_grad()
-        F.cross_entropy(net(x), y).backward()
+        with _precision(lib, framework, device, precision):
+            loss = F.cross_entropy(net(x), y)
+        loss.backward()
         opt.step()
 
     def sync():
@@ -550,6 +556,49 @@ def train_step_time(framework, device, model, batch, repeat, env, image=None, gr
         sync()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
+
+
+class _precision:
+    """The settings of a training step's precision (see train_step_time), for a block."""
+
+    def __init__(self, lib, framework, device, precision):
+        self.lib, self.framework, self.device, self.precision = lib, framework, device, precision
+        self.ctx = contextlib.nullcontext()
+
+    def __enter__(self):
+        b = self.lib.backends
+        self.old = (b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32)
+        b.cudnn.allow_tf32 = b.cuda.matmul.allow_tf32 = self.precision == "tf32"
+        if self.precision in ("float16", "bfloat16"):
+            dt = getattr(self.lib, self.precision)
+            self.ctx = self.lib.autocast(self.device, dtype=dt)
+        return self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        self.ctx.__exit__(*exc)
+        b = self.lib.backends
+        b.cudnn.allow_tf32, b.cuda.matmul.allow_tf32 = self.old
+
+
+def train_precision_rows(env, tiny, repeat):
+    """Training steps in TF32 and under float16 / bfloat16 autocast: gpudiff on the cuda
+    device vs PyTorch with the same settings (on the emulated device PyTorch runs on the CPU,
+    where float16 autocast may be missing: NaN)."""
+    rows = []
+    models = ["lenet"] if tiny else ["lenet", "resnet-small"]
+    for model in models:
+        for b in ([2] if tiny else [64, 256]):
+            for precision in ("fp32", "tf32", "float16", "bfloat16"):
+                prec = None if precision == "fp32" else precision
+                g = train_step_time("gpudiff", "cuda", model, b, repeat, env, precision=prec)
+                try:
+                    t = train_step_time("torch", env.tdev, model, b, repeat, env, precision=prec)
+                except RuntimeError:
+                    t = float("nan")
+                rows.append({"model": model, "batch": b, "precision": precision,
+                             "gpudiff_cuda_ms": 1e3 * g, "torch_ms": 1e3 * t,
+                             "ratio_vs_torch": g / t})
+    return rows
 
 
 def train_rows(env, tiny, repeat):
@@ -640,6 +689,13 @@ def report_text(res):
         ("x torch", lambda r: f"{r['ratio_vs_torch']:.2f}", 8),
         ("TFLOP/s", lambda r: f"{r['tflops']:.2f}", 8),
         ("ok", lambda r: "ok" if r["ok"] else "FAIL", 4)]))
+    lines += ["", "training steps by precision (same settings on both sides, ms per step):"]
+    lines.append(fmt_table(res["train_precision"], [
+        ("model", lambda r: r["model"], 14), ("batch", lambda r: str(r["batch"]), 6),
+        ("precision", lambda r: r["precision"], 9),
+        ("gpudiff cuda", lambda r: f"{r['gpudiff_cuda_ms']:.1f}", 13),
+        ("torch", lambda r: f"{r['torch_ms']:.1f}", 9),
+        ("x torch", lambda r: f"{r['ratio_vs_torch']:.2f}", 8)]))
     return "\n".join(lines)
 
 
@@ -670,6 +726,7 @@ def _run(out, tiny=False, repeat=None):
         "memory": memory_rows(env, batch, tiny, repeat, bw),
         "train": train_rows(env, tiny, max(1, repeat // 2)),
         "tensor_core": tensor_core_cases(env, batch, tiny, repeat),
+        "train_precision": train_precision_rows(env, tiny, max(1, repeat // 2)),
     }
     res["seconds"] = round(time.time() - t0, 1)
     res["all_ok"] = (all(r["ok"] for r in res["conv"] + res["memory"] + res["tensor_core"])

@@ -802,6 +802,9 @@ def test_gpu_suite_runs_on_the_emulated_device(tmp_path):
     assert {(r["precision"], r["ran"]) for r in saved["tensor_core"]} == {
         ("tf32", "tf32"), ("float16", "f16"), ("bfloat16", "bf16")}
     assert len(saved["tensor_core"]) == 9 and all(r["ok"] for r in saved["tensor_core"])
+    assert [r["precision"] for r in saved["train_precision"]] == ["fp32", "tf32", "float16",
+                                                                  "bfloat16"]
+    assert all(r["gpudiff_cuda_ms"] > 0 for r in saved["train_precision"])
     assert (tmp_path / "gpu_suite.txt").read_text().startswith("gpudiff GPU suite")
 
 

@@ -169,7 +169,7 @@ def _algorithm(geom, pass_, run, some_array, tf32=False):
                          f"{CONV_ALGORITHMS}, got {algo!r}")
     if algo == "auto":
         if benchmark and is_cupy(some_array):
-            algo = _fastest(geom, pass_, run, some_array)
+            algo = _fastest(geom, pass_, run, some_array, tf32=tf32)
         else:  # (the emulator's times say nothing about a GPU's: the heuristic there)
             algo = choose_conv_algorithm(geom, pass_, tf32)
     last_conv_algorithm[pass_] = algo
@@ -178,10 +178,10 @@ def _algorithm(geom, pass_, run, some_array, tf32=False):
     return algo
 
 
-def _fastest(geom, pass_, run, some_array, repeats=3):
-    """cudnn.benchmark on a real GPU: time every algorithm once per (pass, geometry, dtype)
-    with CUDA events and keep the fastest (not yet run on a GPU)."""
-    key = (pass_, geom.kernel_args(), some_array.dtype.str)
+def _fastest(geom, pass_, run, some_array, repeats=3, tf32=False):
+    """cudnn.benchmark on a real GPU: time every algorithm once per (pass, geometry, dtype,
+    TF32 allowed) with CUDA events and keep the fastest (not yet run on a GPU)."""
+    key = (pass_, geom.kernel_args(), some_array.dtype.str, tf32)
     best = benchmark_cache.get(key)
     if best is None:
         cupy = importlib.import_module("cupy")
