@@ -1,6 +1,8 @@
 """Autocast: op output dtypes equal PyTorch's CPU autocast op by op (PyTorch is the oracle on
 the CPU) and follow PyTorch's documented CUDA lists on the (emulated) cuda device; casts are
 differentiable and cached; regions nest, disable and decorate; bad arguments raise."""
+import re
+
 import numpy as np
 import pytest
 
@@ -284,3 +286,17 @@ def test_autocast_inside_a_graph_capture_raises():
             GF.linear(x, w)
     with gpudiff.autocast("cpu"):   # autocast and the engine are fine after the error
         assert GF.linear(x, w).dtype == gpudiff.bfloat16
+
+
+def test_every_policy_name_is_an_op_or_a_function_that_casts():
+    """No dead entries: each name of the policy table is a registered primitive op (cast in
+    ops.apply) or a public function that casts its inputs under that name."""
+    import inspect
+
+    import gpudiff.functions
+    from gpudiff.runtime.autocast import POLICIES
+    src = inspect.getsource(GF) + inspect.getsource(gpudiff.functions)
+    for device_type, table in POLICIES.items():
+        for name in table:
+            casts = re.search(r"cast_inputs\(\s*\"" + name + "\"", src)
+            assert name in gpudiff.ops.REGISTRY or casts, (device_type, name)

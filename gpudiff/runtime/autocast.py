@@ -9,7 +9,7 @@ dispatch by the policy of the op's name for the device type, PyTorch's autocast 
   'fp32'     run in float32 (float16 / bfloat16 inputs cast up): on CUDA the numerically
              sensitive ops (exp, log, pow, softmax, sum, the losses, layer_norm, ...); on
              the CPU the losses and prod (PyTorch's CPU list: softmax and sum keep bf16)
-  'promote'  mixed floating inputs run in their widest dtype (cat, stack, scatter_add)
+  'promote'  mixed floating inputs run in their widest dtype (cat and stack, scatter_add)
   (others)   run in their inputs' dtype
 
 Names are primitive ops (``conv2d``, ``sum``) and, for functions composed of several ops,
@@ -30,7 +30,7 @@ _LOW_COMMON = ("conv2d", "conv_transpose2d", "linear", "matmul")
 _FP32_LOSSES = ("cross_entropy", "nll_loss", "mse_loss", "l1_loss", "smooth_l1_loss",
                 "huber_loss", "kl_div", "binary_cross_entropy", "binary_cross_entropy_with_logits",
                 "multi_margin_loss")
-_PROMOTE = ("cat", "stack", "scatter_add")
+_PROMOTE = ("cat", "scatter_add")   # (stack is cat)
 
 #: device type -> {op or function name: policy} (PyTorch's lists, autocast_mode.cpp)
 POLICIES = {
