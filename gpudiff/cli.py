@@ -89,6 +89,14 @@ def _train_parser(sub):
                         "ui.perfetto.dev) into --out")
     p.add_argument("--limit", type=_positive_int, metavar="N",
                    help="use only the first N training and test images (quick runs, tests)")
+    p.add_argument("--graph", action="store_true",
+                   help="capture the training step once (gpudiff.Graph; a CUDA graph on cuda) "
+                        "after 2 warm-up steps and replay it for every batch (docs/GRAPHS.md); "
+                        "a model that cannot be captured trains eagerly, with the reason")
+    p.add_argument("--amp", choices=("fp16", "bf16"),
+                   help="mixed precision: autocast (convolutions and linear layers in float16 /"
+                        " bfloat16, docs/AMP.md); fp16 also scales the loss (GradScaler) and "
+                        "skips steps whose gradients overflow (counted per epoch)")
     prog = p.add_mutually_exclusive_group()
     prog.add_argument("--progress", dest="progress", action="store_true",
                       help="always show progress bars (default: when stderr is a terminal)")

@@ -61,7 +61,9 @@ CHECKPOINT = "checkpoint"
 # the settings a resumed run must share with the run that wrote the checkpoint: anything
 # else (epochs, device, data_dir, progress) may differ
 _RESUME_KEYS = ("model", "dataset", "batch_size", "lr", "optimizer", "momentum",
-                "weight_decay", "augment", "scheduler", "step_size", "gamma", "seed", "limit")
+                "weight_decay", "augment", "scheduler", "step_size", "gamma", "seed", "limit",
+                "amp")
+AMP_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}   # --amp: autocast's dtype
 
 
 class ConfigError(ValueError):
@@ -92,6 +94,8 @@ class TrainConfig:
     limit: int = None             # use only the first N training (and test) samples
     progress: bool = None         # tqdm bars; None: only when stderr is a terminal
     profile: int = None           # profile N training steps (profile.txt, trace.json in out)
+    graph: bool = False           # capture the training step once, replay it (docs/GRAPHS.md)
+    amp: str = None               # mixed precision: 'fp16' (autocast + GradScaler) or 'bf16'
 
     def resolved(self):
         """A copy with the None defaults that depend on other fields filled in."""
@@ -114,6 +118,8 @@ def check_config(c):
     choose("dataset", c.dataset, DATASETS)
     choose("optimizer", c.optimizer, OPTIMIZERS)
     choose("scheduler", c.scheduler, SCHEDULERS)
+    if c.amp is not None:
+        choose("amp", c.amp, tuple(AMP_DTYPES))
     for name in ("epochs", "batch_size", "step_size"):
         v = getattr(c, name)
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
@@ -481,6 +487,40 @@ def _dist_initialized():
     return d is not None and d.is_initialized()
 
 
+class CapturedStep:
+    """``--graph``: the training step (forward, loss, backward, optimizer step) captured once
+    into a ``gpudiff.Graph`` (``gpudiff.cuda.CUDAGraph`` on cuda) on static input tensors, and
+    replayed for every batch of the captured size (docs/GRAPHS.md). The caller runs warm-up
+    steps eagerly first; a batch of another size (the last one) runs eagerly too."""
+
+    def __init__(self, net, opt, x, y):
+        import gpudiff
+        from .nn import functional as F
+        dev = x.device
+        self.x = gpudiff.zeros(x.shape, dtype=x.dtype, device=dev)
+        self.y = gpudiff.zeros(y.shape, dtype=y.dtype, device=dev)
+        self.x.copy_(x)
+        self.y.copy_(y)
+        self.graph = gpudiff.cuda.CUDAGraph() if dev.type == "cuda" else gpudiff.Graph()
+        ctx = gpudiff.cuda.graph if dev.type == "cuda" else gpudiff.graph
+        opt.zero_grad(set_to_none=True)
+        with ctx(self.graph):
+            self.out = net(self.x)                                  # (B, classes) logits
+            self.loss = F.cross_entropy(self.out, self.y)
+            self.loss.backward()
+            opt.step()
+
+    def __call__(self, x, y):
+        """One training step on (x, y): (loss, logits), the graph's static tensors."""
+        self.x.copy_(x)
+        self.y.copy_(y)
+        self.graph.replay()
+        return self.loss, self.out
+
+
+_GRAPH_WARMUP = 2  # eager steps before the capture (lazily made optimizer state exists then)
+
+
 @gpudiff.no_grad()
 def evaluate(model, loader, device, world=None):
     """(mean cross-entropy, accuracy) of ``model`` over ``loader`` (with several ranks: each
@@ -564,6 +604,9 @@ def train(config, log=print, on_step=None, given=None):
                                  info["num_classes"]).to(device)
     opt = make_optimizer(c, model.parameters())
     sched = make_scheduler(c, opt)
+    # --amp: autocast around the forward; float16 also scales the loss (GradScaler)
+    amp_dtype = getattr(gpudiff, AMP_DTYPES[c.amp]) if c.amp else None
+    scaler = gpudiff.amp.GradScaler(device.type, enabled=c.amp == "fp16")
     train_loader = make_loader(train_ds, c.batch_size, True, shuffle_gen)
     test_loader = make_loader(test_ds, 1000, False)
     n_batches = len(train_loader)
@@ -574,6 +617,8 @@ def train(config, log=print, on_step=None, given=None):
         opt.load_state_dict(state["optimizer"])
         if sched is not None and state.get("scheduler") is not None:
             sched.load_state_dict(state["scheduler"])
+        if scaler.is_enabled() and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
         history = list(state["history"])
         start_epoch, skip = int(state["epoch"]), int(state["step"])
         partial = state.get("partial")
@@ -619,7 +664,9 @@ def train(config, log=print, on_step=None, given=None):
     per_rank = f" ({c.batch_size // world.size}-{-(-c.batch_size // world.size)} per rank)" \
         if world.size > 1 else ""
     log(f"optimizer {c.optimizer} lr={c.lr:g}{wd}, {sch} | batch {c.batch_size}{per_rank} | "
-        f"epochs {c.epochs}{aug} | seed {c.seed} | out {out}")
+        f"epochs {c.epochs}{aug} | seed {c.seed} | out {out}"
+        + (f" | amp {c.amp} (autocast {amp_dtype}"
+           + (", GradScaler)" if scaler.is_enabled() else ")") if c.amp else ""))
     if state is not None:
         where = f"epoch {start_epoch}" + (f", step {skip}/{n_batches}" if skip else "")
         log(f"resumed from {ckpt_path} ({where})")
@@ -634,6 +681,7 @@ def train(config, log=print, on_step=None, given=None):
             "model": model.state_dict(),
             "optimizer": opt.state_dict(),
             "scheduler": None if sched is None else sched.state_dict(),
+            "scaler": scaler.state_dict(),
             "epoch": epoch, "step": step, "partial": part,
             "rng": {"gpudiff": gpudiff.get_rng_state(), "shuffle": epoch_start_rng},
             "history": history, "config": dataclasses.asdict(c),
@@ -658,6 +706,16 @@ def train(config, log=print, on_step=None, given=None):
     if c.profile and world.main:
         from .profiler import TrainingProfile
         profiler = TrainingProfile(out, c.profile, log=log)
+    captured, graph_note = None, None     # --graph: the CapturedStep once it is made
+    if c.graph and c.amp:
+        log("--graph: not with --amp (the captured step has no autocast or loss scaling); "
+            "training eagerly")
+        graph_note = "eager fallback"
+    if c.graph and (world.size > 1 or profiler is not None):
+        log("--graph: " + ("not with --nproc > 1 (DDP's all-reduce hooks run per step)"
+                           if world.size > 1 else "not with --profile (it times eager ops)")
+            + "; training eagerly")
+        graph_note = "eager fallback"
     t_run = time.perf_counter()
     with _InterruptFlag() as flag:
         for epoch in range(start_epoch, c.epochs):
@@ -687,15 +745,37 @@ def train(config, log=print, on_step=None, given=None):
                         xs, ys, weight = x[:1], y[:1], 0.0  # sample with weight 0
                     x, y = xs, ys
                 x, y = x.to(device), y.to(device)
-                out_ = net(x)                                       # (B, classes) logits
-                if world.size > 1:
-                    loss_sum = F.cross_entropy(out_, y, reduction="sum")
-                    loss = loss_sum * (weight * world.size / b)
+                if c.graph and captured is None and graph_note is None \
+                        and step > _GRAPH_WARMUP + skip:
+                    try:
+                        captured = CapturedStep(net, opt, x, y)
+                        graph_note = "captured"
+                        log(f"--graph: training step captured ({captured.graph.num_steps} "
+                            f"steps replayed per batch of {x.shape[0]})")
+                    except Exception as e:  # noqa: BLE001 (any reason: say it, go on eagerly)
+                        graph_note = "eager fallback"
+                        log(f"--graph: this model's step cannot be captured "
+                            f"({type(e).__name__}: {str(e).splitlines()[0]}); training eagerly")
+                if captured is not None and x.shape == captured.x.shape:
+                    loss, out_ = captured(x, y)                     # replay: the whole step
                 else:
-                    loss = F.cross_entropy(out_, y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+                    with gpudiff.autocast(device.type, amp_dtype, enabled=c.amp is not None):
+                        out_ = net(x)                               # (B, classes) logits
+                        if world.size > 1:
+                            loss_sum = F.cross_entropy(out_, y, reduction="sum")
+                            loss = loss_sum * (weight * world.size / b)
+                        else:
+                            loss = F.cross_entropy(out_, y)
+                    opt.zero_grad()
+                    if scaler.is_enabled():   # --amp fp16: a step with inf/NaN is skipped
+                        scaler.scale(loss).backward()
+                        before = scaler.get_scale()
+                        scaler.step(opt)
+                        scaler.update()
+                        part["skipped"] = part.get("skipped", 0) + (scaler.get_scale() < before)
+                    else:
+                        loss.backward()
+                        opt.step()
                 if world.size > 1:
                     part["loss_sum"] += loss_sum.item() * weight
                     part["correct"] += (out_.argmax(1) == y).sum().item() * int(weight)
@@ -740,13 +820,19 @@ def train(config, log=print, on_step=None, given=None):
                 "time_s": round(train_time, 3),
                 "samples_per_s": round(part["seen"] / max(train_time, 1e-9), 1),
             })
+            if c.amp:
+                history[-1].update(skipped_steps=int(part.get("skipped", 0)),
+                                   loss_scale=scaler.get_scale())
             if sched is not None:
                 sched.step()
             h = history[-1]
             log(f"epoch {h['epoch']:>{len(str(c.epochs))}}/{c.epochs}  "
                 f"train loss {h['train_loss']:.4f} acc {100 * h['train_acc']:5.1f}%  |  "
                 f"test loss {h['test_loss']:.4f} acc {100 * h['test_acc']:5.1f}%  |  "
-                f"lr {h['lr']:.3g}  {h['time_s']:.1f}s  {h['samples_per_s']:,.0f} img/s")
+                f"lr {h['lr']:.3g}  {h['time_s']:.1f}s  {h['samples_per_s']:,.0f} img/s"
+                + (f"  |  amp fp16: {h['skipped_steps']} skipped step(s), loss scale "
+                   f"{h['loss_scale']:g}" if c.amp == "fp16" else
+                   "  |  amp bf16" if c.amp else ""))
             checkpoint(epoch + 1, 0, shuffle_gen.bit_generator.state, None)
             finish_outputs()
             if world.any(flag.set):  # Ctrl-C during evaluation: the epoch is complete, saved
@@ -754,6 +840,8 @@ def train(config, log=print, on_step=None, given=None):
                 break
     total = time.perf_counter() - t_run
     summary["time_s"] = round(total, 3)
+    if c.graph:
+        summary["graph"] = graph_note or "not captured (no batch after the warm-up)"
     if profiler is not None:
         profiler.close()
     finish_outputs()
