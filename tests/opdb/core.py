@@ -211,11 +211,12 @@ ELEMENTWISE += [
     _unary("exp_int", covers=("exp", "to_dtype"), call=lambda m, x: m.exp(x), dtypes=INTS,
            grad=False, samples=lambda make: [S(make(3, 4))]),
     _unary("sigmoid", kernels=("sigmoid", "sigmoid_backward"),
-           covers=("sigmoid", "sigmoid_backward"),
+           covers=("sigmoid", "sigmoid_backward"), dtypes=FL,
            samples=lambda make: unary_samples(make) + [
                S(np.array([-800.0, -30.0, 0.0, 30.0, 800.0], make.dtype),
                  skip=("gradcheck", "gradgradcheck"))]),       # no overflow at large |x|
-    _unary("tanh", kernels=("tanh", "tanh_backward"), covers=("tanh", "tanh_backward")),
+    _unary("tanh", kernels=("tanh", "tanh_backward"), covers=("tanh", "tanh_backward"),
+           dtypes=FL),
     _unary("relu", kernels=("relu", "relu_backward"), covers=("relu", "relu_backward"),
            samples=_avoid(0.0), call=lambda m, x: m.relu(x)),
     _unary("erf", covers=("erf",)),

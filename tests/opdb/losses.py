@@ -25,7 +25,7 @@ ACTIVATIONS = [
     _act("F.relu6", lambda m, x: F(m).relu6(x * 4), ("clamp", "mul"), kinks=(0.0, 1.5)),
     _act("F.leaky_relu", lambda m, x: F(m).leaky_relu(x, 0.1),
          ("leaky_relu", "leaky_relu_backward"), kinks=(0.0,),
-         kernels=("leaky_relu", "leaky_relu_backward")),
+         kernels=("leaky_relu", "leaky_relu_backward"), dtypes=FL),
     _act("F.leaky_relu_default", lambda m, x: F(m).leaky_relu(x), ("leaky_relu",),
          kinks=(0.0,), kernels=("leaky_relu", "leaky_relu_backward")),
     _act("F.elu", lambda m, x: F(m).elu(x, alpha=0.7), ("elu",), kinks=(0.0,)),
