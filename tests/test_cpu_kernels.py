@@ -656,6 +656,8 @@ WINO = [  # (N, C, H, W, K, padding)
     (9, 32, 16, 16, 32, 1),  # ResNet stage 2: chunks over both threads
     (2, 7, 3, 3, 5, 1),      # 3x3 images: 2x2 tiles, half of them outside
     (1, 4, 4, 5, 3, 0),      # a 2x3 output: one row of tiles, the last one half outside
+    (3, 16, 9, 7, 16, 0),    # 16 by 16: gemm16 (float32, AVX-512), rows off its block of 8
+    (2, 16, 12, 12, 16, 1),  # ResNet stage 1's channel counts
 ]
 
 
@@ -736,7 +738,10 @@ def test_conv_winograd_dispatch_rule(rng):
     assert calls((8, 64, 8, 8), (64, 64, 3, 3)) == (1, 1, 1)      # ResNet stage 3
     assert calls((2, 32, 16, 16), (32, 32, 3, 3)) == (1, 1, 1)    # ResNet stage 2
     assert calls((8, 16, 8, 8), (16, 16, 3, 3)) == (1, 1, 1)      # 16 channels on 8x8
-    assert calls((2, 16, 32, 32), (16, 16, 3, 3)) == (0, 0, 0)    # ResNet stage 1
+    # ResNet stage 1: 16 by 16 takes it in float32 where the 16-lane kernel runs (AVX-512)
+    by16 = (1, 1, 1) if K._C.cpu_has_avx512() else (0, 0, 0)
+    assert calls((2, 16, 32, 32), (16, 16, 3, 3)) == by16
+    assert calls((2, 16, 32, 32), (32, 16, 3, 3)) == (0, 0, 0)    # 16 -> 32 channels
     assert calls((1, 64, 8, 8), (64, 64, 3, 3)) == (0, 0, 0)      # 16 tiles: too few
     assert calls((2, 8, 16, 16), (8, 8, 3, 3)) == (0, 0, 0)       # 8 channels
     assert calls((2, 32, 16, 16), (32, 32, 3, 3), mode="off") == (0, 0, 0)

@@ -15,6 +15,7 @@ PYBIND11_MODULE(_C, m) {
     m.def("conv2d_backward_weight", &k::conv2d_backward_weight, "gy"_a, "x"_a, "w_shape"_a, "stride"_a, "padding"_a, "dilation"_a, "groups"_a);
     m.def("conv_winograd_calls", &k::conv_winograd_calls);
     m.def("set_conv_winograd", &k::set_conv_winograd, "mode"_a);
+    m.def("cpu_has_avx512", &k::cpu_has_avx512);
     m.def("max_pool2d", &k::max_pool2d, "x"_a, "kh"_a, "kw"_a, "sh"_a, "sw"_a, "ph"_a, "pw"_a, "dh"_a, "dw"_a, "OH"_a, "OW"_a);
     m.def("max_pool2d_backward", &k::max_pool2d_backward, "gy"_a, "indices"_a, "H"_a, "W"_a);
     m.def("avg_pool2d", &k::avg_pool2d, "x"_a, "kh"_a, "kw"_a, "sh"_a, "sw"_a, "ph"_a, "pw"_a, "OH"_a, "OW"_a, "count_include_pad"_a, "divisor_override"_a);

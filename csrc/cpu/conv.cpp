@@ -20,6 +20,12 @@
 // weight gradient with few filters takes a dot product kernel over the grid rows
 // (wgrad_dot), also where the grid wastes up to half its columns (LeNet's 5x5 valid conv on
 // 14x14). See "implicit GEMM on a padded grid".
+//
+// 3x3 stride-1 convolutions with 32+ channels on both sides, 16 by 16 (float, AVX-512) or
+// 16+ on 8x8 images (all of ResNet-20's stride-1 3x3 convs) take Winograd F(2x2, 3x3)
+// instead, forward, input gradient and weight gradient: 2.25x fewer multiply-adds, 16 GEMMs
+// per chunk of tiles. See
+// "Winograd F(2x2, 3x3)" and wino_pays for the measurements behind the choice.
 #include "common.h"
 #include "gemm.h"
 #include "im2col.h"
@@ -56,6 +62,7 @@ struct Conv {
     ConvGeom g;
     index_t N, C, K, G, Cg, Kg, Rg, L;
     index_t B;       // samples per GEMM: small images are batched so the GEMM stays wide
+    index_t itemsize;
     bool pointwise;  // 1x1, stride 1, no padding: the columns are the input itself
 };
 
@@ -82,6 +89,7 @@ Conv make_conv(index_t N, index_t C, index_t H, index_t W, index_t K, index_t kh
     c.g = make_geom(H, W, int(kh), int(kw), s.first, s.second, p.first, p.second, d.first,
                     d.second, name);
     c.N = N, c.C = C, c.K = K, c.G = groups, c.Cg = C / groups, c.Kg = K / groups;
+    c.itemsize = itemsize;
     c.Rg = c.Cg * kh * kw;
     c.L = c.g.OH * c.g.OW;
     c.pointwise = kh == 1 && kw == 1 && s.first == 1 && s.second == 1 && p.first == 0 &&
@@ -709,6 +717,9 @@ inline index_t wino_ld(index_t n) { return (n + 15) / 16 * 16 + 16; }
 // transposed into (pixels, channels) first, and the outputs back after. Each transform is
 // written once on a vector type VT (GCC vector extensions; the scalar T for the last
 // channels) and compiled for AVX-512 and for AVX2 / the baseline, like wgrad_dot.
+// (always inlined into the AVX-512 / AVX2 functions: the vector-return ABI note of the
+// generic declaration does not apply)
+#pragma GCC diagnostic ignored "-Wpsabi"
 template <typename VT, typename T>
 GD_INLINE_CONV VT vload(const T* p) {
     VT v;
@@ -926,6 +937,63 @@ GD_WINO_VARIANTS(wino_output_adjoint,
                  (const T* gy, const Wino& wg, index_t n0, index_t nb, T* G, index_t ld),
                  (gy, wg, n0, nb, G, ld))
 
+// 16 channels by 16 filters (ResNet's stage 1): gemm.h's 8 x 32 micro-tiles would be half
+// empty and 16 deep, so a register-resident kernel takes these GEMMs where the vector holds
+// exactly 16 values (float, AVX-512): the 16 x 16 operand lives in 16 registers.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// C (R, 16) = A (R, 16; rows lda apart) @ B (16, 16), rows of C ldc apart.
+template <typename T>
+__attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,fma"))) void gemm16_nn(
+    index_t R, const T* A, index_t lda, const T* B, T* Cm, index_t ldc) {
+    typedef T VT __attribute__((vector_size(64)));
+    constexpr int RB = 8;
+    VT b[16];
+#pragma GCC unroll 16
+    for (int d = 0; d < 16; ++d) b[d] = vload<VT>(B + d * 16);
+    index_t r = 0;
+    for (; r + RB <= R; r += RB) {
+        VT acc[RB];
+#pragma GCC unroll 8
+        for (int i = 0; i < RB; ++i) acc[i] = VT{};
+#pragma GCC unroll 16
+        for (int d = 0; d < 16; ++d)
+#pragma GCC unroll 8
+            for (int i = 0; i < RB; ++i) acc[i] += A[(r + i) * lda + d] * b[d];
+#pragma GCC unroll 8
+        for (int i = 0; i < RB; ++i) vstore(Cm + (r + i) * ldc, acc[i]);
+    }
+    for (; r < R; ++r) {
+        VT acc = VT{};
+#pragma GCC unroll 16
+        for (int d = 0; d < 16; ++d) acc += A[r * lda + d] * b[d];
+        vstore(Cm + r * ldc, acc);
+    }
+}
+
+// C (16, 16) += A^T (16, R) @ B (R, 16): A (R, 16) and B (R, 16), rows lda / ldb apart.
+template <typename T>
+__attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,fma"))) void gemm16_tn(
+    index_t R, const T* A, index_t lda, const T* B, index_t ldb, T* Cm) {
+    typedef T VT __attribute__((vector_size(64)));
+    VT acc[16];
+#pragma GCC unroll 16
+    for (int k = 0; k < 16; ++k) acc[k] = VT{};
+    for (index_t r = 0; r < R; ++r) {
+        const VT v = vload<VT>(B + r * ldb);
+#pragma GCC unroll 16
+        for (int k = 0; k < 16; ++k) acc[k] += A[r * lda + k] * v;
+    }
+#pragma GCC unroll 16
+    for (int k = 0; k < 16; ++k) vstore(Cm + k * 16, VT(vload<VT>(Cm + k * 16) + acc[k]));
+}
+#endif
+
+// Whether gemm16_* takes a 16 x 16 GEMM of T here.
+template <typename T>
+inline bool gemm16_fits(index_t rows, index_t cols) {
+    return rows == 16 && cols == 16 && sizeof(T) * 16 == 64 && has_avx512();
+}
+
 template <typename T>
 void wino_forward_chunk(const T* x, const T* U, const T* bias, T* y, const Wino& wg, index_t n0,
                         index_t n1) {
@@ -935,9 +1003,16 @@ void wino_forward_chunk(const T* x, const T* U, const T* bias, T* y, const Wino&
     T* M = scratch<T, 1>(16 * TK);
     wino_input(x, wg, n0, nb, V, TC);
     // M[p] (tiles, K) = V[p] (tiles, C) @ U[p] (C, K)
-    for (int p = 0; p < 16; ++p)
+    for (int p = 0; p < 16; ++p) {
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+        if (gemm16_fits<T>(wg.C, wg.K)) {
+            gemm16_nn<T>(Tn, V + p * TC, wg.C, U + p * wg.C * wg.K, M + p * TK, wg.K);
+            continue;
+        }
+#endif
         gemm(false, false, Tn, wg.K, wg.C, V + p * TC, wg.C, U + p * wg.C * wg.K, wg.K, T(0),
              M + p * TK, wg.K);
+    }
     wino_output(M, TK, bias, wg, n0, nb, y);
 }
 
@@ -950,9 +1025,16 @@ void wino_wgrad_chunk(const T* gy, const T* x, T* dU, const Wino& wg, index_t n0
     T* G = scratch<T, 1>(16 * TK);
     wino_input(x, wg, n0, nb, V, TC);
     wino_output_adjoint(gy, wg, n0, nb, G, TK);
-    for (int p = 0; p < 16; ++p)
+    for (int p = 0; p < 16; ++p) {
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+        if (gemm16_fits<T>(wg.K, wg.C)) {
+            gemm16_tn<T>(Tn, G + p * TK, wg.K, V + p * TC, wg.C, dU + p * wg.K * wg.C);
+            continue;
+        }
+#endif
         gemm(true, false, wg.K, wg.C, Tn, G + p * TK, wg.K, V + p * TC, wg.C, T(1),
              dU + p * wg.K * wg.C, wg.C);
+    }
 }
 
 // y = conv(x, w) + b on the Winograd path (also the flipped-kernel input gradient).
@@ -983,25 +1065,28 @@ void wino_wgrad(const T* gy, const T* x, T* gw, const Conv& c) {
 }
 
 // Measured on the 2-core AMD EPYC VM (AVX-512), one thread, float32, batch 64, ms from the
-// exact path (grid / im2col, flipped grid for the input gradient) to Winograd, best of 24:
+// exact path (grid / im2col, flipped grid for the input gradient) to Winograd, best of 24
+// (the VM is shared and noisy: the exact 32x32 row from a quiet moment):
 //                                     forward        input grad     weight grad
 //   ResNet stage 3, 64 ch, 8x8        3.96 -> 1.89   3.66 -> 2.08   4.09 -> 1.95
-//   32 ch 8x8 / 16 ch 8x8             1.33 -> 0.58   1.08 -> 0.59   1.34 -> 0.57
-//                                     0.48 -> 0.35   0.49 -> 0.35   0.46 -> 0.33
+//   32 ch 8x8                         1.33 -> 0.58   1.08 -> 0.59   1.34 -> 0.57
 //   ResNet stage 2, 32 ch, 16x16      3.90 -> 2.34   3.89 -> 2.26   4.04 -> 2.22
 //   MNIST conv2, 32 -> 64, 26x26 p 0  15.6 -> 10.6   18.8 -> 15.8   16.4 -> 12.4
-//   ResNet stage 1, 16 ch, 32x32      7.58 -> 9.23   4.49 -> 9.86   8.83 -> 8.70
-//   16 ch 16x16                       1.15 -> 1.40   1.15 -> 1.38   1.54 -> 1.30
+//   ResNet stage 1, 16 ch, 32x32      4.34 -> 2.79   4.49 -> 2.84   5.67 -> 2.54  (gemm16)
+//   16 ch 16x16 / 8x8                 1.14 -> 0.58   1.15 -> 0.58   1.58 -> 0.56  (gemm16)
+//                                     0.48 -> 0.15   0.50 -> 0.15   0.46 -> 0.14  (gemm16)
 //   16 -> 32 ch, 32x32                7.39 -> 6.26   8.46 -> 9.70   8.63 -> 9.47
 //   8 ch 16x16                        0.39 -> 1.06   0.39 -> 1.07   0.43 -> 1.04
 //   one sample, 64 ch 8x8             0.064 -> 0.15  0.056 -> 0.18  0.10 -> 0.095
-// With 16 channels on one side the GEMMs are 16 deep or 16 wide and the transforms
-// dominate, except on 8x8 images, where the exact path's padding waste is largest; with few
-// tiles the weight transform and the single chunk cost more than they save.
+// With 16 channels on one side only, the GEMMs are 16 deep or 16 wide for gemm.h's 8 x 32
+// tiles and the transforms dominate, except on 8x8 images, where the exact path's padding
+// waste is largest; 16 by 16 (float, AVX-512) takes gemm16_*. With few tiles the weight
+// transform and the single chunk cost more than they save.
 bool wino_pays(const Conv& c, WinoUse) {
     const index_t tiles = c.N * ((c.g.OH + 1) / 2) * ((c.g.OW + 1) / 2);
     const index_t narrow = std::min(c.C, c.K);
-    return tiles >= 128 && (narrow >= 32 || (narrow >= 16 && c.g.OH * c.g.OW <= 64));
+    const bool by16 = c.C == 16 && c.K == 16 && c.itemsize == 4 && has_avx512();
+    return tiles >= 128 && (narrow >= 32 || by16 || (narrow >= 16 && c.g.OH * c.g.OW <= 64));
 }
 
 std::pair<int, int> pair_of(py::handle t) {
@@ -1207,5 +1292,7 @@ int set_conv_winograd(int mode) {
     if (mode < 0 || mode > 2) throw py::value_error("set_conv_winograd: mode must be 0, 1 or 2");
     return g_wino_mode.exchange(mode);
 }
+
+bool cpu_has_avx512() { return has_avx512(); }
 
 }  // namespace gpudiff

@@ -30,6 +30,8 @@ py::array conv2d_backward_weight(py::array gy, py::array x, py::object w_shape,
 // set_conv_winograd returns the previous mode
 py::tuple conv_winograd_calls();
 int set_conv_winograd(int mode);
+// whether the CPU runs the AVX-512 kernels (gemm.h's, and conv.cpp's 16-lane ones)
+bool cpu_has_avx512();
 
 // pool.cpp
 py::tuple max_pool2d(py::array x, int kh, int kw, int sh, int sw, int ph, int pw, int dh, int dw,

@@ -340,6 +340,7 @@ def matmul(a, b):
 # csrc/cpu/conv.cpp: per chunk of samples, im2col into a cache-sized per-thread buffer and
 # one single-threaded GEMM of csrc/cpu/gemm.cpp (AVX-512 where the CPU has it), the chunks
 # split over the cores; the output lands in NCHW. Stride, padding, dilation: (h, w) pairs.
+# 3x3 stride-1 convolutions with enough channels take Winograd F(2x2, 3x3) (see below).
 def _conv_ok(*arrays):
     return _floats(*(a for a in arrays if a is not None)) and arrays[0].ndim == 4 \
         and arrays[1].ndim == 4
@@ -392,7 +393,8 @@ def conv2d_backward_weight(gy, x, w_shape, stride, padding, dilation, groups):
 # ---- Winograd F(2x2, 3x3) for 3x3 stride-1 convolutions (csrc/cpu/conv.cpp) ---------------
 # conv2d, its input gradient (the flipped-kernel convolution) and its weight gradient take it
 # where it measured faster than the exact paths (conv.cpp's wino_pays: 32+ channels on both
-# sides, or 16+ on 8x8 images; ResNet-20's stages 2 and 3, not stage 1). Modes: 0 never
+# sides, 16 by 16 in float32 on AVX-512, or 16+ on 8x8 images; all of ResNet-20's stride-1
+# 3x3 convolutions). Modes: 0 never
 # (the exact paths, bit for bit as before), 1 where it pays (the default), 2 wherever it
 # fits (3x3, stride 1, dilation 1, one group, padding <= 2; the tests).
 # GPUDIFF_CONV_WINOGRAD=0/1/2 sets the mode at import (benchmarks: before / after).
