@@ -30,7 +30,9 @@ xp.matmul (cuBLAS on a GPU) are not our kernels and are not traced.
                                        [--no-variants]
 
 A second table traces VARIANTS of the LeNet step (the im2col and direct convolution paths
-forced, log_softmax + nll_loss, Adam), for the kernels the default steps never launch.
+forced, log_softmax + nll_loss, Adam, and the TF32 tensor-core convolutions), for the kernels
+the default steps never launch. The default steps run the FP32 kernels
+(gpudiff.backends.cudnn.allow_tf32 off, as the GPU suite's FP32 comparisons do).
 """
 import argparse
 import collections
@@ -210,11 +212,12 @@ VARIANTS = {
     "lenet/im2col": ("lenet", "im2col", "cross_entropy", "sgd"),
     "lenet/direct": ("lenet", "direct", "cross_entropy", "sgd"),
     "lenet/log_softmax+nll_loss+adam": ("lenet", "auto", "log_softmax+nll_loss", "adam"),
+    "lenet/tf32": ("lenet", "auto", "cross_entropy", "sgd", True),  # tensor_core.cu
 }
 
 
 def training_step(model, batch, rec, tag=None, algorithm="auto", loss="cross_entropy",
-                  optimizer="sgd"):
+                  optimizer="sgd", tf32=False):
     from gpudiff.models import create_model
     F = gpudiff.nn.functional
     c, s = MODELS[model]
@@ -237,7 +240,7 @@ def training_step(model, batch, rec, tag=None, algorithm="auto", loss="cross_ent
             loss_value = F.nll_loss(F.log_softmax(out, dim=1), y)
         loss_value.backward()
         opt.step()
-    with rc.conv.use_conv_algorithm(algorithm):
+    with rc.conv.use_conv_algorithm(algorithm), rc.conv.use_tf32(tf32):
         step()  # momentum buffers start as the first gradients (the reference path)
         rec.model, rec.on = tag or model, True
         try:
@@ -354,8 +357,8 @@ def main(argv=None):
     rows = summarise(rec.launches, resources)
     main_launches = len(rec.launches)
     for tag in ([] if args.no_variants else VARIANTS):
-        model, algorithm, loss, optimizer = VARIANTS[tag]
-        training_step(model, args.batch, rec, tag, algorithm, loss, optimizer)
+        model, algorithm, loss, optimizer, *tf32 = VARIANTS[tag]
+        training_step(model, args.batch, rec, tag, algorithm, loss, optimizer, *tf32)
         print(f"# {tag}: traced one training step", file=sys.stderr)
     variant_rows = summarise(rec.launches[main_launches:], resources)
     report = {
