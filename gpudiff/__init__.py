@@ -22,6 +22,7 @@ from .serialization import save, load  # noqa: E402
 from . import profiler  # noqa: E402
 from .graphs import Graph, graph, make_graphed_callables  # noqa: E402
 from . import amp  # noqa: E402
+from . import cpu  # noqa: E402
 from .amp import autocast, get_autocast_dtype, is_autocast_enabled  # noqa: E402,F401
 
 float32 = _np.dtype("float32")

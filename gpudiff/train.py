@@ -493,7 +493,7 @@ class CapturedStep:
     replayed for every batch of the captured size (docs/GRAPHS.md). The caller runs warm-up
     steps eagerly first; a batch of another size (the last one) runs eagerly too."""
 
-    def __init__(self, net, opt, x, y):
+    def __init__(self, net, opt, x, y, amp_dtype=None):
         import gpudiff
         from .nn import functional as F
         dev = x.device
@@ -505,8 +505,9 @@ class CapturedStep:
         ctx = gpudiff.cuda.graph if dev.type == "cuda" else gpudiff.graph
         opt.zero_grad(set_to_none=True)
         with ctx(self.graph):
-            self.out = net(self.x)                                  # (B, classes) logits
-            self.loss = F.cross_entropy(self.out, self.y)
+            with gpudiff.autocast(dev.type, amp_dtype, enabled=amp_dtype is not None):
+                self.out = net(self.x)                              # (B, classes) logits
+                self.loss = F.cross_entropy(self.out, self.y)
             self.loss.backward()
             opt.step()
 
@@ -707,9 +708,9 @@ def train(config, log=print, on_step=None, given=None):
         from .profiler import TrainingProfile
         profiler = TrainingProfile(out, c.profile, log=log)
     captured, graph_note = None, None     # --graph: the CapturedStep once it is made
-    if c.graph and c.amp:
-        log("--graph: not with --amp (the captured step has no autocast or loss scaling); "
-            "training eagerly")
+    if c.graph and c.amp == "fp16":
+        log("--graph: not with --amp fp16 (GradScaler's step reads the inf/NaN flag on the "
+            "host, which a captured step cannot); training eagerly")
         graph_note = "eager fallback"
     if c.graph and (world.size > 1 or profiler is not None):
         log("--graph: " + ("not with --nproc > 1 (DDP's all-reduce hooks run per step)"
@@ -748,7 +749,7 @@ def train(config, log=print, on_step=None, given=None):
                 if c.graph and captured is None and graph_note is None \
                         and step > _GRAPH_WARMUP + skip:
                     try:
-                        captured = CapturedStep(net, opt, x, y)
+                        captured = CapturedStep(net, opt, x, y, amp_dtype)
                         graph_note = "captured"
                         log(f"--graph: training step captured ({captured.graph.num_steps} "
                             f"steps replayed per batch of {x.shape[0]})")

@@ -556,3 +556,64 @@ def test_target_checks_run_at_every_replay():
     target.copy_(gpudiff.tensor([0, 1, 3, 0]))
     with pytest.raises(IndexError, match="target 3 is out of bounds for 3 classes"):
         g.replay()
+
+
+@pytest.mark.parametrize("dev, dtype", [("cpu", "bfloat16"), ("cuda", "float16")])
+def test_autocast_step_replays_equal_eager(dev, dtype):
+    """An autocast forward captured: the casts are ops, recorded before the op that uses
+    them (a parameter's cached cast is redone at every replay, after the update)."""
+    low = getattr(gpudiff, dtype)
+
+    def make():
+        gpudiff.manual_seed(0)
+        m = create_model("lenet", image_size=12).to(dev)
+        return m, gpudiff.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+
+    (m1, o1), (m2, o2) = make(), make()
+
+    def step(m, o, x, y):
+        o.zero_grad(set_to_none=True)
+        with gpudiff.autocast(dev, dtype=low):
+            loss = F.cross_entropy(m(x), y)
+        loss.backward()
+        o.step()
+        return loss
+
+    data = [(gpudiff.tensor(x, device=dev), gpudiff.tensor(y, device=dev))
+            for x, y in _data(5, (2, 1, 12, 12))]
+    sx, sy = gpudiff.zeros(2, 1, 12, 12, device=dev), gpudiff.zeros(2, dtype=gpudiff.int64,
+                                                                     device=dev)
+    for x, y in data[:2]:
+        step(m1, o1, x, y)
+        sx.copy_(x)
+        sy.copy_(y)
+        step(m2, o2, sx, sy)
+    g = _graph(dev)
+    o2.zero_grad(set_to_none=True)
+    with (gpudiff.graph(g) if dev == "cpu" else gpudiff.cuda.graph(g)):
+        with gpudiff.autocast(dev, dtype=low):
+            static_loss = F.cross_entropy(m2(sx), sy)
+        static_loss.backward()
+        o2.step()
+    for x, y in data[2:]:
+        loss = step(m1, o1, x, y)
+        sx.copy_(x)
+        sy.copy_(y)
+        g.replay()
+        assert loss.dtype == static_loss.dtype == gpudiff.float32
+        assert loss.item() == static_loss.item()
+    for p1, p2 in zip(m1.parameters(), m2.parameters()):
+        np.testing.assert_array_equal(p1.detach().cpu().numpy(), p2.detach().cpu().numpy())
+
+
+def test_train_graph_with_amp(tmp_path):
+    """--graph --amp bf16: autocast is captured, and equals eager bf16 training; --amp fp16
+    (GradScaler reads the inf/NaN flag on the host) trains eagerly, saying why."""
+    eager, _ = _train(tmp_path, "amp-eager", amp="bf16", model="lenet")
+    graphed, lines = _train(tmp_path, "amp-graph", amp="bf16", model="lenet", graph=True)
+    assert any("--graph: training step captured" in s for s in lines), lines
+    for a, b in zip(eager["history"], graphed["history"]):
+        for k in ("train_loss", "train_acc", "test_loss", "test_acc"):
+            assert a[k] == b[k], (k, a, b)
+    _, lines = _train(tmp_path, "fp16", amp="fp16", model="lenet", graph=True, epochs=1)
+    assert any("not with --amp fp16" in s and "training eagerly" in s for s in lines), lines

@@ -20,7 +20,7 @@ LAYERS = [
     ("5 training stack", ["gpudiff.nn", "gpudiff.optim", "gpudiff.utils", "gpudiff.datasets",
                           "gpudiff.transforms", "gpudiff.serialization", "gpudiff.cuda",
                           "gpudiff.backends", "gpudiff.distributed", "gpudiff.profiler",
-                          "gpudiff.amp", "gpudiff.graphs"]),
+                          "gpudiff.amp", "gpudiff.graphs", "gpudiff.cpu"]),
     ("6 applications", ["gpudiff.models", "gpudiff.train", "gpudiff.benchmark", "gpudiff.cli",
                         "gpudiff.__main__", "gpudiff"]),
 ]

@@ -16,6 +16,7 @@ import numbers
 import numpy as np
 
 from ..geometry import pair
+from ..runtime.dtypes import is_floating
 from ..utils import _random
 from ..utils._tensor import from_numpy, is_tensor, to_numpy
 
@@ -100,7 +101,7 @@ class ToTensor:
         a = a.transpose(2, 0, 1)
         if a.dtype == np.uint8:
             a = a.astype(np.float32) / np.float32(255)
-        elif a.dtype.kind != "f":
+        elif not is_floating(a.dtype):
             a = a.astype(np.float32)
         return from_numpy(np.ascontiguousarray(a))
 
@@ -121,7 +122,7 @@ class Normalize:
         if a.ndim < 3:
             raise ValueError(f"Normalize: expected a tensor of shape [..., C, H, W], got shape "
                              f"{tuple(a.shape)}")
-        if a.dtype.kind != "f":
+        if not is_floating(a.dtype):
             raise TypeError(f"Input tensor should be a float tensor. Got {a.dtype}.")
         mean = np.asarray(self.mean, dtype=a.dtype).reshape(-1)
         std = np.asarray(self.std, dtype=a.dtype).reshape(-1)

@@ -17,6 +17,7 @@ import pickle
 
 import numpy as np
 
+from ..runtime.dtypes import is_floating
 from . import _fault, _shm
 
 DEFAULT_TIMEOUT_S = 600.0   # 10 minutes, as PyTorch's NCCL default
@@ -294,7 +295,7 @@ def _chain(*fns):
 def _avg_fix(buf, op, size):
     if op != ReduceOp.AVG:
         return None
-    if buf.dtype.kind == "f":
+    if is_floating(buf.dtype):
         return lambda: np.divide(buf, size, out=buf)
     return lambda: np.floor_divide(buf, size, out=buf)
 

@@ -96,10 +96,10 @@ def _device_of(op, tensors):
 
 
 def apply(op, tensors, params):
+    if autocast.state is not None:  # an autocast region: cast the inputs by op's policy
+        tensors = autocast.cast(op, tensors)  # (casts are ops: a capture records them first)
     if capture.active is not None and capture.active.depth == 0:
         return _apply_captured(capture.active, op, tensors, params)
-    if autocast.state is not None:  # an autocast region: cast the inputs by op's policy
-        tensors = autocast.cast(op, tensors)
     listener = events.listener  # a profiler: it gets this op's total and forward times
     if listener is not None:
         t0 = perf_counter_ns()
@@ -135,7 +135,7 @@ def apply(op, tensors, params):
             runtime.emulated.own(outs)  # is device memory too (the emulated pool's blocks)
     if is_anomaly_enabled():
         for i, o in enumerate(outs):
-            if o.dtype.kind == "f" and not bool(dev.xp.isfinite(o).all()):
+            if is_floating(o.dtype) and not bool(dev.xp.isfinite(o).all()):
                 raise RuntimeError(f"Function '{op.name}' returned nan/inf values in its "
                                    f"{i}th output (forward)")
     results = [Tensor._make(o, out_dev) for o in outs]

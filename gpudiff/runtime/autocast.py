@@ -21,7 +21,6 @@ arrives in float32. With ``cache_enabled``, the cast of a leaf tensor that requi
 (a parameter) is made once per region and reused until the parameter changes.
 """
 from ..autograd.grad_mode import is_grad_enabled
-from . import capture
 from .dtypes import bfloat16, float16, float32, float64, is_floating
 
 LOW, FP32, PROMOTE = "low", "fp32", "promote"
@@ -171,12 +170,6 @@ def _castable(t, region):
 def _cast(t, dtype, region, lower=False):
     if not _castable(t, region) or t.dtype == dtype or (lower and t.dtype == float64):
         return t
-    plan = capture.active
-    if plan is not None and plan.record:  # (a CUDA graph on a GPU records the casts' kernels)
-        raise capture.CaptureError(
-            f"autocast: casting a {t.dtype} input to {dtype} inside a graph capture is not "
-            f"supported (a replay would rerun the op on the uncast input); capture the step "
-            f"without autocast, or cast the model (model.half() / model.bfloat16())")
     cache = region.cache
     if cache is not None and t._requires_grad and t.grad_fn is None and t._base is None:
         grad = is_grad_enabled()
