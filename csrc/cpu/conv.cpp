@@ -869,9 +869,10 @@ GD_INLINE_CONV void wino_output_impl(const T* M, index_t ld, const T* bias, cons
             for (index_t tw = 0; tw < wg.TW; ++tw) {
                 const index_t t = (b * wg.TH + th) * wg.TW + tw;
                 T* y0 = Y + (2 * th * W2 + 2 * tw) * K;
+                T* y1 = y0 + W2 * K;
                 index_t k = 0;
-                for (; k + L <= K; k += L) wino_out_tile<VT>(M + t * K, ld, bias, y0, y0 + W2 * K, K, k);
-                for (; k < K; ++k) wino_out_tile<T>(M + t * K, ld, bias, y0, y0 + W2 * K, K, k);
+                for (; k + L <= K; k += L) wino_out_tile<VT>(M + t * K, ld, bias, y0, y1, K, k);
+                for (; k < K; ++k) wino_out_tile<T>(M + t * K, ld, bias, y0, y1, K, k);
             }
         channels_last_to_planes(Y, K, wg.OH, wg.OW, W2 * K, y + (n0 + b) * K * wg.OH * wg.OW);
     }
