@@ -24,16 +24,17 @@ declare ``view = True``); arrays saved with save_for_backward should be inputs o
 differentiable.
 """
 import inspect
+import weakref as _weakref_mod
 from time import perf_counter_ns
 
 import numpy as np
 
 from .. import runtime
-import weakref as _weakref_mod
 
 from ..autograd.function import FunctionCtx, record, refresh_saved
 from ..autograd.grad_mode import is_anomaly_enabled, is_grad_enabled
 from ..runtime import autocast, capture, events
+from ..runtime.dtypes import is_floating
 from ..tensor import Tensor
 
 REGISTRY: dict[str, type] = {}
