@@ -66,8 +66,10 @@ class dropout(Op):
 
     def forward(ctx, x, *, p, seed, group):
         ctx.p = {"p": p, "seed": seed, "group": group}
-        if not isinstance(seed, int):  # a capture's device seed: this replay's value
-            return dropout_ref(ctx.xp, x, p, seed.value(), group)
+        if not isinstance(seed, int):  # a capture's device seed: this replay's value, read
+            if ctx.device.type != "cpu":  # on the device (the xp hash: as a GPU graph must)
+                return dropout_ref(ctx.xp, x, p, seed.value(), group)
+            seed = int(seed.value())  # (CPU memory is the host's: the C++ kernel then)
         k = ctx.kernel("dropout")
         y = k(x, p, seed, group) if k else None
         return dropout_ref(ctx.xp, x, p, seed, group) if y is None else y
