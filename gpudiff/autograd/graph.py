@@ -425,12 +425,24 @@ def _compile(roots, leaf_plan):
         return (None, dest, meta)
     try:
         sched = [(n, [slot[(id(n), nr)] for nr in range(n.n_outputs)],
-                  [edge(d, m) for d, m in zip(n.next, n.ctx.input_meta)]) for n in order]
+                  [edge(d, m) for d, m in zip(n.next, n.ctx.input_meta)], _backward_of(n))
+                 for n in order]
         root_edges = [edge(t if t.grad_fn is None else (t.grad_fn, t._output_nr),
                            (t.shape, t.dtype)) for t in roots]
     except LookupError:
         return None
     return sched, len(slot), root_edges
+
+
+def _backward_of(node):
+    """The node's backward on arrays, without the float16/bfloat16 wrapper of its op when
+    its gradients cannot be of those dtypes (ops/lowp.py)."""
+    bwd = node.backward_arrays
+    inner = getattr(bwd, "__wrapped__", None)
+    if inner is not None and not any(m[1] is not None and m[1].itemsize == 2 and
+                                     m[1].kind in "fV" for m in node.out_meta):
+        return inner
+    return bwd
 
 
 def _run_compiled(compiled, seeds, retain_graph, leaf_plan):
@@ -440,7 +452,7 @@ def _run_compiled(compiled, seeds, retain_graph, leaf_plan):
     slots = [None] * n_slots
     with no_grad():
         _deliver(slots, root_edges, [s.array for s in seeds], leaf_plan)
-        for node, out_slots, edges in sched:
+        for node, out_slots, edges, bwd in sched:
             if len(out_slots) == 1:  # (most nodes: one output)
                 i = out_slots[0]
                 g = slots[i]
@@ -460,7 +472,11 @@ def _run_compiled(compiled, seeds, retain_graph, leaf_plan):
             if node.freed:
                 raise RuntimeError(f"replay: the saved tensors of '{node.name}' were freed "
                                    f"(replay the forward of this graph before its backward)")
-            grads = _call(node, gys, True, _wrap_array, _unwrap_array)
+            grads = bwd(node.ctx, *gys) if bwd is not None else NotImplemented  # (_call)
+            if grads is NotImplemented:
+                grads = _call(node, gys, True, _wrap_array, _unwrap_array)
+            elif type(grads) is not tuple:
+                grads = (grads,)
             if not retain_graph:
                 node.release()
             for e, g in zip(edges, grads):

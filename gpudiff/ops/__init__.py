@@ -34,7 +34,7 @@ from .. import runtime
 from ..autograd.function import FunctionCtx, record, refresh_saved
 from ..autograd.grad_mode import is_anomaly_enabled, is_grad_enabled
 from ..runtime import autocast, capture, events
-from ..runtime.dtypes import is_floating
+from ..runtime.dtypes import LOW_FLOATS, is_floating
 from ..tensor import Tensor
 
 REGISTRY: dict[str, type] = {}
@@ -184,8 +184,13 @@ def _apply_captured(plan, op, tensors, params):
                           op.name)
         ctx.op = op
 
+    forward = op.forward  # without the float16/bfloat16 wrapper when no input needs it
+    if getattr(forward, "__wrapped__", None) is not None and not any(
+            a is not None and getattr(a, "dtype", None) in LOW_FLOATS for a in arrays):
+        forward = forward.__wrapped__
+
     def step():
-        new = op.forward(ctx, *arrays, **params)
+        new = forward(ctx, *arrays, **params)
         new = new if multi else (new,)
         for b, n in zip(bufs, new):
             if n is not b and not (view and xp.may_share_memory(b, n)):

@@ -15,9 +15,10 @@ saved tensors keep their graph links; ``backward_arrays`` gets float32 gradients
 promotes its mixed products to float32; the engine rounds each gradient to its input's
 dtype.
 """
-from ..runtime.dtypes import LOW_FLOATS, float32, is_floating
+from ..runtime.dtypes import LOW_FLOATS, float32, float64, is_floating
 
 _F32 = float32
+_F64 = float64
 
 
 def _low_dtype(arrays):
@@ -46,9 +47,11 @@ def _down(o, low):
 
 def _wrap(fn, writes=(), native_cuda=False):
     def run(ctx, *arrays, **params):
-        for a in arrays:
-            if a is not None and a.dtype in LOW_FLOATS:
-                break
+        for a in arrays:  # (identity tests first: this runs on every call of the op)
+            if a is not None:
+                d = a.dtype
+                if d is not _F32 and d is not _F64 and d in LOW_FLOATS:
+                    break
         else:
             return fn(ctx, *arrays, **params)
         low = _low_dtype(arrays)
@@ -109,8 +112,10 @@ def _wrap_backward(fn, native_cuda=False):
     rounds each gradient to its input's dtype)."""
     def run(ctx, *gys):
         for g in gys:
-            if g is not None and g.dtype in LOW_FLOATS:
-                break
+            if g is not None:
+                d = g.dtype
+                if d is not _F32 and d is not _F64 and d in LOW_FLOATS:
+                    break
         else:
             return fn(ctx, *gys)
         if native_cuda and ctx.device.type == "cuda":
