@@ -16,7 +16,6 @@ replays it on the CPU, on the emulated cuda device and on a GPU alike;
 import gc
 import itertools
 
-from . import runtime
 from .autograd.function import Function
 from .runtime import capture
 from .tensor import Tensor
@@ -33,7 +32,7 @@ class Graph:
     """A captured step: ``capture_begin()``/``capture_end()`` (or ``with graph(g):``) record
     it, ``replay()`` runs it again on the same memory, ``reset()`` drops it."""
 
-    def __init__(self, keep_graph=False):
+    def __init__(self, keep_graph=False):  # (keep_graph: PyTorch's; a plan is always kept)
         self._plan = None
         self._capturing = False
         self._pool = None
@@ -239,4 +238,4 @@ def _as_tuple(x):
     return x if isinstance(x, tuple) else (x,)
 
 
-__all__ = ["Graph", "graph", "make_graphed_callables", "graph_pool_handle", "runtime"]
+__all__ = ["Graph", "graph", "make_graphed_callables", "graph_pool_handle"]
