@@ -490,8 +490,17 @@ def _run_compiled(compiled, seeds, retain_graph, leaf_plan):
                 if g.dtype != meta[1]:
                     g = g.astype(meta[1])
                 s = e[0]
-                if s is None:
-                    _replay_leaf(e[1], leaf_plan[id(e[1])], g)
+                if s is None:  # a leaf: _replay_leaf, inlined
+                    leaf = e[1]
+                    entry = leaf_plan[id(leaf)]
+                    grad = entry[1]
+                    if leaf.grad is not grad:
+                        leaf.grad = grad
+                    if entry[2] and not entry[3]:
+                        grad.array[...] = g
+                        entry[3] = True
+                    else:
+                        grad.array += g
                 else:
                     old = slots[s]
                     slots[s] = g if old is None else old + g

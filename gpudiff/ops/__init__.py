@@ -189,15 +189,25 @@ def _apply_captured(plan, op, tensors, params):
             a is not None and getattr(a, "dtype", None) in LOW_FLOATS for a in arrays):
         forward = forward.__wrapped__
 
-    def step():
-        new = forward(ctx, *arrays, **params)
-        new = new if multi else (new,)
-        for b, n in zip(bufs, new):
-            if n is not b and not (view and xp.may_share_memory(b, n)):
-                b[...] = n
-        if node is not None:
-            refresh_saved(node, saved, new, bufs)
-        ctx._to_save = ()
+    if multi or view:
+        def step():
+            new = forward(ctx, *arrays, **params)
+            new = new if multi else (new,)
+            for b, n in zip(bufs, new):
+                if n is not b and not (view and xp.may_share_memory(b, n)):
+                    b[...] = n
+            if node is not None:
+                refresh_saved(node, saved, new, bufs)
+            ctx._to_save = ()
+    else:  # (the common case: one fresh output)
+        buf = bufs[0]
+
+        def step():
+            new = forward(ctx, *arrays, **params)
+            buf[...] = new
+            if node is not None:
+                refresh_saved(node, saved, (new,), bufs)
+            ctx._to_save = ()
     plan.add(step)
     return results
 

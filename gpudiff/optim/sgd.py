@@ -42,6 +42,30 @@ class SGD(Optimizer):
                  group["momentum"], group["dampening"], group["weight_decay"],
                  group["nesterov"], group["maximize"])
 
+    def _bucket_replay(self, device, group, params):
+        k = runtime.kernel(device, "sgd_step")
+        momentum = group["momentum"] != 0
+        states = [self.state[p] for p in params] if momentum else ()
+        bufs = [st.get("momentum_buffer") for st in states]
+        if k is None or any(b is None for b in bufs):
+            return None
+        arrays = [p.array for p in params]
+        grads = [p.grad.array for p in params]
+        buf_arrays = [b.array for b in bufs] if momentum else [None] * len(params)
+        versions = [p._version for p in params]
+
+        def replay():
+            for st, b in zip(states, bufs):
+                if st.get("momentum_buffer") is not b:
+                    return False
+            if k(arrays, grads, buf_arrays, group["lr"], group["momentum"], group["dampening"],
+                 group["weight_decay"], group["nesterov"], group["maximize"]) is NotImplemented:
+                return False
+            for v in versions:  # (Tensor.bump_version of each parameter)
+                v[0] += 1
+            return True
+        return replay
+
     def _update(self, param, g, state, group):
         p = param.array
         wd, momentum, lr = group["weight_decay"], group["momentum"], group["lr"]
