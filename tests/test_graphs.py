@@ -617,3 +617,42 @@ def test_train_graph_with_amp(tmp_path):
             assert a[k] == b[k], (k, a, b)
     _, lines = _train(tmp_path, "fp16", amp="fp16", model="lenet", graph=True, epochs=1)
     assert any("not with --amp fp16" in s and "training eagerly" in s for s in lines), lines
+
+
+def _gpu_capture(fn):
+    """A capture as on a real GPU (CuPy records the kernels; the plan records nothing and
+    only enforces the rules): what gpudiff.cuda.CUDAGraph does there, run on the CPU."""
+    from gpudiff.runtime import capture as C
+    plan = C.Plan(record=False)
+    C.begin(plan)
+    try:
+        fn()
+    finally:
+        C.finish(plan)
+    return plan
+
+
+def test_cuda_graph_rules_for_optimizers_on_a_gpu():
+    """A CUDA graph replays its kernels' scalar arguments: a changed lr raises at replay
+    (instead of a silently stale update), Adam (host step counts) and a missing warm-up
+    raise at capture."""
+    def step(p, opt):
+        (p * p).sum().backward()
+        opt.step()
+
+    p = gpudiff.ones(3, requires_grad=True)
+    opt = gpudiff.optim.SGD([p], lr=0.1, momentum=0.9)
+    with pytest.raises(CaptureError, match="warm up before capturing"):
+        _gpu_capture(lambda: step(p, opt))
+    step(p, opt)  # the warm-up: the momentum buffer exists now
+    plan = _gpu_capture(lambda: step(p, opt))
+    plan.replay()  # (no steps: the GPU would launch its graph)
+    opt.param_groups[0]["lr"] = 0.01  # a scheduler between replays
+    with pytest.raises(CaptureError, match=r"'lr' changed from 0.1 to 0.01 .* Capture again"):
+        plan.replay()
+    q = gpudiff.ones(3, requires_grad=True)
+    adam = gpudiff.optim.Adam([q])
+    step(q, adam)
+    with pytest.raises(CaptureError, match=r"Adam.step\(\) inside a CUDA graph on a GPU.*"
+                                           r"gpudiff.Graph\(\)"):
+        _gpu_capture(lambda: step(q, adam))

@@ -76,6 +76,8 @@ def _step_captured(plan, opt, step, args, kwargs):
         raise capture.CaptureError(
             f"{type(opt).__name__}.step(closure): a closure cannot be captured (it would run "
             f"once, at capture); capture the forward and backward and call step() without one")
+    if not plan.record:  # a CUDA graph on a GPU: its kernels replay the capture's scalars
+        _check_cuda_graph_step(plan, opt)
     for group in opt.param_groups:
         for p in group["params"]:
             plan.static(p, weakref.ref)
@@ -128,6 +130,39 @@ def _step_captured(plan, opt, step, args, kwargs):
         opt._step_count = getattr(opt, "_step_count", 0) + 1
     plan.add(fast)
     return out
+
+
+def _check_cuda_graph_step(plan, opt):
+    """What a CUDA graph replays of ``opt.step()`` is the capture's kernels with the
+    capture's scalar arguments: say so clearly instead of replaying a wrong update. Only an
+    optimizer whose update reads nothing the host changes per step (SGD, with its momentum
+    buffers made by warm-up steps) can be in one; a hyperparameter changed after the
+    capture (a scheduler's lr) raises at the next replay."""
+    name = type(opt).__name__
+    if not opt._cuda_graph_safe:
+        raise capture.CaptureError(
+            f"{name}.step() inside a CUDA graph on a GPU: its step counts are read on the "
+            f"host, so every replay would repeat the capture's bias corrections (gpudiff has "
+            f"no capturable optimizers yet). Use gpudiff.Graph(), which reruns the step's "
+            f"Python at each replay, or capture only forward and backward")
+    for group in opt.param_groups:
+        if any(p.grad is not None and not opt._state_ready(p, group) for p in group["params"]):
+            raise capture.CaptureError(
+                f"{name}.step() inside a CUDA graph: warm up before capturing (run a few "
+                f"eager steps first, as PyTorch asks), so that the optimizer state exists")
+    frozen = [(g, {k: v for k, v in g.items() if k != "params"}) for g in opt.param_groups]
+
+    def check():
+        for g, values in frozen:
+            for k, v in values.items():
+                if g.get(k) != v:
+                    raise capture.CaptureError(
+                        f"replay: {name}'s '{k}' changed from {v} to {g.get(k)} after the "
+                        f"capture, but a CUDA graph replays the captured value (PyTorch's "
+                        f"capturable optimizers keep it in a device tensor; gpudiff's do "
+                        f"not yet). Capture again (g.reset(), then capture), or use "
+                        f"gpudiff.Graph(), which reads it at each replay")
+    plan.pre_replay.append(check)
 
 
 def _typename(obj):
@@ -319,6 +354,13 @@ class Optimizer:
     def _fused_step(self, device, group, params, states):
         """Hook for a device's multi-tensor kernel; NotImplemented means 'use _update'."""
         return NotImplemented
+
+    #: whether ``step`` can be in a CUDA graph on a GPU (_check_cuda_graph_step)
+    _cuda_graph_safe = False
+
+    def _state_ready(self, p, group):
+        """Whether ``p``'s state is complete (a step has run): a CUDA graph needs it."""
+        return bool(self.state.get(p))
 
     def _bucket_replay(self, device, group, params):
         """For a captured step: a closure updating this bucket on the arrays it holds now,

@@ -28,6 +28,12 @@ class SGD(Optimizer):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         super().__init__(params, defaults)
 
+    _cuda_graph_safe = True  # (no host-side counters: lr and momentum are kernel scalars)
+
+    def _state_ready(self, p, group):
+        return group["momentum"] == 0 or self.state.get(p, {}).get("momentum_buffer") \
+            is not None
+
     def _state_for(self, p, group):
         # plain SGD keeps no state at all (PyTorch's state_dict is then empty too)
         return self.state[p] if group["momentum"] != 0 else {}
