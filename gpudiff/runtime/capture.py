@@ -160,34 +160,42 @@ def host_check(fn, *args):
     fn(*args)
 
 
+_WHY = {  # what cannot be in a captured graph, and what to do instead
+    "sync": "not allowed while capturing a graph: it needs the host to read device values (a "
+            "synchronization), and a captured graph replays device work only. Do it outside "
+            "the `with graph(g):` block (e.g. read the static output after g.replay()).",
+    "shape": "its output shape depends on the data (a host synchronization), which a "
+             "captured graph cannot contain: replays must keep every shape fixed. Use a "
+             "fixed-shape form (e.g. torch.where(mask, x, 0) instead of x[mask]) or move it "
+             "out of the capture.",
+    "alloc": "copies host data to the device (or between devices), which cannot be "
+             "captured: a replay would reuse the values of the capture. Create the tensor "
+             "before the capture and copy_() new values into it before each replay.",
+}
+
+
+def _refuse(what, why):
+    if active is not None and active.depth == 0:
+        raise CaptureError(f"{what}: {_WHY[why]}")
+
+
 def check_sync(what):
     """``what`` needs the host to see device values (or to copy to/from the host): not
     possible inside a capture, where the work does not run (on a GPU) or runs only once."""
-    if active is not None and active.depth == 0:
-        raise CaptureError(
-            f"{what}: not allowed while capturing a graph: it needs the host to read device "
-            f"values (a synchronization), and a captured graph replays device work only. "
-            f"Do it outside the `with graph(g):` block (e.g. read the static output after "
-            f"g.replay()).")
+    if active is not None:  # (the common case stops here: no second call)
+        _refuse(what, "sync")
 
 
 def check_shape_known(what):
     """``what`` has an output shape that depends on the values: a graph's shapes are fixed."""
-    if active is not None and active.depth == 0:
-        raise CaptureError(
-            f"{what}: its output shape depends on the data (a host synchronization), which a "
-            f"captured graph cannot contain: replays must keep every shape fixed. Use a "
-            f"fixed-shape form (e.g. torch.where(mask, x, 0) instead of x[mask]) or move it "
-            f"out of the capture.")
+    if active is not None:  # (the common case stops here: no second call)
+        _refuse(what, "shape")
 
 
 def check_alloc(what):
     """``what`` makes device memory from host data or moves it between devices."""
-    if active is not None and active.depth == 0:
-        raise CaptureError(
-            f"{what}: copies host data to the device (or between devices), which cannot be "
-            f"captured: a replay would reuse the values of the capture. Create the tensor "
-            f"before the capture and copy_() new values into it before each replay.")
+    if active is not None:  # (the common case stops here: no second call)
+        _refuse(what, "alloc")
 
 
 def begin(plan):
