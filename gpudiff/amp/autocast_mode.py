@@ -77,13 +77,6 @@ class _DeviceAutocast(autocast):
     def __init__(self, enabled=True, dtype=None, cache_enabled=True):
         super().__init__(self._device, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
 
-    def __call__(self, fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            with autocast(self.device, self.fast_dtype, self.enabled, self.cache_enabled):
-                return fn(*args, **kwargs)
-        return wrapper
-
 
 class cuda_autocast(_DeviceAutocast):
     _device = "cuda"

@@ -245,3 +245,22 @@ class GradScaler:
     def __repr__(self):
         return (f"GradScaler(device={self._device!r}, scale={self.get_scale()}, "
                 f"enabled={self._enabled})")
+
+
+class _DeviceGradScaler(GradScaler):
+    """``gpudiff.cuda.amp.GradScaler`` / ``gpudiff.cpu.amp.GradScaler``: the device fixed."""
+
+    _device = None
+
+    def __init__(self, init_scale=2.0 ** 16, growth_factor=2.0, backoff_factor=0.5,
+                 growth_interval=2000, enabled=True):
+        super().__init__(self._device, init_scale, growth_factor, backoff_factor,
+                         growth_interval, enabled)
+
+
+class cuda_grad_scaler(_DeviceGradScaler):
+    _device = "cuda"
+
+
+class cpu_grad_scaler(_DeviceGradScaler):
+    _device = "cpu"

@@ -1,14 +1,7 @@
 """gpudiff.cuda.amp: PyTorch's older spellings, ``torch.cuda.amp.autocast(enabled=True,
 dtype=float16, cache_enabled=True)`` and ``torch.cuda.amp.GradScaler(...)`` (device 'cuda')."""
 from ..amp.autocast_mode import cuda_autocast as autocast
-from ..amp.grad_scaler import GradScaler as _GradScaler
-
-
-class GradScaler(_GradScaler):
-    def __init__(self, init_scale=2.0 ** 16, growth_factor=2.0, backoff_factor=0.5,
-                 growth_interval=2000, enabled=True):
-        super().__init__("cuda", init_scale, growth_factor, backoff_factor, growth_interval,
-                         enabled)
+from ..amp.grad_scaler import cuda_grad_scaler as GradScaler
 
 
 __all__ = ["autocast", "GradScaler"]
