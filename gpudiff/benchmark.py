@@ -898,7 +898,9 @@ def memcpy_bandwidth(nbytes=25 << 20, reps=20):
 def _dist_worker_allreduce(sizes, reps):
     """Each size through three paths: "auto" (what all_reduce picks), "mpi" (MPI's Allreduce)
     and "shm" (the shared-memory window, docs/DISTRIBUTED.md), interleaved per size so the
-    machine's load hits them alike."""
+    machine's load hits them alike; and from the window's threshold up a fourth, "bucket":
+    DDP's gradient bucket, which lives in shared memory and is reduced in place (sum, then
+    1/N, as DDP does)."""
     from mpi4py import MPI
 
     import gpudiff
@@ -927,6 +929,15 @@ def _dist_worker_allreduce(sizes, reps):
             row.update({pre + "median_s": med, pre + "algbw_GBps": alg,
                         pre + "busbw_GBps": alg * 2 * (n - 1) / n})
         pg.shm, pg.shm_min_bytes = shm, shm_min
+        if shm is not None and nbytes >= shm_min:
+            buf = shm.alloc(nbytes // 4, np.float32)
+            med, _ = _dist_median_time(
+                lambda: shm.allreduce_shared(buf, "sum", scale=1.0 / n), r,
+                sync=MPI.COMM_WORLD.Barrier)
+            med = MPI.COMM_WORLD.allreduce(med, op=MPI.MAX)
+            alg = nbytes / med / 1e9
+            row.update({"bucket_median_s": med, "bucket_algbw_GBps": alg,
+                        "bucket_busbw_GBps": alg * 2 * (n - 1) / n})
         row["path"] = "shm" if shm is not None and nbytes >= shm_min else "mpi"
         rows.append(row)
     return {"world_size": n, "allreduce": rows, "shm_min_bytes": shm_min,
@@ -994,18 +1005,19 @@ def run_distributed(nproc=2, quick=False, log=print):
     mc = res["memcpy"]["GBps"]
     log(f"all_reduce, {nproc} ranks on this node; busbw GB/s (% of memcpy) by path: all_reduce's"
         f" choice (shared-memory window from {ar['shm_min_bytes']:,} bytes), MPI's Allreduce, "
-        f"the window forced:")
-    log(f"  {'bytes':>12} {'time ms':>9} {'all_reduce':>16} {'MPI':>16} {'window':>16}")
+        f"the window forced; DDP's bucket in shared memory, reduced in place:")
+    log(f"  {'bytes':>12} {'time ms':>9} {'all_reduce':>16} {'MPI':>16} {'window':>16} "
+        f"{'DDP bucket':>16}")
     for r in ar["allreduce"]:
         cells = []
-        for pre in ("", "mpi_", "shm_"):
+        for pre in ("", "mpi_", "shm_", "bucket_"):
             if pre + "busbw_GBps" in r:
                 r[pre + "busbw_over_memcpy"] = r[pre + "busbw_GBps"] / mc
                 cells.append(f"{r[pre + 'busbw_GBps']:.2f} ({r[pre + 'busbw_over_memcpy']:.0%})")
             else:
                 cells.append("-")
         log(f"  {r['bytes']:>12,} {1e3 * r['median_s']:>9.3f} {cells[0]:>16} {cells[1]:>16} "
-            f"{cells[2]:>16}")
+            f"{cells[2]:>16} {cells[3]:>16}")
     one = _dist_run_ranks(1, ["--worker", "step", "--steps", str(steps)])
     many = _dist_run_ranks(nproc, ["--worker", "step", "--steps", str(steps)])
     res["step"] = {"1": one, str(nproc): many,

@@ -1,7 +1,8 @@
 """Run under ``mpiexec -n 2`` (and ``-n 3``) by test_distributed.py: all_reduce through the
 shared-memory window (_shm.py) equals MPI's Allreduce (SUM, AVG, MAX, MIN; float32, float64,
 int64; sizes around the chunk edges; non-contiguous input; async_op), bitwise equal on every
-rank; the window grows. Prints "RANK r OK"."""
+rank; the window grows; buffers allocated in shared memory (DDP's buckets) reduce in place to
+the same values, and DDP's gradients through them equal the staged path's. Prints "RANK r OK"."""
 import hashlib
 
 import numpy as np
@@ -77,6 +78,56 @@ for n in (300_000, (2 << 20) // 4 + 3):
         if world == 2 else np.allclose(t.numpy(), mpi_reference(x, "sum"), rtol=1e-5)
     same_everywhere(t.numpy(), f"n={n}")
 assert pg.shm.cap == 2 << 20
+
+# buffers in shared memory (alloc / allreduce_shared: DDP's buckets), read in place, cut
+# into small pieces here so that piece and slice edges are crossed
+from gpudiff.distributed import _shm
+_shm._PIECE_BYTES, piece_default = 256, _shm._PIECE_BYTES
+for dtype in (np.float32, np.float64, np.int64):
+    for n in (1, 7, 64, 65, 1000, 4099):
+        for op in ("sum", "avg", "max", "min"):
+            buf = pg.shm.alloc(n, dtype)
+            assert pg.shm.is_shared(buf) and not pg.shm.is_shared(buf[1:]) \
+                and buf.shape == (n,) and not buf.any()
+            x = (rng.integers(-1000, 1000, n) if dtype == np.int64
+                 else rng.standard_normal(n)).astype(dtype)
+            buf[...] = x
+            pg.shm.allreduce_shared(buf, op)
+            want = mpi_reference(x, op)
+            if world == 2 or dtype == np.int64 or op in ("max", "min"):
+                assert np.array_equal(buf, want), (dtype, n, op, buf[:4], want[:4])
+            else:
+                np.testing.assert_allclose(buf, want, rtol=1e-6 if dtype == np.float32
+                                           else 1e-13)
+            same_everywhere(buf, f"shared {dtype.__name__} n={n} {op}")
+            checks += 1
+buf = pg.shm.alloc(999, np.float32)
+x = rng.standard_normal(999).astype(np.float32)
+buf[...] = x
+pg.shm.allreduce_shared(buf, "sum", scale=1.0 / world)      # DDP's sum, then 1/N
+want = mpi_reference(x, "sum")
+want *= 1.0 / world
+assert np.array_equal(buf, want) if world == 2 else np.allclose(buf, want, rtol=1e-6)
+_shm._PIECE_BYTES = piece_default
+
+# DDP: its buckets in shared memory give the same gradients as the staged path (bitwise with
+# 2 ranks: a sum of two is order-free), and a bucket under the threshold stays private
+import gpudiff.nn as nn
+from gpudiff.nn.parallel import DistributedDataParallel as DDP
+grads = []
+for shared in (True, False):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, 5))
+    pg.shm_min_bytes = 0 if shared else 1 << 40
+    ddp = DDP(net, bucket_cap_mb=0.0005)
+    assert len(ddp._buckets) >= 2 and all(b.shared == shared for b in ddp._buckets), \
+        [(b.shared, b.nbytes) for b in ddp._buckets]
+    xin = torch.tensor(np.random.default_rng(rank).standard_normal((8, 40)).astype(np.float32))
+    ddp(xin).square().sum().backward()
+    grads.append([p.grad.numpy().copy() for p in net.parameters()])
+for g0, g1 in zip(*grads):
+    assert np.array_equal(g0, g1) if world == 2 else np.allclose(g0, g1, rtol=1e-5)
+    same_everywhere(g0, "DDP shared-bucket grads")
 
 # bool and tiny messages still take MPI
 pg.shm_min_bytes = 1 << 20

@@ -36,7 +36,7 @@ _FIRST_BUCKET_BYTES = 1024 * 1024      # as PyTorch's _DEFAULT_FIRST_BUCKET_BYTE
 class _Bucket:
     """One flat gradient buffer and the parameters whose grads are views into it."""
 
-    def __init__(self, index, params, idx, device):
+    def __init__(self, index, params, idx, device, shm=None):
         self.index = index
         self.params = params                 # the Parameters, in bucket order
         self.param_idx = idx                 # their positions in DDP's parameter list
@@ -46,8 +46,15 @@ class _Bucket:
         sizes = [int(np.prod(p.shape)) for p in params]
         self.offsets = np.cumsum([0] + sizes).tolist()
         # RAW ARRAY (for speed): the flat buffer the all-reduce runs on; the grads are views
-        with _on(device):
-            self.buffer = xp.zeros(self.offsets[-1], dtype=self.dtype)
+        # on the CPU, a large bucket lives in this node's shared memory when the ranks share
+        # it (distributed/_shm.py): its all-reduce then reads the other ranks' buckets in
+        # place, with no staging copies (``shm``: the process group's ShmAllreduce, or None)
+        self.shared = shm is not None
+        if self.shared:
+            self.buffer = shm.alloc(self.offsets[-1], np.dtype(str(self.dtype)))
+        else:
+            with _on(device):
+                self.buffer = xp.zeros(self.offsets[-1], dtype=self.dtype)
         self.views = [self.buffer[a:b].reshape(p.shape)
                       for a, b, p in zip(self.offsets, self.offsets[1:], params)]
         from ...tensor import Tensor
@@ -193,7 +200,7 @@ class DistributedDataParallel(Module):
         def close(key):
             idx = open_.pop(key)[0]
             b = _Bucket(len(self._buckets), [self._params[i] for i in idx], idx,
-                        self._params[idx[0]].device)
+                        self._params[idx[0]].device, self._shm_for(idx))
             for k, i in enumerate(idx):
                 self._loc[i] = (b, k)
             self._buckets.append(b)
@@ -209,6 +216,16 @@ class DistributedDataParallel(Module):
                 close(key)
         for key in list(open_):
             close(key)
+
+    def _shm_for(self, idx):
+        """The shared-memory all-reduce for a bucket of these parameters, or None (the same
+        answer on every rank: the models were checked equal)."""
+        pg, p = self._pg, self._params[idx[0]]
+        if self._world == 1 or pg.shm is None or p.device.type != "cpu":
+            return None
+        nbytes = sum(self._params[i].array.nbytes for i in idx)
+        dtype_ok = c10d._shm.usable(np.empty(0, np.dtype(str(p.dtype))), "sum", min_bytes=0)
+        return pg.shm if dtype_ok and nbytes >= pg.shm_min_bytes else None
 
     # ---- forward ------------------------------------------------------------------------
     def forward(self, *inputs, **kwargs):
@@ -313,6 +330,12 @@ class DistributedDataParallel(Module):
         pg = self._pg
         seq = pg.next_seq()
         buf = b.buffer
+        if b.shared:
+            # the bucket is in shared memory: reduced in place, scaled by 1/N as _finish
+            # does for the others; synchronous (the handle comes back complete)
+            with c10d._fault.waiting(f"DDP bucket {b.index} all_reduce", seq):
+                pg.shm.allreduce_shared(buf, "sum", scale=1.0 / self._world)
+            return c10d.Work(f"DDP bucket {b.index} all_reduce", seq)
         if isinstance(buf, np.ndarray):
             if pg.shm is not None and c10d._shm.usable(buf, "sum", pg.shm_min_bytes):
                 # this node's shared memory (distributed/_shm.py): synchronous, so the
@@ -334,7 +357,8 @@ class DistributedDataParallel(Module):
         for b in self._buckets:
             b.work.wait()
             b.work = None
-            b.buffer *= scale
+            if not b.shared:
+                b.buffer *= scale
         self._armed = False
 
     # ---- API ----------------------------------------------------------------------------
