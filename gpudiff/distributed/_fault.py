@@ -8,7 +8,10 @@
 2. A watchdog thread ends the job when one collective waits longer than the process
    group's timeout, naming the collective, its sequence number and the rank. Collectives
    register themselves (``begin``) while they wait; mpi4py releases the GIL inside MPI's
-   blocking calls, so the watchdog runs while a rank is stuck in one.
+   blocking calls, so the watchdog runs while a rank is stuck in one. NCCL collectives never
+   block the host (the caller's stream waits for their event), so they register their
+   CUDA event instead (``track``) and the watchdog polls it until it completes, as
+   PyTorch's NCCL watchdog does: a GPU collective stuck past the timeout ends the job too.
 """
 import contextlib
 import os
@@ -19,6 +22,7 @@ import traceback
 
 _state = {"comm": None, "rank": 0, "timeout": None, "installed": False}
 _waiting = {}            # token -> (name, seq, started)
+_events = {}             # token -> (name, seq, started, event): NCCL work not yet complete
 _lock = threading.Lock()
 _tokens = iter(range(1 << 62))
 _watchdog = None
@@ -110,18 +114,39 @@ def waiting(name, seq):
         end(tok)
 
 
+def track(name, seq, event):
+    """An NCCL collective's completion event (anything with ``.done``), polled by the
+    watchdog until it is done."""
+    with _lock:
+        _events[next(_tokens)] = (name, seq, time.monotonic(), event)
+
+
+def overdue(now=None):
+    """The message for the first collective waiting longer than the timeout, or None; NCCL
+    events found complete are forgotten."""
+    timeout = _state["timeout"]
+    if not timeout:
+        return None
+    now = time.monotonic() if now is None else now
+    with _lock:
+        late = [(name, seq, now - t0, "") for name, seq, t0 in _waiting.values()
+                if now - t0 > timeout]
+        for tok, (name, seq, t0, ev) in list(_events.items()):
+            if bool(ev.done):
+                del _events[tok]
+            elif now - t0 > timeout:
+                late.append((name, seq, now - t0, " on the GPU (NCCL)"))
+    if not late:
+        return None
+    name, seq, waited, where = late[0]
+    return (f"[rank {_state['rank']}] gpudiff.distributed: collective {name} (#{seq} on this "
+            f"rank){where} waited {waited:.1f}s, longer than the timeout of {timeout:g}s "
+            f"(init_process_group(timeout=...) or GPUDIFF_DIST_TIMEOUT); another rank is "
+            f"stuck, gone, or calling different collectives. Ending the job.")
+
+
 def _watch():
     while not _stop.wait(0.5):
-        timeout = _state["timeout"]
-        if not timeout:
-            continue
-        now = time.monotonic()
-        with _lock:
-            late = [(name, seq, now - t0) for name, seq, t0 in _waiting.values()
-                    if now - t0 > timeout]
-        if late:
-            name, seq, waited = late[0]
-            abort(f"[rank {_state['rank']}] gpudiff.distributed: collective {name} (#{seq} on "
-                  f"this rank) waited {waited:.1f}s, longer than the timeout of {timeout:g}s "
-                  f"(init_process_group(timeout=...) or GPUDIFF_DIST_TIMEOUT); another rank "
-                  f"is stuck, gone, or calling different collectives. Ending the job.")
+        message = overdue()
+        if message is not None:
+            abort(message)

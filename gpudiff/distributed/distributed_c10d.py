@@ -213,6 +213,8 @@ class Work:
         self._finish = finish       # copies results into place once complete
         self._event = event         # NCCL: a CUDA event recorded on the side stream
         self._done = request is None and event is None
+        if event is not None:       # the watchdog polls it (a stuck NCCL call ends the job)
+            _fault.track(name, seq, event)
         if self._done and finish is not None:
             finish()
 

@@ -89,6 +89,35 @@ def test_collective_timeout_ends_the_job_naming_it():
     assert "unreachable" not in out
 
 
+def test_watchdog_names_a_stuck_nccl_collective():
+    """NCCL work never blocks the host, so the watchdog polls its CUDA event: one not done
+    past the timeout is reported by name (a stand-in event here; no GPU needed), and a done
+    one is forgotten."""
+    from gpudiff.distributed import _fault
+
+    class Event:
+        done = False
+    old = _fault._state["timeout"]
+    _fault._events.clear()
+    try:
+        _fault.set_timeout(5.0)
+        stuck, finished = Event(), Event()
+        _fault.track("DDP bucket 0 all_reduce", 7, stuck)
+        _fault.track("broadcast", 8, finished)
+        now = time.monotonic()
+        assert _fault.overdue(now + 1.0) is None
+        finished.done = True
+        msg = _fault.overdue(now + 6.0)
+        assert msg is not None and "collective DDP bucket 0 all_reduce (#7 on this rank) " \
+            "on the GPU (NCCL) waited" in msg and "timeout of 5s" in msg, msg
+        assert len(_fault._events) == 1            # the finished one was forgotten
+        stuck.done = True
+        assert _fault.overdue(now + 60.0) is None and not _fault._events
+    finally:
+        _fault.set_timeout(old)
+        _fault._events.clear()
+
+
 def test_single_process_world():
     """Without a launcher the job is one rank; collectives are identities. (In a child
     process: MPI is initialised once per process.)"""
