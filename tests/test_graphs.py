@@ -620,10 +620,11 @@ def test_train_graph_with_amp(tmp_path):
 
 
 def _gpu_capture(fn):
-    """A capture as on a real GPU (CuPy records the kernels; the plan records nothing and
-    only enforces the rules): what gpudiff.cuda.CUDAGraph does there, run on the CPU."""
+    """A capture as on a real GPU (CuPy records the kernels; the plan records no Python steps
+    and only enforces the rules), simulated on the CPU: the device work that the GPU would
+    record (a capturable optimizer step) is kept and replayed on the same arrays."""
     from gpudiff.runtime import capture as C
-    plan = C.Plan(record=False)
+    plan = C.Plan(record=False, simulate=True)
     C.begin(plan)
     try:
         fn()
@@ -633,26 +634,45 @@ def _gpu_capture(fn):
 
 
 def test_cuda_graph_rules_for_optimizers_on_a_gpu():
-    """A CUDA graph replays its kernels' scalar arguments: a changed lr raises at replay
-    (instead of a silently stale update), Adam (host step counts) and a missing warm-up
-    raise at capture."""
+    """A CUDA graph replays fixed kernels: the optimizer step is capturable (lr and step
+    counts in device scalars, written before each replay), so an lr changed between replays
+    takes effect and Adam can be captured; a missing warm-up raises at capture, a change of
+    the update rule (nesterov) at replay. tests/test_graphs_capturable.py has the rest."""
+    from gpudiff.runtime.kernels import use_kernels
+
     def step(p, opt):
         (p * p).sum().backward()
         opt.step()
 
     p = gpudiff.ones(3, requires_grad=True)
     opt = gpudiff.optim.SGD([p], lr=0.1, momentum=0.9)
-    with pytest.raises(CaptureError, match="warm up before capturing"):
+    with pytest.raises(CaptureError, match="SGD.step.*warm up before capturing"):
         _gpu_capture(lambda: step(p, opt))
+    p.grad = None
     step(p, opt)  # the warm-up: the momentum buffer exists now
+    twin = gpudiff.ones(3, requires_grad=True)
+    twin_opt = gpudiff.optim.SGD([twin], lr=0.1, momentum=0.9)
+    with use_kernels(False):  # (the replay runs _update's formulas, not the fused kernel)
+        step(twin, twin_opt)
+    before = p.detach().numpy().copy()
+    opt.zero_grad(set_to_none=True)
     plan = _gpu_capture(lambda: step(p, opt))
-    plan.replay()  # (no steps: the GPU would launch its graph)
-    opt.param_groups[0]["lr"] = 0.01  # a scheduler between replays
-    with pytest.raises(CaptureError, match=r"'lr' changed from 0.1 to 0.01 .* Capture again"):
+    assert np.array_equal(p.detach().numpy(), before)  # captured, not run
+    for lr in (0.1, 0.01):  # a scheduler between replays
+        opt.param_groups[0]["lr"] = twin_opt.param_groups[0]["lr"] = lr
+        plan.replay()  # (the gradient stays the capture's: 2 * p at capture)
+        twin.grad = gpudiff.tensor(2 * before)
+        with use_kernels(False):
+            twin_opt.step()
+        assert np.array_equal(p.detach().numpy(), twin.detach().numpy())
+    opt.param_groups[0]["nesterov"] = True
+    with pytest.raises(CaptureError, match=r"SGD's nesterov changed from False to True .*"
+                                           r"Capture again"):
         plan.replay()
     q = gpudiff.ones(3, requires_grad=True)
     adam = gpudiff.optim.Adam([q])
     step(q, adam)
-    with pytest.raises(CaptureError, match=r"Adam.step\(\) inside a CUDA graph on a GPU.*"
-                                           r"gpudiff.Graph\(\)"):
-        _gpu_capture(lambda: step(q, adam))
+    adam.zero_grad(set_to_none=True)
+    plan = _gpu_capture(lambda: step(q, adam))
+    plan.replay()
+    assert float(adam.state[q]["step"].array) == 2

@@ -1,5 +1,5 @@
 """Adadelta, PyTorch's update rule."""
-from .optimizer import Optimizer, _new_step, _zeros_like
+from .optimizer import Optimizer, _GraphStep, _new_step, _zeros_like
 
 
 class Adadelta(Optimizer):
@@ -27,6 +27,46 @@ class Adadelta(Optimizer):
         state["step"] = _new_step()
         state["square_avg"] = _zeros_like(p)
         state["acc_delta"] = _zeros_like(p)
+
+    def _graph_bucket(self, device, group, params):
+        """The capturable step (CUDA graph on a GPU): ``_update``'s formulas, with lr, rho,
+        eps and weight_decay in device scalars (the step count advances on the host)."""
+        def structure(g):
+            return {"maximize": bool(g["maximize"]), "weight_decay != 0": g["weight_decay"] != 0}
+        rule = structure(group)
+        maximize, wd = rule["maximize"], rule["weight_decay != 0"]
+        names = ["lr", "rho", "one_minus_rho", "eps"] + (["weight_decay"] if wd else [])
+        xp = device.xp
+        states = [self.state[p] for p in params]
+        arrays = [p.array for p in params]
+        grads = [p.grad.array for p in params]
+        sqs = [st["square_avg"].array for st in states]
+        accs = [st["acc_delta"].array for st in states]
+
+        def values():
+            for st in states:
+                st["step"].array += 1
+            return {"lr": group["lr"], "rho": group["rho"], "one_minus_rho": 1 - group["rho"],
+                    "eps": group["eps"], "weight_decay": group["weight_decay"]}
+
+        def launch(s):
+            for p, g, square_avg, acc_delta in zip(arrays, grads, sqs, accs):
+                if maximize:
+                    g = -g
+                if wd:
+                    g = g + s["weight_decay"] * p
+                square_avg *= s["rho"]
+                square_avg += (s["one_minus_rho"] * g) * g
+                std = square_avg + s["eps"]
+                xp.sqrt(std, out=std)
+                delta = acc_delta + s["eps"]
+                xp.sqrt(delta, out=delta)
+                delta /= std
+                delta *= g
+                acc_delta *= s["rho"]
+                acc_delta += (s["one_minus_rho"] * delta) * delta
+                p -= s["lr"] * delta
+        return _GraphStep(names, structure, values, launch)
 
     def _update(self, param, g, state, group):
         p, xp = param.array, param.device.xp

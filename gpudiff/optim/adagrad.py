@@ -1,7 +1,7 @@
 """Adagrad, PyTorch's update rule (state created for every parameter up front)."""
 from .. import runtime
 from ..tensor import Tensor
-from .optimizer import Optimizer, _new_step, _step_value
+from .optimizer import Optimizer, _GraphStep, _new_step, _step_value
 
 
 class Adagrad(Optimizer):
@@ -38,6 +38,44 @@ class Adagrad(Optimizer):
             state["sum"] = Tensor.from_array(
                 p.device.xp.full(p.shape, group["initial_accumulator_value"], dtype=p.dtype),
                 p.device)
+
+    def _graph_bucket(self, device, group, params):
+        """The capturable step (CUDA graph on a GPU): ``_update``'s formulas, with eps,
+        weight_decay and each parameter's ``-lr / (1 + (step - 1) * lr_decay)`` in device
+        scalars (the step counts stay on the host and advance before each replay)."""
+        def structure(g):
+            return {"maximize": bool(g["maximize"]), "weight_decay != 0": g["weight_decay"] != 0}
+        rule = structure(group)
+        maximize, wd = rule["maximize"], rule["weight_decay != 0"]
+        n = len(params)
+        names = ["eps"] + (["weight_decay"] if wd else []) + [("neg_clr", i) for i in range(n)]
+        xp = device.xp
+        states = [self.state[p] for p in params]
+        arrays = [p.array for p in params]
+        grads = [p.grad.array for p in params]
+        sums = [st["sum"].array for st in states]
+
+        def values():
+            v = {"eps": group["eps"], "weight_decay": group["weight_decay"]}
+            for i, st in enumerate(states):
+                st["step"].array += 1
+                step = _step_value(st)
+                v["neg_clr", i] = -(group["lr"] / (1 + (step - 1) * group["lr_decay"]))
+            return v
+
+        def launch(s):
+            for i, (p, g, sm) in enumerate(zip(arrays, grads, sums)):
+                if maximize:
+                    g = -g
+                if wd:
+                    g = g + s["weight_decay"] * p
+                sm += g * g
+                std = xp.sqrt(sm)
+                std += s["eps"]
+                upd = s["neg_clr", i] * g
+                upd /= std
+                p += upd
+        return _GraphStep(names, structure, values, launch)
 
     def _update(self, param, g, state, group):
         p, xp = param.array, param.device.xp

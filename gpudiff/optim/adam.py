@@ -1,6 +1,15 @@
 """Adam (with amsgrad) and AdamW (decoupled weight decay), PyTorch's update rule."""
 from .. import runtime
-from .optimizer import Optimizer, _lerp_, _new_step, _step_value, _zeros_like
+from .optimizer import (
+    Optimizer,
+    _GraphStep,
+    _lerp_,
+    _lerp_dev,
+    _lerp_values,
+    _new_step,
+    _step_value,
+    _zeros_like,
+)
 
 
 class Adam(Optimizer):
@@ -58,6 +67,69 @@ class Adam(Optimizer):
             for st in states:
                 st["step"].array -= 1
         return res
+
+    def _graph_bucket(self, device, group, params):
+        """The capturable step (CUDA graph on a GPU): ``_update``'s formulas, with lr (in
+        ``-lr / bias_correction1`` and ``1 - lr * weight_decay``), betas, eps, weight_decay
+        and each parameter's ``sqrt(bias_correction2)`` in device scalars; the step counts
+        stay on the host (0-d CPU tensors, as eager) and advance before each replay."""
+        def structure(g):
+            return {"amsgrad": bool(g["amsgrad"]), "maximize": bool(g["maximize"]),
+                    "decoupled_weight_decay": bool(g["decoupled_weight_decay"]),
+                    "weight_decay != 0": g["weight_decay"] != 0,
+                    "abs(1 - beta1) < 0.5": abs(1 - g["betas"][0]) < 0.5}
+        rule = structure(group)
+        amsgrad, maximize, wd = rule["amsgrad"], rule["maximize"], rule["weight_decay != 0"]
+        decoupled, small = rule["decoupled_weight_decay"], rule["abs(1 - beta1) < 0.5"]
+        n = len(params)
+        names = ["lerp_w", "lerp_1mw", "beta2", "one_minus_beta2", "eps"] + \
+            ([("decay" if decoupled else "weight_decay")] if wd else []) + \
+            [("neg_step_size", i) for i in range(n)] + [("bc2_sqrt", i) for i in range(n)]
+        xp, dtype = device.xp, params[0].dtype
+        states = [self.state[p] for p in params]
+        arrays = [p.array for p in params]
+        grads = [p.grad.array for p in params]
+        avgs = [st["exp_avg"].array for st in states]
+        sqs = [st["exp_avg_sq"].array for st in states]
+        maxs = [st["max_exp_avg_sq"].array if amsgrad else None for st in states]
+
+        def values():
+            lr, weight_decay = group["lr"], group["weight_decay"]
+            beta1, beta2 = group["betas"]
+            v = _lerp_values(1 - beta1, dtype)
+            v.update(beta2=beta2, one_minus_beta2=1 - beta2, eps=group["eps"],
+                     weight_decay=weight_decay, decay=1 - lr * weight_decay)
+            for i, st in enumerate(states):  # (the formulas of _update, in Python floats)
+                st["step"].array += 1
+                step = _step_value(st)
+                v["neg_step_size", i] = -(lr / (1 - beta1 ** step))
+                v["bc2_sqrt", i] = (1 - beta2 ** step) ** 0.5
+            return v
+
+        def launch(s):
+            for i, (p, g, exp_avg, exp_avg_sq, max_sq) in enumerate(
+                    zip(arrays, grads, avgs, sqs, maxs)):
+                if maximize:
+                    g = -g
+                if wd:
+                    if decoupled:
+                        p *= s["decay"]
+                    else:
+                        g = g + s["weight_decay"] * p
+                _lerp_dev(exp_avg, g, s, small, xp)
+                exp_avg_sq *= s["beta2"]
+                exp_avg_sq += (s["one_minus_beta2"] * g) * g
+                if amsgrad:
+                    xp.maximum(max_sq, exp_avg_sq, out=max_sq)
+                    denom = xp.sqrt(max_sq)
+                else:
+                    denom = xp.sqrt(exp_avg_sq)
+                denom /= s["bc2_sqrt", i]
+                denom += s["eps"]
+                upd = s["neg_step_size", i] * exp_avg
+                upd /= denom
+                p += upd
+        return _GraphStep(names, structure, values, launch)
 
     def _update(self, param, g, state, group):
         p, xp = param.array, param.device.xp

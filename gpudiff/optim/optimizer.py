@@ -76,8 +76,8 @@ def _step_captured(plan, opt, step, args, kwargs):
         raise capture.CaptureError(
             f"{type(opt).__name__}.step(closure): a closure cannot be captured (it would run "
             f"once, at capture); capture the forward and backward and call step() without one")
-    if not plan.record:  # a CUDA graph on a GPU: its kernels replay the capture's scalars
-        _check_cuda_graph_step(plan, opt)
+    if not plan.record:  # a CUDA graph on a GPU: the capturable step
+        return _step_cuda_graph(plan, opt)
     for group in opt.param_groups:
         for p in group["params"]:
             plan.static(p, weakref.ref)
@@ -132,37 +132,126 @@ def _step_captured(plan, opt, step, args, kwargs):
     return out
 
 
-def _check_cuda_graph_step(plan, opt):
-    """What a CUDA graph replays of ``opt.step()`` is the capture's kernels with the
-    capture's scalar arguments: say so clearly instead of replaying a wrong update. Only an
-    optimizer whose update reads nothing the host changes per step (SGD, with its momentum
-    buffers made by warm-up steps) can be in one; a hyperparameter changed after the
-    capture (a scheduler's lr) raises at the next replay."""
+def _step_cuda_graph(plan, opt):
+    """``opt.step()`` in a CUDA graph on a GPU (``plan.record`` False): PyTorch's capturable
+    step. A graph replays its kernels with the capture's arguments, so every value the host
+    changes between steps (lr and the other group values, the bias corrections of a step
+    count) is read by the kernels from *device scalars*, one vector per (group, device,
+    dtype) bucket; a ``pre_replay`` hook writes the current values into them before each
+    replay (computed from ``param_groups`` and the host step counters with the eager step's
+    Python formulas) and advances the host state as an eager step does. The device work
+    (``_graph_bucket``'s launch, the formulas of ``_update``) reads only fixed arrays:
+    parameters, gradients, state buffers and those scalars. docs/GRAPHS.md."""
     name = type(opt).__name__
-    if not opt._cuda_graph_safe:
+    where = f"{name}.step() inside a CUDA graph on a GPU"
+    if opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks or \
+            getattr(type(opt).step, "__wrapped__", None) is not Optimizer.step.__wrapped__:
         raise capture.CaptureError(
-            f"{name}.step() inside a CUDA graph on a GPU: its step counts are read on the "
-            f"host, so every replay would repeat the capture's bias corrections (gpudiff has "
-            f"no capturable optimizers yet). Use gpudiff.Graph(), which reruns the step's "
-            f"Python at each replay, or capture only forward and backward")
+            f"{where}: it has step hooks or a step() of its own, Python that a CUDA graph "
+            f"cannot rerun at replay. Use gpudiff.Graph(), which reruns the step's Python at "
+            f"each replay, or capture only forward and backward")
+    if type(opt)._graph_bucket is Optimizer._graph_bucket:
+        raise capture.CaptureError(
+            f"{where}: {name} has no capturable step (its update would replay the "
+            f"capture's scalars). SGD, Adam, AdamW, RMSprop, Adagrad and Adadelta have "
+            f"one; use gpudiff.Graph(), which reruns the step's Python at each replay")
+    buckets = []  # (device, group, params): as _step_group buckets them
     for group in opt.param_groups:
-        if any(p.grad is not None and not opt._state_ready(p, group) for p in group["params"]):
+        by = {}
+        for p in group["params"]:
+            if p.grad is not None:
+                by.setdefault((p.device, p.dtype), []).append(p)
+        buckets += [(dev, group, ps) for (dev, _), ps in by.items()]
+    for dev, group, ps in buckets:
+        opt._check_grads(ps)
+        if not all(opt._state_ready(p, group) for p in ps):
             raise capture.CaptureError(
-                f"{name}.step() inside a CUDA graph: warm up before capturing (run a few "
-                f"eager steps first, as PyTorch asks), so that the optimizer state exists")
-    frozen = [(g, {k: v for k, v in g.items() if k != "params"}) for g in opt.param_groups]
+                f"{where}: warm up before capturing (run a few eager steps first, as PyTorch "
+                f"asks), so that the optimizer state exists")
+    parts = []
+    for dev, group, ps in buckets:
+        gs = opt._graph_bucket(dev, group, ps)
+        if gs is None:
+            raise capture.CaptureError(
+                f"{where}: {name} has no capturable step for these parameters; use "
+                f"gpudiff.Graph(), which reruns the step's Python at each replay")
+        for p in ps:
+            plan.static(p, weakref.ref)
+        # the state arrays the graph updates: checked at replay (after a load_state_dict
+        # the graph would update memory that no state tensor holds). The gradients are not:
+        # a graph with the backward in it writes the arrays its step reads, whatever .grad
+        # holds between replays (train.py's eager last batch replaces it)
+        fixed = [(p, k, v.array) for p in ps for k, v in opt.state.get(p, {}).items()
+                 if isinstance(v, Tensor) and k != "step"]
+        with runtime.on_device(dev):
+            scalars = _DeviceScalars(dev, ps[0].dtype, gs.names)
+            plan.launch(functools.partial(gs.launch, scalars.view))
+        parts.append((group, ps, gs, gs.structure(group), fixed, scalars))
 
-    def check():
-        for g, values in frozen:
-            for k, v in values.items():
-                if g.get(k) != v:
+    def pre_replay():
+        for group, ps, gs, frozen, fixed, _ in parts:  # (every check before any change)
+            now = gs.structure(group)
+            for k, v in frozen.items():
+                if now[k] != v:
                     raise capture.CaptureError(
-                        f"replay: {name}'s '{k}' changed from {v} to {g.get(k)} after the "
-                        f"capture, but a CUDA graph replays the captured value (PyTorch's "
-                        f"capturable optimizers keep it in a device tensor; gpudiff's do "
-                        f"not yet). Capture again (g.reset(), then capture), or use "
-                        f"gpudiff.Graph(), which reads it at each replay")
-    plan.pre_replay.append(check)
+                        f"replay: {name}'s {k} changed from {v} to {now[k]} after the capture: "
+                        f"that changes the update's kernels, which a CUDA graph fixes at "
+                        f"capture (a new value of a hyperparameter is fine, a new rule is "
+                        f"not). Capture again (g.reset(), then capture), or use "
+                        f"gpudiff.Graph()")
+            for p, k, array in fixed:
+                t = opt.state.get(p, {}).get(k)
+                if t is None or t.array is not array:
+                    raise capture.CaptureError(
+                        f"replay: {name}: the state '{k}' of a parameter of shape "
+                        f"{tuple(p.shape)} was replaced or removed after the capture "
+                        f"(load_state_dict, ...), but the CUDA graph updates the captured "
+                        f"memory. Capture again (g.reset(), then capture)")
+        for group, ps, gs, _, _, scalars in parts:
+            scalars.write(gs.values())
+            for p in ps:
+                p.bump_version()
+        opt._opt_called = True
+        opt._step_count = getattr(opt, "_step_count", 0) + 1
+    plan.pre_replay.append(pre_replay)
+
+
+class _GraphStep:
+    """What an optimizer's ``_graph_bucket`` gives for one bucket of a CUDA graph:
+    ``names`` of its device scalars; ``structure(group)`` -> {what: value}, the choices that
+    pick the update's kernels (fixed at capture, checked at each replay); ``values()`` ->
+    {name: Python float} for this step, advancing the host state (step counters) as the
+    eager step does; ``launch(s)`` the update's device work, ``s`` {name: 0-d device array}."""
+
+    __slots__ = ("launch", "names", "structure", "values")
+
+    def __init__(self, names, structure, values, launch):
+        self.names, self.structure, self.values, self.launch = \
+            list(names), structure, values, launch
+
+
+class _DeviceScalars:
+    """One bucket's per-step scalars in device memory: a vector in the parameters' dtype
+    (``array``) and a 0-d view of it per name (``view``, what the captured kernels read).
+    ``write`` copies new values in with one host-to-device copy. A Python float stored here
+    rounds as NumPy rounds it into an operation on arrays of that dtype, so the kernels see
+    the eager step's scalars bit for bit."""
+
+    def __init__(self, device, dtype, names):
+        self.names = list(names)
+        self.host = np.zeros(len(self.names), dtype)
+        self.array = device.xp.empty(len(self.names), dtype)  # (no kernel: nothing recorded)
+        self.view = {n: self.array[i, ...] for i, n in enumerate(self.names)}
+        self._numpy = isinstance(self.array, np.ndarray)
+
+    def write(self, values):
+        h = self.host
+        for i, n in enumerate(self.names):
+            h[i] = values[n]
+        if self._numpy:
+            self.array[...] = h
+        else:  # CuPy: one copy on the current stream, before the graph's launch
+            self.array.set(h)
 
 
 def _typename(obj):
@@ -315,6 +404,10 @@ class Optimizer:
                 self._step_bucket(dev, group, ps)
 
     def _step_bucket(self, dev, group, ps):
+        self._check_grads(ps)
+        self._apply_bucket(dev, group, ps)
+
+    def _check_grads(self, ps):
         for p in ps:
             if p.grad.shape != p.shape:
                 raise RuntimeError(f"{type(self).__name__}: gradient shape "
@@ -323,7 +416,6 @@ class Optimizer:
             if p.grad.device != p.device:
                 raise RuntimeError(f"{type(self).__name__}: the gradient is on {p.grad.device} "
                                    f"but the parameter on {p.device}")
-        self._apply_bucket(dev, group, ps)
 
     def _apply_bucket(self, dev, group, ps):
         """The update of one checked (device, dtype) bucket (a captured step replays this)."""
@@ -355,12 +447,15 @@ class Optimizer:
         """Hook for a device's multi-tensor kernel; NotImplemented means 'use _update'."""
         return NotImplemented
 
-    #: whether ``step`` can be in a CUDA graph on a GPU (_check_cuda_graph_step)
-    _cuda_graph_safe = False
-
     def _state_ready(self, p, group):
         """Whether ``p``'s state is complete (a step has run): a CUDA graph needs it."""
         return bool(self.state.get(p))
+
+    def _graph_bucket(self, device, group, params):
+        """The capturable step of one bucket for a CUDA graph on a GPU (a ``_GraphStep``,
+        see ``_step_cuda_graph``). An optimizer that does not override this has none: its
+        step raises in a CUDA graph; None (for a bucket it cannot take) raises too."""
+        return None
 
     def _bucket_replay(self, device, group, params):
         """For a captured step: a closure updating this bucket on the arrays it holds now,
@@ -479,4 +574,22 @@ def _lerp_(a, end, weight, xp):
     else:
         d = end - a
         d *= a.dtype.type(1) - w
+        xp.subtract(end, d, out=a)
+
+
+def _lerp_values(weight, dtype):
+    """The device scalars of ``_lerp_dev`` for ``_lerp_(a, end, weight)`` on ``dtype``
+    arrays: {'lerp_w': weight, 'lerp_1mw': 1 - w in ``dtype`` arithmetic, as _lerp_}."""
+    t = np.dtype(dtype).type
+    return {"lerp_w": weight, "lerp_1mw": float(t(1) - t(weight))}
+
+
+def _lerp_dev(a, end, s, small, xp):
+    """``_lerp_`` with its weight in device scalars (``s``: 'lerp_w', 'lerp_1mw'); ``small``
+    is ``abs(weight) < 0.5``, the formula chosen at capture."""
+    if small:
+        a += s["lerp_w"] * (end - a)
+    else:
+        d = end - a
+        d *= s["lerp_1mw"]
         xp.subtract(end, d, out=a)

@@ -1,5 +1,13 @@
 """RMSprop (optionally centered, with momentum), PyTorch's update rule."""
-from .optimizer import Optimizer, _lerp_, _new_step, _zeros_like
+from .optimizer import (
+    Optimizer,
+    _GraphStep,
+    _lerp_,
+    _lerp_dev,
+    _lerp_values,
+    _new_step,
+    _zeros_like,
+)
 
 
 class RMSprop(Optimizer):
@@ -34,6 +42,62 @@ class RMSprop(Optimizer):
             state["momentum_buffer"] = _zeros_like(p)
         if group["centered"]:
             state["grad_avg"] = _zeros_like(p)
+
+    def _graph_bucket(self, device, group, params):
+        """The capturable step (CUDA graph on a GPU): ``_update``'s formulas, with lr, alpha,
+        eps, weight_decay and momentum in device scalars (the step count is not in the
+        update: it advances on the host before each replay)."""
+        def structure(g):
+            return {"momentum > 0": g["momentum"] > 0, "centered": bool(g["centered"]),
+                    "maximize": bool(g["maximize"]), "weight_decay != 0": g["weight_decay"] != 0,
+                    "abs(1 - alpha) < 0.5": abs(1 - g["alpha"]) < 0.5}
+        rule = structure(group)
+        momentum, centered, maximize = rule["momentum > 0"], rule["centered"], rule["maximize"]
+        wd, small = rule["weight_decay != 0"], rule["abs(1 - alpha) < 0.5"]
+        names = ["lr", "neg_lr", "alpha", "one_minus_alpha", "eps", "lerp_w", "lerp_1mw"] + \
+            (["weight_decay"] if wd else []) + (["momentum"] if momentum else [])
+        xp, dtype = device.xp, params[0].dtype
+        states = [self.state[p] for p in params]
+        arrays = [p.array for p in params]
+        grads = [p.grad.array for p in params]
+        sqs = [st["square_avg"].array for st in states]
+        gavgs = [st["grad_avg"].array if centered else None for st in states]
+        bufs = [st["momentum_buffer"].array if momentum else None for st in states]
+
+        def values():
+            for st in states:
+                st["step"].array += 1
+            lr, alpha = group["lr"], group["alpha"]
+            v = _lerp_values(1 - alpha, dtype)
+            v.update(lr=lr, neg_lr=-lr, alpha=alpha, one_minus_alpha=1 - alpha,
+                     eps=group["eps"], weight_decay=group["weight_decay"],
+                     momentum=group["momentum"])
+            return v
+
+        def launch(s):
+            for p, g, square_avg, grad_avg, buf in zip(arrays, grads, sqs, gavgs, bufs):
+                if maximize:
+                    g = -g
+                if wd:
+                    g = g + s["weight_decay"] * p
+                square_avg *= s["alpha"]
+                square_avg += (s["one_minus_alpha"] * g) * g
+                if centered:
+                    _lerp_dev(grad_avg, g, s, small, xp)
+                    avg = square_avg - grad_avg * grad_avg
+                    xp.sqrt(avg, out=avg)
+                else:
+                    avg = xp.sqrt(square_avg)
+                avg += s["eps"]
+                if momentum:
+                    buf *= s["momentum"]
+                    buf += g / avg
+                    p -= s["lr"] * buf
+                else:
+                    upd = s["neg_lr"] * g
+                    upd /= avg
+                    p += upd
+        return _GraphStep(names, structure, values, launch)
 
     def _update(self, param, g, state, group):
         p, xp = param.array, param.device.xp

@@ -1,7 +1,7 @@
 """SGD with momentum, dampening, Nesterov and weight decay (PyTorch's update rule)."""
 from .. import runtime
 from ..tensor import Tensor
-from .optimizer import Optimizer, required
+from .optimizer import Optimizer, _GraphStep, required
 
 
 class SGD(Optimizer):
@@ -27,8 +27,6 @@ class SGD(Optimizer):
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
         super().__init__(params, defaults)
-
-    _cuda_graph_safe = True  # (no host-side counters: lr and momentum are kernel scalars)
 
     def _state_ready(self, p, group):
         return group["momentum"] == 0 or self.state.get(p, {}).get("momentum_buffer") \
@@ -71,6 +69,43 @@ class SGD(Optimizer):
                 v[0] += 1
             return True
         return replay
+
+    def _graph_bucket(self, device, group, params):
+        """The capturable step (CUDA graph on a GPU): ``_update``'s formulas, with lr,
+        weight_decay, momentum and 1 - dampening in device scalars."""
+        def structure(g):
+            return {"momentum != 0": g["momentum"] != 0, "dampening != 0": g["dampening"] != 0,
+                    "weight_decay != 0": g["weight_decay"] != 0,
+                    "nesterov": bool(g["nesterov"]), "maximize": bool(g["maximize"])}
+        rule = structure(group)
+        momentum, damp, wd = rule["momentum != 0"], rule["dampening != 0"], \
+            rule["weight_decay != 0"]
+        nesterov, maximize = rule["nesterov"], rule["maximize"]
+        names = ["lr"] + (["weight_decay"] if wd else []) + (["momentum"] if momentum else []) \
+            + (["damp1"] if momentum and damp else [])
+        arrays = [p.array for p in params]
+        grads = [p.grad.array for p in params]
+        bufs = [self.state[p]["momentum_buffer"].array if momentum else None for p in params]
+
+        def values():
+            return {"lr": group["lr"], "weight_decay": group["weight_decay"],
+                    "momentum": group["momentum"], "damp1": 1 - group["dampening"]}
+
+        def launch(s):
+            for p, g, b in zip(arrays, grads, bufs):
+                if maximize:
+                    g = -g
+                if wd:
+                    g = g + s["weight_decay"] * p
+                if momentum:
+                    b *= s["momentum"]
+                    if damp:
+                        b += s["damp1"] * g
+                    else:
+                        b += g
+                    g = (g + s["momentum"] * b) if nesterov else b
+                p -= s["lr"] * g
+        return _GraphStep(names, structure, values, launch)
 
     def _update(self, param, g, state, group):
         p = param.array

@@ -23,6 +23,11 @@ copy back, and ``on_end`` callbacks restore Python-side state (an optimizer's st
 
 On a real GPU the capture is CuPy's stream capture instead (gpudiff/cuda/graphs.py) and this
 plan only watches for errors (``record`` is False): the GPU itself does not run captured work.
+Device work that must read values the host changes between replays (a capturable optimizer
+step: lr, step counts) goes through ``launch`` and reads them from device scalars that a
+``pre_replay`` hook writes. ``Plan(record=False, simulate=True)`` is that capture simulated
+off a GPU (tests): ``launch`` keeps the device work as a step, and ``replay`` runs the
+``pre_replay`` hooks and then that work, as a graph launch would.
 """
 import threading
 
@@ -39,8 +44,9 @@ class CaptureError(RuntimeError):
 class Plan:
     """A recorded step: ``steps`` (closures), the arrays it keeps, and its restore list."""
 
-    def __init__(self, record=True):
+    def __init__(self, record=True, simulate=False):
         self.record = record     # False: a real-GPU capture (CuPy records the kernels)
+        self.simulate = simulate  # (record False only) keep launch()'s work instead (tests)
         self.steps = []
         self.depth = 0
         self.pre_replay = []     # closures run before each replay (host values -> buffers)
@@ -63,6 +69,16 @@ class Plan:
     def add(self, step):
         if self.record:
             self.steps.append(step)
+
+    def launch(self, fn):
+        """Device work of a real-GPU capture (``record`` False) that reads only fixed arrays:
+        run now, under CuPy's stream capture, its kernels are recorded into the graph (they do
+        not run). Simulated (``simulate``), nothing records kernels: ``fn`` is kept as a step
+        instead, so each ``replay`` reruns it on the same arrays, as the graph would."""
+        if self.simulate:
+            self.steps.append(fn)
+        else:
+            self.run(fn)
 
     def run(self, fn, *args):
         """Run ``fn(*args)`` now with recording off (its inner work belongs to the step)."""
