@@ -4,6 +4,8 @@
 namespace k = gpudiff;
 using namespace pybind11::literals;
 
+void bind_dispatch(py::module_& m);   // dispatch.cpp: the op dispatch fast path
+
 PYBIND11_MODULE(_C, m) {
     m.doc() = "gpudiff CPU kernels (C++, OpenMP, GIL released around the loops)";
     m.def("im2col", &k::im2col, "x"_a, "kh"_a, "kw"_a, "sh"_a, "sw"_a, "ph"_a, "pw"_a, "dh"_a, "dw"_a);
@@ -41,4 +43,5 @@ PYBIND11_MODULE(_C, m) {
     m.def("channel_affine2", &k::channel_affine2, "gy"_a, "x"_a, "a"_a, "b"_a, "c"_a);
     m.def("dropout", &k::dropout, "x"_a, "p"_a, "seed"_a, "group"_a);
     m.def("sgd_step", &k::sgd_step, "params"_a, "grads"_a, "momentum_buffers"_a, "lr"_a, "momentum"_a, "dampening"_a, "weight_decay"_a, "nesterov"_a, "maximize"_a);
+    bind_dispatch(m);
 }

@@ -245,14 +245,55 @@ def run_kernel(ctx, name, *args):
     (a dtype or layout it does not handle). The op then runs its reference code. 0-d arrays
     never go to a kernel (no speed to gain, and kernels may assume ndim >= 1)."""
     k = ctx.kernel(name)
-    if k is None or any(getattr(a, "ndim", 1) == 0 for a in args):
+    if k is None:
         return None
+    for a in args:  # (a loop, not any(genexpr): this runs on every call of a hot op)
+        if getattr(a, "ndim", 1) == 0:
+            return None
     return k(*args)
 
 
 def result_type(*arrays_or_dtypes):
     return np.result_type(*arrays_or_dtypes)
 
+
+# ---- the C fast path ---------------------------------------------------------------------
+# ``Op.apply`` is gpudiff._C's ``apply`` (csrc/cpu/dispatch.cpp) when the extension is built:
+# the ``apply`` above in C for the common case (no autocast, capture, profiler or anomaly
+# mode; host arrays on one device; not a view op), handing every other call to ``apply``.
+# GPUDIFF_FAST_DISPATCH=0, or fast_dispatch(False), keeps the Python path for all calls.
+_python_apply = Op.__dict__["apply"]
+
+
+def fast_dispatch(enabled=True):
+    """Use the C dispatch fast path (when built) for ``Op.apply``; returns whether it is on."""
+    C = runtime._C
+    on = bool(enabled) and C is not None and hasattr(C, "dispatch_init")
+    if on and not getattr(fast_dispatch, "_ready", False):
+        import sys
+
+        from ..autograd import function as _function
+        from ..autograd import grad_mode as _grad_mode
+        from ..autograd import graph as _graph
+        from ..runtime.dtypes import bfloat16
+        C.dispatch_init({
+            "Tensor": Tensor, "Node": _graph.Node, "SavedTensor": _graph.SavedTensor,
+            "FunctionCtx": FunctionCtx, "ndarray": np.ndarray,
+            "grad_state": _grad_mode._state, "autocast": autocast, "capture": capture,
+            "events": events, "ops": sys.modules[__name__], "apply": apply,
+            "function": _function, "emulated_own": runtime.emulated.own,
+            "seq": _graph._seq,
+            "float_dtypes": tuple(np.dtype(d) for d in (np.float32, np.float64, np.float16,
+                                                         bfloat16)),
+        })
+        fast_dispatch._ready = True
+    Op.apply = classmethod(C.apply) if on else _python_apply
+    return on
+
+
+import os as _os  # noqa: E402
+
+fast_dispatch(_os.environ.get("GPUDIFF_FAST_DISPATCH", "1") != "0")
 
 # the op modules register themselves on import
 from . import (  # noqa: E402,F401
