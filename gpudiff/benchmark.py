@@ -758,7 +758,10 @@ def run_cli(quick=False, devices=None, out=None, torch=True, repeat=None, log=pr
 # the kernel time is excluded by measuring with gpudiff.profiler: an op's dispatch is its
 # apply() time outside its forward (the kernel launch or reference), summed over the ops of
 # the call (for "linear fwd+bwd": the forward op and the backward node's own time).
+# gpudiff on the CPU and PyTorch are timed in alternating rounds (the machine's load then
+# hits both alike); each row has the min and the median over the rounds of the per-call time.
 DISPATCH_CALLS = 2000
+DISPATCH_ROUNDS = 9
 DISPATCH_CASES = ("x * 1.0", "relu", "linear fwd+bwd")
 
 
@@ -782,15 +785,20 @@ def _dispatch_call(lib, F, name, grad, device):
     return linear
 
 
-def _per_call_us(fn, calls=DISPATCH_CALLS, rounds=5):
-    fn()
-    best = float("inf")
+def _rounds_us(fns, calls=None, rounds=None):
+    """Per-call microseconds of each of ``fns``, timed in alternating rounds: a list per fn."""
+    calls = calls or DISPATCH_CALLS
+    rounds = rounds or DISPATCH_ROUNDS
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, time.perf_counter() - t0)
-    return best / calls * 1e6
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            ts.append((time.perf_counter() - t0) / calls * 1e6)
+    return times
 
 
 def _emulated_dispatch_us(fn, calls=200):
@@ -821,27 +829,36 @@ def dispatch_table(devices=("cpu",), torch=True, log=None):
         import torch.nn.functional as tF
         tlib.set_num_threads(1)   # tiny tensors: one thread, as PyTorch runs them anyway
         libs.append(("torch", tlib, tF, "cpu"))
-    for fw, lib, F, dev in libs:
-        emulated = fw == "gpudiff" and dev == "cuda" and gpudiff.cuda.is_emulated()
-        for case in DISPATCH_CASES:
-            for grad in ((True,) if case == "linear fwd+bwd" else (False, True)):
+    for case in DISPATCH_CASES:
+        for grad in ((True,) if case == "linear fwd+bwd" else (False, True)):
+            timed, fns = [], []       # wall-clock rows: timed together, alternating
+            for fw, lib, F, dev in libs:
+                emulated = fw == "gpudiff" and dev == "cuda" and gpudiff.cuda.is_emulated()
                 fn = _dispatch_call(lib, F, case, grad, dev)
+                row = {"case": case, "grad": grad, "framework": fw,
+                       "device": dev + (" (emulated)" if emulated else "")}
                 if emulated:
-                    us, how = _emulated_dispatch_us(fn), "profiler: apply time outside forward"
-                else:
-                    if not grad:
-                        inner = fn
-
-                        def fn():
-                            with lib.no_grad():
-                                inner()
-                    us, how = _per_call_us(fn), "wall time per call"
-                rows.append({"case": case, "grad": grad, "framework": fw,
-                             "device": dev + (" (emulated)" if emulated else ""),
-                             "us": round(us, 3), "measured": how})
-                if log is not None:
+                    us = _emulated_dispatch_us(fn)
+                    row.update(us=round(us, 3), median_us=round(us, 3),
+                               measured="profiler: apply time outside forward")
+                    rows.append(row)
+                    continue
+                if not grad:
+                    def fn(inner=fn, lib=lib):
+                        with lib.no_grad():
+                            inner()
+                timed.append(row)
+                fns.append(fn)
+                rows.append(row)
+            for row, ts in zip(timed, _rounds_us(fns)):
+                row.update(us=round(min(ts), 3), median_us=round(float(np.median(ts)), 3),
+                           measured=f"wall time per call, min / median of {len(ts)} rounds "
+                                    f"alternating with the other frameworks")
+            if log is not None:
+                for row in rows[-len(libs):]:
                     log(f"  dispatch {case:<15} {'grad' if grad else 'no grad':<8} "
-                        f"{fw} {rows[-1]['device']:<16} {us:8.2f} us")
+                        f"{row['framework']} {row['device']:<16} {row['us']:8.2f} us (median "
+                        f"{row['median_us']:.2f})")
     return rows
 
 
@@ -850,15 +867,19 @@ def dispatch_text(rows):
     from tabulate import tabulate
     keys = list(dict.fromkeys((r["case"], r["grad"]) for r in rows))
     cols = list(dict.fromkeys(f"{r['framework']} {r['device']}" for r in rows))
-    by = {(r["case"], r["grad"], f"{r['framework']} {r['device']}"): r["us"] for r in rows}
+    by = {(r["case"], r["grad"], f"{r['framework']} {r['device']}"): r for r in rows}
     body = []
     for case, grad in keys:
-        line = [case, "yes" if grad else "no"] + [by.get((case, grad, c)) for c in cols]
+        line = [case, "yes" if grad else "no"]
+        for c in cols:
+            r = by.get((case, grad, c))
+            line.append("" if r is None else f"{r['us']:.2f} / {r.get('median_us', r['us']):.2f}")
         g, t = by.get((case, grad, "gpudiff cpu")), by.get((case, grad, "torch cpu"))
-        line.append(f"{g / t:.2f}x" if g and t else "")
+        line.append(f"{g['us'] / t['us']:.2f}x / {g['median_us'] / t['median_us']:.2f}x"
+                    if g and t else "")
         body.append(line)
-    return tabulate(body, ["op", "grad"] + [c + " us" for c in cols] + ["gpudiff/torch cpu"],
-                    floatfmt=".2f")
+    return tabulate(body, ["op", "grad"] + [c + " us (min / median)" for c in cols]
+                    + ["gpudiff/torch cpu (min / median)"])
 
 
 # ---- gpudiff bench --distributed -----------------------------------------------------------

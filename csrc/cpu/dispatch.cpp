@@ -37,6 +37,10 @@ struct NodeSlots {
     Py_ssize_t name, seq, next, ctx, backward_fn, backward_arrays, n_outputs, out_meta,
         pre_hooks, freed;
 };
+struct CtxSlots {
+    Py_ssize_t needs_input_grad, device, op_name, op, materialize_grads, input_meta, out_device,
+        to_save, saved, non_diff, dirty;
+};
 struct SavedSlots {
     Py_ssize_t array, version, saved_version, leaf, grad_fn, output_nr, requires_grad, device,
         weak;
@@ -60,6 +64,9 @@ struct State {
     TensorSlots t{};
     NodeSlots n{};
     SavedSlots s{};
+    CtxSlots c{};
+    PyObject* host_dev = nullptr;       // the last Device seen on the host (held), so that
+                                        // its ``host`` property is not asked every call
 };
 State S;
 
@@ -85,6 +92,17 @@ inline void put(PyObject* o, Py_ssize_t off, PyObject* v) {
 inline void put_b(PyObject* o, Py_ssize_t off, PyObject* v) {
     Py_INCREF(v);
     put(o, off, v);
+}
+
+// a slot's value as a new reference (AttributeError, as Python, when it was deleted)
+inline PyObject* get_slot(PyObject* o, Py_ssize_t off, PyObject* name) {
+    PyObject* v = slot(o, off);
+    if (v == nullptr) {
+        PyErr_SetObject(PyExc_AttributeError, name);
+        return nullptr;
+    }
+    Py_INCREF(v);
+    return v;
 }
 
 Py_ssize_t member_offset(PyTypeObject* type, const char* name) {
@@ -267,14 +285,12 @@ int record_fast(PyObject* op, PyObject* ctx, PyObject* const* tensors, Py_ssize_
         }
         PyList_SET_ITEM(meta, i, m);
     }
-    int rc = PyObject_SetAttr(ctx, s_input_meta, meta);
-    Py_DECREF(meta);
-    if (rc < 0) return -1;
+    put(ctx, S.c.input_meta, meta);
 
     // the Node (autograd/graph.py Node.__init__)
     PyObject* node = S.node->tp_alloc(S.node, 0);
     if (node == nullptr) return -1;
-    PyObject* name = PyObject_GetAttr(ctx, s_op_name);
+    PyObject* name = get_slot(ctx, S.c.op_name, s_op_name);
     PyObject* seq = name ? PyIter_Next(S.seq) : nullptr;
     PyObject* bw = seq ? PyObject_GetAttr(op, s_backward) : nullptr;
     PyObject* bwa = bw ? PyObject_GetAttr(op, s_backward_arrays) : nullptr;
@@ -353,7 +369,7 @@ int record_fast(PyObject* op, PyObject* ctx, PyObject* const* tensors, Py_ssize_
     put(node, S.n.out_meta, out_meta);
 
     // ctx._saved: what the forward saved, resolved against the inputs and outputs
-    PyObject* to_save = PyObject_GetAttr(ctx, s_to_save);
+    PyObject* to_save = get_slot(ctx, S.c.to_save, s_to_save);
     if (to_save == nullptr || !PyTuple_Check(to_save)) {
         if (to_save != nullptr)
             PyErr_SetString(PyExc_TypeError, "dispatch: ctx._to_save is not a tuple");
@@ -411,11 +427,10 @@ int record_fast(PyObject* op, PyObject* ctx, PyObject* const* tensors, Py_ssize_
         PyTuple_SET_ITEM(saved, k, sv);
     }
     Py_DECREF(to_save);
-    rc = PyObject_SetAttr(ctx, s_saved, saved);
-    Py_DECREF(saved);
+    put(ctx, S.c.saved, saved);
     Py_DECREF(node);            // the outputs hold it
-    if (rc < 0) return -1;
-    return PyObject_SetAttr(ctx, s_to_save, S.empty);
+    put_b(ctx, S.c.to_save, S.empty);
+    return 0;
 fail:
     Py_DECREF(to_save);
     Py_DECREF(saved);
@@ -516,8 +531,13 @@ PyObject* apply(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kw
         dev = d;
         any_needs |= rg == Py_True;
     }
-    if (dev == nullptr || (r = attr_true(dev, s_host)) != 1 || (r = attr_true(op, s_view)) != 0)
-        return r < 0 ? nullptr : fallback(args, nargs, kwnames);
+    if (dev == nullptr) return fallback(args, nargs, kwnames);
+    if (dev != S.host_dev) {   // Device.host is a property: asked once per Device object
+        if ((r = attr_true(dev, s_host)) != 1) return r < 0 ? nullptr : fallback(args, nargs, kwnames);
+        Py_INCREF(dev);
+        Py_XSETREF(S.host_dev, dev);
+    }
+    if ((r = attr_true(op, s_view)) != 0) return r < 0 ? nullptr : fallback(args, nargs, kwnames);
     long long t0 = 0, f0 = 0, f1 = 0;
     if (listener != nullptr) {
         t0 = now_ns();
@@ -550,16 +570,23 @@ PyObject* apply(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kw
     }
     PyObject* ctx = S.ctx->tp_new(S.ctx, S.empty, nullptr);
     PyObject* name = ctx ? PyObject_GetAttr(op, s_name) : nullptr;
-    if (name == nullptr || PyObject_SetAttr(ctx, s_needs_input_grad, needs) < 0 ||
-        PyObject_SetAttr(ctx, s_device, dev) < 0 || PyObject_SetAttr(ctx, s_op_name, name) < 0 ||
-        PyObject_SetAttr(ctx, s_op, op) < 0) {
-        Py_XDECREF(name);
+    if (name == nullptr) {
         Py_XDECREF(ctx);
         Py_DECREF(needs);
         return nullptr;
     }
-    Py_DECREF(name);
-    Py_DECREF(needs);
+    // FunctionCtx.__init__ (autograd/function.py), slot by slot
+    put(ctx, S.c.needs_input_grad, needs);
+    put_b(ctx, S.c.device, dev);
+    put(ctx, S.c.op_name, name);
+    put_b(ctx, S.c.op, op);
+    put_b(ctx, S.c.materialize_grads, Py_True);
+    put_b(ctx, S.c.input_meta, S.empty);
+    put_b(ctx, S.c.out_device, Py_None);
+    put_b(ctx, S.c.to_save, S.empty);
+    put_b(ctx, S.c.saved, Py_None);
+    put_b(ctx, S.c.non_diff, S.empty);
+    put_b(ctx, S.c.dirty, S.empty);
 
     // out = op.forward(ctx, *arrays, **params)
     PyObject* argv[MAX_ARGS + 1];
@@ -598,7 +625,7 @@ PyObject* apply(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kw
             Py_DECREF(outs);
             outs = fixed;
         }
-        out_dev = PyObject_GetAttr(ctx, s_out_device);
+        out_dev = get_slot(ctx, S.c.out_device, s_out_device);
         if (out_dev == nullptr) goto done;
         if (out_dev == Py_None) {
             Py_DECREF(out_dev);
@@ -622,8 +649,8 @@ PyObject* apply(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kw
             PyList_SET_ITEM(results, i, t);
         }
         if (recording) {
-            PyObject* nd = PyObject_GetAttr(ctx, s_non_diff);
-            PyObject* dirty = nd ? PyObject_GetAttr(ctx, s_dirty) : nullptr;
+            PyObject* nd = get_slot(ctx, S.c.non_diff, s_non_diff);
+            PyObject* dirty = nd ? get_slot(ctx, S.c.dirty, s_dirty) : nullptr;
             if (dirty == nullptr) {
                 Py_XDECREF(nd);
                 goto done;
@@ -655,7 +682,7 @@ PyObject* apply(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kw
                 goto done;
             }
         }
-        if (PyObject_SetAttr(ctx, s_to_save, S.empty) < 0) goto done;
+        put_b(ctx, S.c.to_save, S.empty);
         if (listener != nullptr && report_op(listener, op, dev, t0, f0, f1, tensors, n) < 0)
             goto done;
         if (multi) {
@@ -723,6 +750,12 @@ void dispatch_init(py::dict cfg) {
            member_offset(S.saved, "grad_fn"),       member_offset(S.saved, "output_nr"),
            member_offset(S.saved, "requires_grad"), member_offset(S.saved, "device"),
            member_offset(S.saved, "weak")};
+    S.c = {member_offset(S.ctx, "needs_input_grad"), member_offset(S.ctx, "device"),
+           member_offset(S.ctx, "op_name"),          member_offset(S.ctx, "op"),
+           member_offset(S.ctx, "materialize_grads"), member_offset(S.ctx, "input_meta"),
+           member_offset(S.ctx, "out_device"),       member_offset(S.ctx, "_to_save"),
+           member_offset(S.ctx, "_saved"),           member_offset(S.ctx, "_non_diff"),
+           member_offset(S.ctx, "_dirty")};
     s_state = intern("state");
     s_active = intern("active");
     s_listener = intern("listener");

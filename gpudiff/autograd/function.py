@@ -31,19 +31,24 @@ from .graph import Node, SavedTensor
 class FunctionCtx:
     """What a forward hands its backward: saved tensors and any attributes it sets."""
 
-    # defaults shared by every context (an op sets what it needs on its own instance)
-    materialize_grads = True
-    input_meta = ()     # (shape, dtype) of each input: the engine checks gradients
-    out_device = None   # an op whose outputs live elsewhere (to_device) sets it
-    _to_save = ()       # what save_for_backward got, until record() resolves it
-    _saved = None       # SavedTensors; None once freed (or before recording)
-    _non_diff = ()
-    _dirty = ()
+    # the engine's fields are slots (the C dispatch path, csrc/cpu/dispatch.cpp, writes and
+    # reads them at their offsets); an op's own attributes (ctx.slope, ...) go in __dict__
+    __slots__ = ("needs_input_grad", "device", "op_name", "op", "materialize_grads",
+                 "input_meta", "out_device", "_to_save", "_saved", "_non_diff", "_dirty",
+                 "__dict__", "__weakref__")
 
     def __init__(self, needs_input_grad, device=None, name=""):
         self.needs_input_grad = needs_input_grad
         self.device = device
         self.op_name = name
+        self.op = None
+        self.materialize_grads = True
+        self.input_meta = ()     # (shape, dtype) of each input: the engine checks gradients
+        self.out_device = None   # an op whose outputs live elsewhere (to_device) sets it
+        self._to_save = ()       # what save_for_backward got, until record() resolves it
+        self._saved = None       # SavedTensors; None once freed (or before recording)
+        self._non_diff = ()
+        self._dirty = ()
 
     @property
     def xp(self):

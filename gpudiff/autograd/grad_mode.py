@@ -29,18 +29,20 @@ class _Mode:
     flag = None
 
     def __new__(cls, *args, **kwargs):
-        if cls in (no_grad, enable_grad) and len(args) == 1 and callable(args[0]) \
+        if args and cls in (no_grad, enable_grad) and len(args) == 1 and callable(args[0]) \
                 and not kwargs:
             return object.__new__(cls)(args[0])   # @no_grad on a function: decorate it
         return object.__new__(cls)
 
+    # (``with no_grad():`` runs around single ops in user loops: no calls beyond these two)
     def __enter__(self):
-        self._prev = is_grad_enabled()
-        _set(self.flag)
+        state = _state
+        self._prev = state.enabled
+        state.enabled = self.flag
         return self
 
     def __exit__(self, *exc):
-        _set(self._prev)
+        _state.enabled = self._prev
         return False
 
     def __call__(self, fn):

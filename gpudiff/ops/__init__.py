@@ -35,6 +35,7 @@ from ..autograd.function import FunctionCtx, record, refresh_saved
 from ..autograd.grad_mode import is_anomaly_enabled, is_grad_enabled
 from ..runtime import autocast, capture, events
 from ..runtime.dtypes import LOW_FLOATS, is_floating
+from ..runtime.kernels import kernel as _kernel
 from ..tensor import Tensor
 
 REGISTRY: dict[str, type] = {}
@@ -244,7 +245,7 @@ def run_kernel(ctx, name, *args):
     """The device's fast kernel ``name`` on ``args``, or None: no kernel, or one that declined
     (a dtype or layout it does not handle). The op then runs its reference code. 0-d arrays
     never go to a kernel (no speed to gain, and kernels may assume ndim >= 1)."""
-    k = ctx.kernel(name)
+    k = _kernel(ctx.device, name)  # (ctx.kernel(name), one call less: hot ops use this)
     if k is None:
         return None
     for a in args:  # (a loop, not any(genexpr): this runs on every call of a hot op)

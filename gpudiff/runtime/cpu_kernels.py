@@ -60,7 +60,7 @@ def _floats(*arrays):
     if d not in _FLOATS:
         return False
     for a in arrays:  # (a loop, not all(genexpr): this runs on every kernel call)
-        if type(a) is not np.ndarray or a.dtype != d:
+        if type(a) is not np.ndarray or (a.dtype is not d and a.dtype != d):
             return False
     return True
 
