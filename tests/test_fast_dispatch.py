@@ -158,3 +158,27 @@ def test_emulated_device_outputs_join_its_pool(both_paths):
     assert gpudiff.cuda.memory_allocated() > used
     y.sum().backward()
     np.testing.assert_array_equal(x.grad.cpu().numpy(), np.full((4, 4), 3.0, np.float32))
+
+
+def test_a_changed_op_class_is_seen_at_once(both_paths, monkeypatch):
+    """The C path caches what it reads from an op class; changing the class (a patched
+    forward, here) must take effect on the next call, and low-precision inputs still go
+    through the float32 wrapper (ops/lowp.py)."""
+    ops.fast_dispatch(True)
+    relu = ops.REGISTRY["relu"]
+    x = gpudiff.tensor([-1.0, 2.0], requires_grad=True)
+    assert F.relu(x).tolist() == [0.0, 2.0]
+    inner = relu.forward.lowp_inner
+
+    def forward(ctx, x):
+        return inner(ctx, x) * 10
+    forward.lowp_inner = forward
+    monkeypatch.setattr(relu, "forward", staticmethod(forward))
+    assert F.relu(x).tolist() == [0.0, 20.0]
+    monkeypatch.undo()
+    assert F.relu(x).tolist() == [0.0, 2.0]
+    h = gpudiff.tensor([-1.0, 2.0], dtype=gpudiff.float16, requires_grad=True)
+    y = F.relu(h)
+    assert y.dtype == gpudiff.float16 and y.tolist() == [0.0, 2.0]
+    y.sum().backward()
+    assert h.grad.dtype == gpudiff.float16 and h.grad.tolist() == [0.0, 1.0]

@@ -23,6 +23,8 @@
 
 #include <time.h>
 
+#include <unordered_map>
+
 #include <pybind11/pybind11.h>
 
 namespace py = pybind11;
@@ -59,6 +61,8 @@ struct State {
     PyObject *emulated_own = nullptr;   // runtime.emulated.own
     PyObject *seq = nullptr;            // autograd.graph._seq (itertools.count)
     PyObject *float_dtypes = nullptr;   // tuple: the dtype objects that are floating
+                                        // (float32, float64 first)
+    PyObject *low_dtypes = nullptr;     // frozenset: float16, bfloat16 (dtypes.LOW_FLOATS)
     PyObject *empty = nullptr;          // ()
     PyObject *zero = nullptr;           // 0
     TensorSlots t{};
@@ -259,8 +263,8 @@ inline bool holds(PyObject* v, PyObject* t) {
 
 // record() of autograd/function.py for a context with no non-differentiable outputs and no
 // dirty inputs. Returns 0, or -1 with an exception set.
-int record_fast(PyObject* op, PyObject* ctx, PyObject* const* tensors, Py_ssize_t n,
-                PyObject* results) {
+int record_fast(PyObject* bw, PyObject* bwa, PyObject* ctx, PyObject* const* tensors,
+                Py_ssize_t n, PyObject* results) {
     Py_ssize_t nout = PyList_GET_SIZE(results);
     // ctx.input_meta = [None | (shape, dtype)]
     PyObject* meta = PyList_New(n);
@@ -292,9 +296,7 @@ int record_fast(PyObject* op, PyObject* ctx, PyObject* const* tensors, Py_ssize_
     if (node == nullptr) return -1;
     PyObject* name = get_slot(ctx, S.c.op_name, s_op_name);
     PyObject* seq = name ? PyIter_Next(S.seq) : nullptr;
-    PyObject* bw = seq ? PyObject_GetAttr(op, s_backward) : nullptr;
-    PyObject* bwa = bw ? PyObject_GetAttr(op, s_backward_arrays) : nullptr;
-    PyObject* next = bwa ? PyList_New(n) : nullptr;
+    PyObject* next = seq ? PyList_New(n) : nullptr;
     PyObject* out_meta = next ? PyList_New(nout) : nullptr;
     PyObject* n_out = out_meta ? PyLong_FromSsize_t(nout) : nullptr;
     if (n_out == nullptr) {
@@ -302,8 +304,6 @@ int record_fast(PyObject* op, PyObject* ctx, PyObject* const* tensors, Py_ssize_
             PyErr_SetString(PyExc_RuntimeError, "dispatch: the node counter ended");
         Py_XDECREF(name);
         Py_XDECREF(seq);
-        Py_XDECREF(bw);
-        Py_XDECREF(bwa);
         Py_XDECREF(next);
         Py_XDECREF(out_meta);
         Py_DECREF(node);
@@ -311,8 +311,8 @@ int record_fast(PyObject* op, PyObject* ctx, PyObject* const* tensors, Py_ssize_
     }
     put(node, S.n.name, name);
     put(node, S.n.seq, seq);
-    put(node, S.n.backward_fn, bw);
-    put(node, S.n.backward_arrays, bwa);
+    put_b(node, S.n.backward_fn, bw);
+    put_b(node, S.n.backward_arrays, bwa);
     put_b(node, S.n.ctx, ctx);
     put(node, S.n.n_outputs, n_out);
     put_b(node, S.n.pre_hooks, Py_None);
@@ -488,6 +488,57 @@ int report_op(PyObject* listener, PyObject* op, PyObject* dev, long long t0, lon
     return r ? 0 : -1;
 }
 
+// What apply reads from an op class on every call, cached per class and valid while the
+// class's type-attribute version tag is unchanged (CPython resets the tag when the class or
+// a base is modified: a monkeypatched forward is seen at once).
+struct OpInfo {
+    unsigned int tag = 0;
+    bool view = false, differentiable = true;
+    PyObject *name = nullptr, *forward = nullptr, *inner = nullptr, *backward = nullptr,
+             *backward_arrays = nullptr;   // owned; inner: forward.lowp_inner or NULL
+    void clear() {
+        Py_CLEAR(name);
+        Py_CLEAR(forward);
+        Py_CLEAR(inner);
+        Py_CLEAR(backward);
+        Py_CLEAR(backward_arrays);
+        tag = 0;
+    }
+};
+std::unordered_map<PyObject*, OpInfo> op_cache;   // op classes are kept alive by REGISTRY
+PyObject* s_lowp_inner;
+
+const OpInfo* op_info(PyObject* op) {
+    PyTypeObject* type = reinterpret_cast<PyTypeObject*>(op);
+    if (!PyType_Check(op)) {
+        PyErr_SetString(PyExc_TypeError, "apply: op must be an Op class");
+        return nullptr;
+    }
+    OpInfo& info = op_cache[op];
+    if (info.tag != 0 && info.tag == type->tp_version_tag &&
+        PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG))
+        return &info;
+    info.clear();
+    int view = attr_true(op, s_view);
+    int diff = view < 0 ? -1 : attr_true(op, s_differentiable);
+    if (diff < 0) return nullptr;
+    info.view = view;
+    info.differentiable = diff;
+    info.name = PyObject_GetAttr(op, s_name);
+    info.forward = info.name ? PyObject_GetAttr(op, s_forward) : nullptr;
+    info.backward = info.forward ? PyObject_GetAttr(op, s_backward) : nullptr;
+    info.backward_arrays = info.backward ? PyObject_GetAttr(op, s_backward_arrays) : nullptr;
+    if (info.backward_arrays == nullptr) {
+        info.clear();
+        return nullptr;
+    }
+    info.inner = PyObject_GetAttr(info.forward, s_lowp_inner);
+    if (info.inner == nullptr) PyErr_Clear();
+    // the lookups above gave the class a version tag (0: none could be given: no caching)
+    info.tag = PyType_HasFeature(type, Py_TPFLAGS_VALID_VERSION_TAG) ? type->tp_version_tag : 0;
+    return &info;
+}
+
 constexpr Py_ssize_t MAX_ARGS = 16;
 
 PyObject* apply(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
@@ -537,16 +588,17 @@ PyObject* apply(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kw
         Py_INCREF(dev);
         Py_XSETREF(S.host_dev, dev);
     }
-    if ((r = attr_true(op, s_view)) != 0) return r < 0 ? nullptr : fallback(args, nargs, kwnames);
+    const OpInfo* info = op_info(op);
+    if (info == nullptr) return nullptr;
+    if (info->view) return fallback(args, nargs, kwnames);
     long long t0 = 0, f0 = 0, f1 = 0;
     if (listener != nullptr) {
         t0 = now_ns();
         if (report_begin(listener, op, tensors, n) < 0) return nullptr;
     }
-    int diff = attr_true(op, s_differentiable);
     int enabled = attr_true(S.grad_state, s_enabled);
-    if (diff < 0 || enabled < 0) return nullptr;
-    bool recording = diff && any_needs && enabled;
+    if (enabled < 0) return nullptr;
+    bool recording = info->differentiable && any_needs && enabled;
     if (recording) {   // ops._check_views: a stale view raises there
         for (Py_ssize_t i = 0; i < n; ++i) {
             PyObject* t = tensors[i];
@@ -569,12 +621,12 @@ PyObject* apply(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kw
         PyTuple_SET_ITEM(needs, i, b);
     }
     PyObject* ctx = S.ctx->tp_new(S.ctx, S.empty, nullptr);
-    PyObject* name = ctx ? PyObject_GetAttr(op, s_name) : nullptr;
-    if (name == nullptr) {
-        Py_XDECREF(ctx);
+    if (ctx == nullptr) {
         Py_DECREF(needs);
         return nullptr;
     }
+    PyObject* name = info->name;
+    Py_INCREF(name);
     // FunctionCtx.__init__ (autograd/function.py), slot by slot
     put(ctx, S.c.needs_input_grad, needs);
     put_b(ctx, S.c.device, dev);
@@ -594,11 +646,37 @@ PyObject* apply(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kw
     for (Py_ssize_t i = 0; i < n; ++i)
         argv[1 + i] = tensors[i] == Py_None ? Py_None : slot(tensors[i], S.t.array);
     for (Py_ssize_t i = 0; i < nkw; ++i) argv[1 + n + i] = args[nargs + i];
-    PyObject* forward = PyObject_GetAttr(op, s_forward);
+    // a float16/bfloat16-aware forward (ops/lowp.py) calls its inner forward when no array
+    // is float16 or bfloat16: so do we, without the wrapper's Python
+    PyObject* forward = info->forward;
+    if (info->inner != nullptr) {
+        forward = info->inner;
+        for (Py_ssize_t i = 0; i < n; ++i) {
+            if (argv[1 + i] == Py_None) continue;
+            PyObject* dt = PyObject_GetAttr(argv[1 + i], s_dtype);
+            if (dt == nullptr) {
+                Py_DECREF(ctx);
+                return nullptr;
+            }
+            bool plain = PyTuple_GET_ITEM(S.float_dtypes, 0) == dt ||
+                         PyTuple_GET_ITEM(S.float_dtypes, 1) == dt;
+            int low = plain ? 0 : PySequence_Contains(S.low_dtypes, dt);
+            Py_DECREF(dt);
+            if (low < 0) {
+                Py_DECREF(ctx);
+                return nullptr;
+            }
+            if (low) {
+                forward = info->forward;
+                break;
+            }
+        }
+    }
+    Py_INCREF(forward);          // (a forward may modify the op class: keep it alive)
     if (listener != nullptr) f0 = now_ns();
-    PyObject* out = forward ? PyObject_Vectorcall(forward, argv, 1 + n, kwnames) : nullptr;
+    PyObject* out = PyObject_Vectorcall(forward, argv, 1 + n, kwnames);
     if (listener != nullptr) f1 = now_ns();
-    Py_XDECREF(forward);
+    Py_DECREF(forward);
     if (out == nullptr) {
         Py_DECREF(ctx);
         return nullptr;
@@ -678,7 +756,8 @@ PyObject* apply(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kw
                 Py_XDECREF(ins);
                 if (node == nullptr) goto done;
                 Py_DECREF(node);
-            } else if (record_fast(op, ctx, tensors, n, results) < 0) {
+            } else if (record_fast(info->backward, info->backward_arrays, ctx, tensors, n,
+                                   results) < 0) {
                 goto done;
             }
         }
@@ -732,6 +811,7 @@ void dispatch_init(py::dict cfg) {
     S.emulated_own = get("emulated_own");
     S.seq = get("seq");
     S.float_dtypes = get("float_dtypes");
+    S.low_dtypes = get("low_dtypes");
     S.empty = PyTuple_New(0);
     S.zero = PyLong_FromLong(0);
     S.t = {member_offset(S.tensor, "array"),     member_offset(S.tensor, "device"),
@@ -789,6 +869,7 @@ void dispatch_init(py::dict cfg) {
     s_as_ndarrays = intern("_as_ndarrays");
     s_f = intern("f");
     s_op_begin = intern("op_begin");
+    s_lowp_inner = intern("lowp_inner");
     S.ready = true;
 }
 

@@ -286,6 +286,7 @@ def fast_dispatch(enabled=True):
             "seq": _graph._seq,
             "float_dtypes": tuple(np.dtype(d) for d in (np.float32, np.float64, np.float16,
                                                          bfloat16)),
+            "low_dtypes": LOW_FLOATS,
         })
         fast_dispatch._ready = True
     Op.apply = classmethod(C.apply) if on else _python_apply

@@ -80,7 +80,8 @@ def _wrap(fn, writes=(), native_cuda=False):
         return downs if multi else downs[0]
     run.__name__ = getattr(fn, "__name__", "forward")
     run.__wrapped__ = fn
-    return run
+    run.lowp_inner = fn  # what it calls when no array is float16 / bfloat16: the C dispatch
+    return run           # path (csrc/cpu/dispatch.cpp) calls that directly then
 
 
 def _to(o, low):
