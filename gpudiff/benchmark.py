@@ -359,6 +359,12 @@ class _Served:
         if cmd == "time":                       # (calls,) -> seconds of each call
             out = []
             for _ in range(args[0]):
+                # a pause first: the other framework's worker, which just ran its step, has
+                # OpenMP threads that spin for a while before they sleep; they would take
+                # the cores from this step. Then one untimed call, so the timed one runs
+                # warm, as steps do back to back in training (both frameworks alike)
+                time.sleep(STEP_PAUSE_S)
+                self.fn()
                 b.sync()
                 t0 = time.perf_counter()
                 self.fn()
@@ -385,6 +391,10 @@ class _InProcess:
 
     def close(self):
         pass
+
+
+STEP_PAUSE_S = 0.005   # before each timed call in a worker (and an untimed call: see
+                       # _Served.handle "time")
 
 
 def _worker_main(conn, framework, device, quick):
