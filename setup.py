@@ -33,6 +33,7 @@ cpu_ext = Pybind11Extension(
     "gpudiff._C",
     sorted(glob.glob("csrc/cpu/*.cpp")),
     include_dirs=["csrc/cpu"],
+    depends=sorted(glob.glob("csrc/cpu/*.h")),   # a changed header rebuilds the sources
     cxx_std=17,
     extra_compile_args=["-O3", "-fopenmp", "-ffast-math", "-fno-finite-math-only"],
     extra_link_args=["-fopenmp"],
