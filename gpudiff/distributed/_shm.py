@@ -61,6 +61,9 @@ class ShmAllreduce:
     def __init__(self, MPI, comm, chunk_bytes=CHUNK_BYTES):
         self.MPI = MPI
         self.comm = comm                     # a communicator of its own (Split_type dup)
+        # the non-blocking shared-buffer all-reduce's two barriers (arrived, reduced), each
+        # kind on its own communicator so that each is posted in one order on every rank
+        self.comm_arrive, self.comm_done = comm.Dup(), comm.Dup()
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.chunk_bytes = int(chunk_bytes)
         self.win = None
@@ -108,6 +111,8 @@ class ShmAllreduce:
 
     def close(self):
         self.free_window()
+        self.comm_arrive.Free()
+        self.comm_done.Free()
         self.comm.Free()
 
     # ---- buffers in shared memory ------------------------------------------------------
@@ -139,6 +144,21 @@ class ShmAllreduce:
         """All-reduce an ``alloc`` array in place, reading the other ranks' arrays where they
         are. AVG divides by the world size; ``scale`` (floats) multiplies the result (DDP's
         1/N, so the result equals the staged path's sum-then-scale bitwise)."""
+        win = self._shared[x.__array_interface__["data"][0]][0]
+        self.win_sync(win)
+        self._reduce_slice(x, op, scale)
+        self.win_sync(win)
+        return x
+
+    def allreduce_shared_async(self, x, op, scale=None, after=None):
+        """The same, non-blocking (DDP's buckets: the backward goes on meanwhile): returns a
+        ``SharedWork``. ``after``: the previous one still pending, if any (they complete in
+        order)."""
+        return SharedWork(self, x, op, scale, after)
+
+    def _reduce_slice(self, x, op, scale):
+        """My 1/N slice of ``x``'s all-reduce, written into every rank's buffer (every rank
+        has finished writing its buffer: the caller's barrier)."""
         win, xs = self._shared[x.__array_interface__["data"][0]]
         N, r, dt = self.size, self.rank, x.dtype
         n, item = x.size, dt.itemsize
@@ -150,7 +170,6 @@ class ShmAllreduce:
             scale = None
         step = max(_PIECE_BYTES // item, 1)
         tmp = np.empty(min(step, max(b - a, 1)), dt) if N > 2 else None
-        self.win_sync(win)
         for o in range(a, b, step):
             e = min(o + step, b)
             # out: my own buffer when N == 2 (both inputs are read before it is written,
@@ -169,8 +188,6 @@ class ShmAllreduce:
             for i in range(N):
                 if N > 2 or i != r:
                     np.copyto(xs[i][o:e], out)
-        self.win_sync(win)
-        return x
 
     def win_sync(self, win):
         win.Sync()
@@ -246,3 +263,55 @@ class ShmAllreduce:
             if step < nk + 1:
                 self._sync()
         return x
+
+
+class SharedWork:
+    """A non-blocking all-reduce of a shared buffer (``ShmAllreduce.alloc``), in three steps:
+    *arrive* (a non-blocking barrier: this rank's buffer is complete), *reduce* (once every
+    rank arrived: this rank's slice, written into every rank's buffer) and *done* (a second
+    non-blocking barrier: every slice is written). ``test()`` advances it without blocking
+    (DDP calls it from its gradient hooks, so the reduction of one bucket overlaps the
+    backward of the layers before it); ``wait()`` finishes it. Arrive barriers are posted in
+    call order and done barriers in the same order (each kind on its own communicator), as
+    MPI requires of non-blocking collectives."""
+
+    def __init__(self, shm, x, op, scale, after=None):
+        self.shm, self.x, self.op, self.scale = shm, x, op, scale
+        self.after = after if after is not None and not after.finished else None
+        self.win = shm._shared[x.__array_interface__["data"][0]][0]
+        self.win.Sync()                       # my stores to the buffer, before I arrive
+        self.arrived = shm.comm_arrive.Ibarrier()
+        self.reduced = None                   # the done barrier, once my slice is written
+        self.finished = False
+
+    def _reduce(self):
+        self.win.Sync()                       # the others' stores, now that they arrived
+        self.shm._reduce_slice(self.x, self.op, self.scale)
+        self.win.Sync()
+        self.reduced = self.shm.comm_done.Ibarrier()
+
+    def test(self):
+        if self.finished:
+            return True
+        if self.reduced is None:
+            if (self.after is not None and self.after.reduced is None) or \
+                    not self.arrived.Test():
+                return False
+            self._reduce()
+        if self.reduced.Test():
+            self.win.Sync()
+            self.finished, self.after = True, None
+        return self.finished
+
+    def wait(self):
+        if self.finished:
+            return True
+        if self.reduced is None:
+            if self.after is not None:
+                self.after.wait()
+            self.arrived.Wait()
+            self._reduce()
+        self.reduced.Wait()
+        self.win.Sync()
+        self.finished, self.after = True, None
+        return True

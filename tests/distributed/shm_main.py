@@ -129,6 +129,37 @@ for g0, g1 in zip(*grads):
     assert np.array_equal(g0, g1) if world == 2 else np.allclose(g0, g1, rtol=1e-5)
     same_everywhere(g0, "DDP shared-bucket grads")
 
+# the shared buckets' reduction does not hold up the backward: rank 1 starts its backward
+# 0.5 s late; rank 0 launches every bucket at once and waits only at the end of backward
+import time
+torch.manual_seed(0)
+pg.shm_min_bytes = 0
+ddp = DDP(nn.Sequential(nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, 5)), bucket_cap_mb=0.0005)
+assert len(ddp._buckets) >= 2 and all(b.shared for b in ddp._buckets)
+launched, real = [], ddp._allreduce
+
+
+def spy(b):
+    launched.append(time.perf_counter())
+    return real(b)
+
+
+ddp._allreduce = spy
+loss = ddp(xin).square().sum()
+pg.comm.Barrier()
+if rank == 1:
+    time.sleep(0.5)
+t0 = time.perf_counter()
+loss.backward()
+t1 = time.perf_counter()
+if rank == 0:
+    assert len(launched) == len(ddp._buckets), launched
+    assert launched[-1] - t0 < 0.25, (t0, launched)   # all launched before rank 1 came
+    assert t1 - t0 > 0.4, t1 - t0                       # and the end waited for it
+grads = [p.grad.numpy().copy() for p in ddp.module.parameters()]
+everyone = pg.comm.allgather([g.tobytes() for g in grads])
+assert all(e == everyone[0] for e in everyone), "ranks' averaged gradients differ"
+
 # bool and tiny messages still take MPI
 pg.shm_min_bytes = 1 << 20
 t = torch.ones(10)

@@ -67,6 +67,23 @@ class _Bucket:
         return self.buffer.nbytes
 
 
+class _SharedBucketWork:
+    """DDP's handle on a shared bucket's non-blocking all-reduce (distributed/_shm.py
+    SharedWork): test() from the hooks, wait() under the timeout watchdog."""
+
+    def __init__(self, name, seq, shared):
+        self.name, self.seq, self.shared = name, seq, shared
+
+    def test(self):
+        return self.shared.test()
+
+    def wait(self):
+        if not self.shared.finished:
+            with c10d._fault.waiting(self.name, self.seq):
+                self.shared.wait()
+        return True
+
+
 def _on(device):
     from ... import runtime
     return runtime.on_device(device)
@@ -331,11 +348,15 @@ class DistributedDataParallel(Module):
         seq = pg.next_seq()
         buf = b.buffer
         if b.shared:
-            # the bucket is in shared memory: reduced in place, scaled by 1/N as _finish
-            # does for the others; synchronous (the handle comes back complete)
-            with c10d._fault.waiting(f"DDP bucket {b.index} all_reduce", seq):
-                pg.shm.allreduce_shared(buf, "sum", scale=1.0 / self._world)
-            return c10d.Work(f"DDP bucket {b.index} all_reduce", seq)
+            # the bucket is in shared memory: reduced in place when every rank has it
+            # complete (non-blocking: later hooks advance it, _finish waits), scaled by 1/N
+            # as _finish does for the others
+            prev = next((p.work for p in reversed(self._buckets[:b.index])
+                         if p.shared and p.work is not None), None)
+            return _SharedBucketWork(f"DDP bucket {b.index} all_reduce", seq,
+                                     pg.shm.allreduce_shared_async(
+                                         buf, "sum", scale=1.0 / self._world,
+                                         after=getattr(prev, "shared", None)))
         if isinstance(buf, np.ndarray):
             if pg.shm is not None and c10d._shm.usable(buf, "sum", pg.shm_min_bytes):
                 # this node's shared memory (distributed/_shm.py): synchronous, so the
