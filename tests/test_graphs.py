@@ -619,18 +619,10 @@ def test_train_graph_with_amp(tmp_path):
     assert any("not with --amp fp16" in s and "training eagerly" in s for s in lines), lines
 
 
-def _gpu_capture(fn):
-    """A capture as on a real GPU (CuPy records the kernels; the plan records no Python steps
-    and only enforces the rules), simulated on the CPU: the device work that the GPU would
-    record (a capturable optimizer step) is kept and replayed on the same arrays."""
-    from gpudiff.runtime import capture as C
-    plan = C.Plan(record=False, simulate=True)
-    C.begin(plan)
-    try:
-        fn()
-    finally:
-        C.finish(plan)
-    return plan
+# a capture as on a real GPU (CuPy records the kernels; the plan records no Python steps and
+# only enforces the rules), simulated on the CPU: the device work that the GPU would record
+# (a capturable optimizer step) is kept and replayed on the same arrays
+from test_graphs_capturable import _gpu_capture  # noqa: E402
 
 
 def test_cuda_graph_rules_for_optimizers_on_a_gpu():

@@ -98,6 +98,42 @@ inline void put_b(PyObject* o, Py_ssize_t off, PyObject* v) {
     put(o, off, v);
 }
 
+// An owned reference, released at the end of its scope (release() hands it over).
+struct Ref {
+    PyObject* p;
+    explicit Ref(PyObject* o = nullptr) : p(o) {}
+    Ref(const Ref&) = delete;
+    Ref& operator=(const Ref&) = delete;
+    ~Ref() { Py_XDECREF(p); }
+    PyObject* get() const { return p; }
+    PyObject* release() {
+        PyObject* o = p;
+        p = nullptr;
+        return o;
+    }
+    explicit operator bool() const { return p != nullptr; }
+};
+
+// (array.shape, array.dtype) or (array.shape, array.dtype, extra): a new tuple, or NULL
+PyObject* meta_of(PyObject* array, PyObject* extra = nullptr) {
+    Ref shape(PyObject_GetAttr(array, s_shape));
+    Ref dtype(shape ? PyObject_GetAttr(array, s_dtype) : nullptr);
+    if (!dtype) return nullptr;
+    return extra ? PyTuple_Pack(3, shape.get(), dtype.get(), extra)
+                 : PyTuple_Pack(2, shape.get(), dtype.get());
+}
+
+// items[0..n) as a new tuple, or NULL
+PyObject* tuple_of(PyObject* const* items, Py_ssize_t n) {
+    PyObject* t = PyTuple_New(n);
+    if (t == nullptr) return nullptr;
+    for (Py_ssize_t i = 0; i < n; ++i) {
+        Py_INCREF(items[i]);
+        PyTuple_SET_ITEM(t, i, items[i]);
+    }
+    return t;
+}
+
 // a slot's value as a new reference (AttributeError, as Python, when it was deleted)
 inline PyObject* get_slot(PyObject* o, Py_ssize_t off, PyObject* name) {
     PyObject* v = slot(o, off);
@@ -161,12 +197,8 @@ int is_float_dtype(PyObject* dtype) {
 
 PyObject* fallback(PyObject* const* args, Py_ssize_t nargs, PyObject* kwnames) {
     // the Python apply(op, tensors, params)
-    PyObject* tensors = PyTuple_New(nargs - 1);
+    PyObject* tensors = tuple_of(args + 1, nargs - 1);
     if (tensors == nullptr) return nullptr;
-    for (Py_ssize_t i = 1; i < nargs; ++i) {
-        Py_INCREF(args[i]);
-        PyTuple_SET_ITEM(tensors, i - 1, args[i]);
-    }
     PyObject* params = PyDict_New();
     if (params == nullptr) {
         Py_DECREF(tensors);
@@ -261,181 +293,117 @@ inline bool holds(PyObject* v, PyObject* t) {
     return v == t || v == slot(t, S.t.array);
 }
 
+// the SavedTensor for ``v``, something a forward saved: an input's or an output's (found by
+// identity: the Tensor or its array), else the Python _save (a constant). New ref or NULL.
+PyObject* save_one(PyObject* v, PyObject* const* tensors, Py_ssize_t n, PyObject* results,
+                   PyObject* node) {
+    if (v == Py_None) {
+        Py_INCREF(Py_None);
+        return Py_None;
+    }
+    for (Py_ssize_t i = 0; i < n; ++i)
+        if (tensors[i] != Py_None && holds(v, tensors[i]))
+            return new_saved(tensors[i], Py_None, S.zero, Py_None);
+    Py_ssize_t nout = PyList_GET_SIZE(results);
+    for (Py_ssize_t i = 0; i < nout; ++i) {
+        PyObject* r = PyList_GET_ITEM(results, i);
+        if (holds(v, r)) {
+            Ref nr(PyLong_FromSsize_t(i));
+            return nr ? new_saved(r, slot(r, S.t.grad_fn), nr.get(), node) : nullptr;
+        }
+    }
+    Ref save(PyObject_GetAttr(S.function_mod, s_save));
+    Ref ins(save ? tuple_of(tensors, n) : nullptr);
+    return ins ? PyObject_CallFunctionObjArgs(save.get(), v, ins.get(), results, node, S.empty,
+                                              nullptr)
+               : nullptr;
+}
+
 // record() of autograd/function.py for a context with no non-differentiable outputs and no
 // dirty inputs. Returns 0, or -1 with an exception set.
 int record_fast(PyObject* bw, PyObject* bwa, PyObject* ctx, PyObject* const* tensors,
                 Py_ssize_t n, PyObject* results) {
     Py_ssize_t nout = PyList_GET_SIZE(results);
     // ctx.input_meta = [None | (shape, dtype)]
-    PyObject* meta = PyList_New(n);
-    if (meta == nullptr) return -1;
+    Ref meta(PyList_New(n));
+    if (!meta) return -1;
     for (Py_ssize_t i = 0; i < n; ++i) {
-        PyObject* t = tensors[i];
-        PyObject* m;
-        if (t == Py_None) {
-            Py_INCREF(Py_None);
-            m = Py_None;
-        } else {
-            PyObject* a = slot(t, S.t.array);
-            PyObject* shape = PyObject_GetAttr(a, s_shape);
-            PyObject* dtype = shape ? PyObject_GetAttr(a, s_dtype) : nullptr;
-            m = dtype ? PyTuple_Pack(2, shape, dtype) : nullptr;
-            Py_XDECREF(shape);
-            Py_XDECREF(dtype);
-            if (m == nullptr) {
-                Py_DECREF(meta);
-                return -1;
-            }
-        }
-        PyList_SET_ITEM(meta, i, m);
+        PyObject* m = Py_None;
+        if (tensors[i] == Py_None)
+            Py_INCREF(m);
+        else if ((m = meta_of(slot(tensors[i], S.t.array))) == nullptr)
+            return -1;
+        PyList_SET_ITEM(meta.get(), i, m);
     }
-    put(ctx, S.c.input_meta, meta);
+    put(ctx, S.c.input_meta, meta.release());
 
-    // the Node (autograd/graph.py Node.__init__)
-    PyObject* node = S.node->tp_alloc(S.node, 0);
-    if (node == nullptr) return -1;
-    PyObject* name = get_slot(ctx, S.c.op_name, s_op_name);
-    PyObject* seq = name ? PyIter_Next(S.seq) : nullptr;
-    PyObject* next = seq ? PyList_New(n) : nullptr;
-    PyObject* out_meta = next ? PyList_New(nout) : nullptr;
-    PyObject* n_out = out_meta ? PyLong_FromSsize_t(nout) : nullptr;
-    if (n_out == nullptr) {
-        if (seq == nullptr && name != nullptr && !PyErr_Occurred())
+    // the Node (autograd/graph.py Node.__init__); the outputs hold it once recorded
+    Ref node(S.node->tp_alloc(S.node, 0));
+    Ref name(node ? get_slot(ctx, S.c.op_name, s_op_name) : nullptr);
+    Ref seq(name ? PyIter_Next(S.seq) : nullptr);
+    if (!seq) {
+        if (name && !PyErr_Occurred())
             PyErr_SetString(PyExc_RuntimeError, "dispatch: the node counter ended");
-        Py_XDECREF(name);
-        Py_XDECREF(seq);
-        Py_XDECREF(next);
-        Py_XDECREF(out_meta);
-        Py_DECREF(node);
         return -1;
     }
-    put(node, S.n.name, name);
-    put(node, S.n.seq, seq);
-    put_b(node, S.n.backward_fn, bw);
-    put_b(node, S.n.backward_arrays, bwa);
-    put_b(node, S.n.ctx, ctx);
-    put(node, S.n.n_outputs, n_out);
-    put_b(node, S.n.pre_hooks, Py_None);
-    put_b(node, S.n.freed, Py_False);
-    for (Py_ssize_t i = 0; i < n; ++i) {
+    Ref next(PyList_New(n)), out_meta(PyList_New(nout)), n_out(PyLong_FromSsize_t(nout));
+    if (!next || !out_meta || !n_out) return -1;
+    for (Py_ssize_t i = 0; i < n; ++i) {   // where each input's gradient goes
         PyObject* t = tensors[i];
-        PyObject* e;
-        if (t == Py_None || slot(t, S.t.requires_grad) != Py_True) {
-            e = Py_None;
-            Py_INCREF(e);
-        } else if (slot(t, S.t.grad_fn) == Py_None) {
-            e = t;
-            Py_INCREF(e);
-        } else {
-            e = PyTuple_Pack(2, slot(t, S.t.grad_fn), slot(t, S.t.output_nr));
-            if (e == nullptr) {
-                Py_DECREF(next);
-                Py_DECREF(out_meta);
-                Py_DECREF(node);
-                return -1;
-            }
-        }
-        PyList_SET_ITEM(next, i, e);
+        PyObject* e = Py_None;
+        if (t != Py_None && slot(t, S.t.requires_grad) == Py_True)
+            e = slot(t, S.t.grad_fn) == Py_None ? t   // the leaf itself
+                                                 : PyTuple_Pack(2, slot(t, S.t.grad_fn),
+                                                                slot(t, S.t.output_nr));
+        if (e == nullptr) return -1;
+        if (e == Py_None || e == t) Py_INCREF(e);
+        PyList_SET_ITEM(next.get(), i, e);
     }
-    put(node, S.n.next, next);
     for (Py_ssize_t i = 0; i < nout; ++i) {
         PyObject* r = PyList_GET_ITEM(results, i);
-        PyObject* a = slot(r, S.t.array);
-        PyObject* shape = PyObject_GetAttr(a, s_shape);
-        PyObject* dtype = shape ? PyObject_GetAttr(a, s_dtype) : nullptr;
-        PyObject* m = dtype ? PyTuple_Pack(3, shape, dtype, slot(r, S.t.device)) : nullptr;
-        int fl = m ? is_float_dtype(dtype) : -1;
-        Py_XDECREF(shape);
-        Py_XDECREF(dtype);
-        if (fl < 0) {
-            Py_XDECREF(m);
-            Py_DECREF(out_meta);
-            Py_DECREF(node);
-            return -1;
-        }
-        PyList_SET_ITEM(out_meta, i, m);
+        PyObject* m = meta_of(slot(r, S.t.array), slot(r, S.t.device));
+        if (m == nullptr) return -1;
+        PyList_SET_ITEM(out_meta.get(), i, m);
+        int fl = is_float_dtype(PyTuple_GET_ITEM(m, 1));
+        if (fl < 0) return -1;
         if (fl) {   // a differentiable output: its grad_fn is this node
             PyObject* nr = PyLong_FromSsize_t(i);
-            if (nr == nullptr) {
-                Py_DECREF(out_meta);
-                Py_DECREF(node);
-                return -1;
-            }
-            put_b(r, S.t.grad_fn, node);
+            if (nr == nullptr) return -1;
+            put_b(r, S.t.grad_fn, node.get());
             put(r, S.t.output_nr, nr);
             put_b(r, S.t.requires_grad, Py_True);
         }
     }
-    put(node, S.n.out_meta, out_meta);
+    PyObject* nd = node.get();
+    put(nd, S.n.name, name.release());
+    put(nd, S.n.seq, seq.release());
+    put_b(nd, S.n.backward_fn, bw);
+    put_b(nd, S.n.backward_arrays, bwa);
+    put_b(nd, S.n.ctx, ctx);
+    put(nd, S.n.next, next.release());
+    put(nd, S.n.n_outputs, n_out.release());
+    put(nd, S.n.out_meta, out_meta.release());
+    put_b(nd, S.n.pre_hooks, Py_None);
+    put_b(nd, S.n.freed, Py_False);
 
     // ctx._saved: what the forward saved, resolved against the inputs and outputs
-    PyObject* to_save = get_slot(ctx, S.c.to_save, s_to_save);
-    if (to_save == nullptr || !PyTuple_Check(to_save)) {
-        if (to_save != nullptr)
-            PyErr_SetString(PyExc_TypeError, "dispatch: ctx._to_save is not a tuple");
-        Py_XDECREF(to_save);
-        Py_DECREF(node);
+    Ref to_save(get_slot(ctx, S.c.to_save, s_to_save));
+    if (!to_save) return -1;
+    if (!PyTuple_Check(to_save.get())) {
+        PyErr_SetString(PyExc_TypeError, "dispatch: ctx._to_save is not a tuple");
         return -1;
     }
-    Py_ssize_t ns = PyTuple_GET_SIZE(to_save);
-    PyObject* saved = PyTuple_New(ns);
-    if (saved == nullptr) {
-        Py_DECREF(to_save);
-        Py_DECREF(node);
-        return -1;
-    }
+    Py_ssize_t ns = PyTuple_GET_SIZE(to_save.get());
+    Ref saved(PyTuple_New(ns));
+    if (!saved) return -1;
     for (Py_ssize_t k = 0; k < ns; ++k) {
-        PyObject* v = PyTuple_GET_ITEM(to_save, k);
-        PyObject* sv = nullptr;
-        if (v == Py_None) {
-            Py_INCREF(Py_None);
-            sv = Py_None;
-        }
-        for (Py_ssize_t i = 0; sv == nullptr && i < n; ++i) {
-            PyObject* t = tensors[i];
-            if (t != Py_None && holds(v, t)) {
-                sv = new_saved(t, Py_None, S.zero, Py_None);
-                if (sv == nullptr) goto fail;
-            }
-        }
-        for (Py_ssize_t i = 0; sv == nullptr && i < nout; ++i) {
-            PyObject* r = PyList_GET_ITEM(results, i);
-            if (holds(v, r)) {
-                PyObject* nr = PyLong_FromSsize_t(i);
-                if (nr == nullptr) goto fail;
-                sv = new_saved(r, slot(r, S.t.grad_fn), nr, node);
-                Py_DECREF(nr);
-                if (sv == nullptr) goto fail;
-            }
-        }
-        if (sv == nullptr) {    // neither an input nor an output: the Python _save
-            PyObject* save = PyObject_GetAttr(S.function_mod, s_save);
-            PyObject* ins = save ? PyTuple_New(n) : nullptr;
-            if (ins == nullptr) {
-                Py_XDECREF(save);
-                goto fail;
-            }
-            for (Py_ssize_t i = 0; i < n; ++i) {
-                Py_INCREF(tensors[i]);
-                PyTuple_SET_ITEM(ins, i, tensors[i]);
-            }
-            sv = PyObject_CallFunctionObjArgs(save, v, ins, results, node, S.empty, nullptr);
-            Py_DECREF(save);
-            Py_DECREF(ins);
-            if (sv == nullptr) goto fail;
-        }
-        PyTuple_SET_ITEM(saved, k, sv);
+        PyObject* sv = save_one(PyTuple_GET_ITEM(to_save.get(), k), tensors, n, results, nd);
+        if (sv == nullptr) return -1;
+        PyTuple_SET_ITEM(saved.get(), k, sv);
     }
-    Py_DECREF(to_save);
-    put(ctx, S.c.saved, saved);
-    Py_DECREF(node);            // the outputs hold it
+    put(ctx, S.c.saved, saved.release());
     put_b(ctx, S.c.to_save, S.empty);
     return 0;
-fail:
-    Py_DECREF(to_save);
-    Py_DECREF(saved);
-    Py_DECREF(node);
-    return -1;
 }
 
 inline long long now_ns() {
@@ -737,25 +705,13 @@ PyObject* apply(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kw
             Py_DECREF(nd);
             Py_DECREF(dirty);
             if (special) {   // the Python record
-                PyObject* rec = PyObject_GetAttr(S.function_mod, s_record);
-                PyObject* bw = rec ? PyObject_GetAttr(op, s_backward) : nullptr;
-                PyObject* bwa = bw ? PyObject_GetAttr(op, s_backward_arrays) : nullptr;
-                PyObject* ins = bwa ? PyTuple_New(n) : nullptr;
-                PyObject* node = nullptr;
-                if (ins != nullptr) {
-                    for (Py_ssize_t i = 0; i < n; ++i) {
-                        Py_INCREF(tensors[i]);
-                        PyTuple_SET_ITEM(ins, i, tensors[i]);
-                    }
-                    node = PyObject_CallFunctionObjArgs(rec, ctx, bw, ins, results, bwa,
-                                                        nullptr);
-                }
-                Py_XDECREF(rec);
-                Py_XDECREF(bw);
-                Py_XDECREF(bwa);
-                Py_XDECREF(ins);
-                if (node == nullptr) goto done;
-                Py_DECREF(node);
+                Ref rec(PyObject_GetAttr(S.function_mod, s_record));
+                Ref ins(rec ? tuple_of(tensors, n) : nullptr);
+                Ref node(ins ? PyObject_CallFunctionObjArgs(rec.get(), ctx, info->backward,
+                                                            ins.get(), results,
+                                                            info->backward_arrays, nullptr)
+                             : nullptr);
+                if (!node) goto done;
             } else if (record_fast(info->backward, info->backward_arrays, ctx, tensors, n,
                                    results) < 0) {
                 goto done;
