@@ -57,10 +57,8 @@ class Adadelta(Optimizer):
                     g = g + s["weight_decay"] * p
                 square_avg *= s["rho"]
                 square_avg += (s["one_minus_rho"] * g) * g
-                std = square_avg + s["eps"]
-                xp.sqrt(std, out=std)
-                delta = acc_delta + s["eps"]
-                xp.sqrt(delta, out=delta)
+                std = xp.sqrt(square_avg + s["eps"])
+                delta = xp.sqrt(acc_delta + s["eps"])
                 delta /= std
                 delta *= g
                 acc_delta *= s["rho"]
@@ -77,10 +75,8 @@ class Adadelta(Optimizer):
         square_avg, acc_delta = state["square_avg"].array, state["acc_delta"].array
         square_avg *= rho
         square_avg += ((1 - rho) * g) * g
-        std = square_avg + eps
-        xp.sqrt(std, out=std)
-        delta = acc_delta + eps
-        xp.sqrt(delta, out=delta)
+        std = xp.sqrt(square_avg + eps)
+        delta = xp.sqrt(acc_delta + eps)
         delta /= std
         delta *= g
         acc_delta *= rho

@@ -84,8 +84,7 @@ class RMSprop(Optimizer):
                 square_avg += (s["one_minus_alpha"] * g) * g
                 if centered:
                     _lerp_dev(grad_avg, g, s, small, xp)
-                    avg = square_avg - grad_avg * grad_avg
-                    xp.sqrt(avg, out=avg)
+                    avg = xp.sqrt(square_avg - grad_avg * grad_avg)
                 else:
                     avg = xp.sqrt(square_avg)
                 avg += s["eps"]
@@ -111,8 +110,8 @@ class RMSprop(Optimizer):
         if group["centered"]:
             grad_avg = state["grad_avg"].array
             _lerp_(grad_avg, g, 1 - alpha, xp)
-            avg = square_avg - grad_avg * grad_avg   # addcmul(value=-1): (-1 * a) * a
-            xp.sqrt(avg, out=avg)
+            # addcmul(value=-1): (-1 * a) * a; out of place (a 0-d difference is a scalar)
+            avg = xp.sqrt(square_avg - grad_avg * grad_avg)
         else:
             avg = xp.sqrt(square_avg)
         avg += eps

@@ -9,7 +9,7 @@ import torch
 import gpudiff
 from gpudiff import nn, optim
 
-SHAPES = [(5, 3), (3,), (2, 2, 2)]
+SHAPES = [(5, 3), (3,), (2, 2, 2), ()]   # (): a 0-d parameter
 N_STEPS = 25
 
 
