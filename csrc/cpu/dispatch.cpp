@@ -559,6 +559,10 @@ PyObject* apply(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kw
     const OpInfo* info = op_info(op);
     if (info == nullptr) return nullptr;
     if (info->view) return fallback(args, nargs, kwnames);
+    // held for this call: the forward may change the op class (the cache entry is refreshed)
+    Py_INCREF(info->backward);
+    Py_INCREF(info->backward_arrays);
+    Ref backward(info->backward), backward_arrays(info->backward_arrays);
     long long t0 = 0, f0 = 0, f1 = 0;
     if (listener != nullptr) {
         t0 = now_ns();
@@ -707,12 +711,12 @@ PyObject* apply(PyObject*, PyObject* const* args, Py_ssize_t nargs, PyObject* kw
             if (special) {   // the Python record
                 Ref rec(PyObject_GetAttr(S.function_mod, s_record));
                 Ref ins(rec ? tuple_of(tensors, n) : nullptr);
-                Ref node(ins ? PyObject_CallFunctionObjArgs(rec.get(), ctx, info->backward,
+                Ref node(ins ? PyObject_CallFunctionObjArgs(rec.get(), ctx, backward.get(),
                                                             ins.get(), results,
-                                                            info->backward_arrays, nullptr)
+                                                            backward_arrays.get(), nullptr)
                              : nullptr);
                 if (!node) goto done;
-            } else if (record_fast(info->backward, info->backward_arrays, ctx, tensors, n,
+            } else if (record_fast(backward.get(), backward_arrays.get(), ctx, tensors, n,
                                    results) < 0) {
                 goto done;
             }
