@@ -108,13 +108,7 @@ def _step_captured(plan, opt, step, args, kwargs):
         return out
     # the base step: the buckets of parameters with a .grad are fixed by the capture (and
     # were checked by its step: shapes cannot change, the replay checks its static tensors)
-    buckets = []
-    for g in opt.param_groups:
-        by = {}
-        for p in g["params"]:
-            if p.grad is not None:
-                by.setdefault((p.device, p.dtype), []).append(p)
-        buckets += [(dev, g, ps) for (dev, _), ps in by.items()]
+    buckets = _grad_buckets(opt)
 
     fused = [None] * len(buckets)  # per bucket: a replay of the fixed arrays, or None
 
@@ -130,6 +124,19 @@ def _step_captured(plan, opt, step, args, kwargs):
         opt._step_count = getattr(opt, "_step_count", 0) + 1
     plan.add(fast)
     return out
+
+
+def _grad_buckets(opt):
+    """[(device, group, params)]: the parameters with a .grad, by group, device and dtype, as
+    ``_step_group`` buckets them (a capture fixes them)."""
+    buckets = []
+    for g in opt.param_groups:
+        by = {}
+        for p in g["params"]:
+            if p.grad is not None:
+                by.setdefault((p.device, p.dtype), []).append(p)
+        buckets += [(dev, g, ps) for (dev, _), ps in by.items()]
+    return buckets
 
 
 def _step_cuda_graph(plan, opt):
@@ -155,13 +162,7 @@ def _step_cuda_graph(plan, opt):
             f"{where}: {name} has no capturable step (its update would replay the "
             f"capture's scalars). SGD, Adam, AdamW, RMSprop, Adagrad and Adadelta have "
             f"one; use gpudiff.Graph(), which reruns the step's Python at each replay")
-    buckets = []  # (device, group, params): as _step_group buckets them
-    for group in opt.param_groups:
-        by = {}
-        for p in group["params"]:
-            if p.grad is not None:
-                by.setdefault((p.device, p.dtype), []).append(p)
-        buckets += [(dev, group, ps) for (dev, _), ps in by.items()]
+    buckets = _grad_buckets(opt)
     for dev, group, ps in buckets:
         opt._check_grads(ps)
         if not all(opt._state_ready(p, group) for p in ps):
